@@ -1,0 +1,57 @@
+"""Reading Kiln manifests from files: every document validated and defaulted, errors naming the document."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kiln.schema import KINDS, ManifestError, validate
+
+
+@dataclass
+class Manifest:
+    """One validated, defaulted Kiln document and where it came from."""
+
+    doc: dict[str, Any]
+    source: Path
+    index: int
+
+    @property
+    def kind(self) -> str:
+        return str(self.doc["kind"])
+
+    @property
+    def name(self) -> str:
+        return str(self.doc["metadata"]["name"])
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative dataset/output paths resolve against the manifest's folder."""
+        return self.source.resolve().parent
+
+
+def load_file(path: str | Path, *, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Manifest]:
+    """All Kiln documents in a YAML file, validated; other kinds are an error unless skipped by `kinds`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+    out = []
+    for i, doc in enumerate(docs):
+        if doc is None:
+            continue
+        where = f"{path} document {i + 1}"
+        if isinstance(doc, dict) and doc.get("kind") in KINDS and doc["kind"] not in kinds:
+            continue
+        out.append(Manifest(validate(doc, where), path, i))
+    if not out:
+        raise ManifestError(f"{path}: no {' or '.join(kinds)} documents found")
+    return out

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Builds and caches a real Kubernetes control plane (kube-apiserver, kube-controller-manager, etcd)
+# from Debian bookworm's packages only: the `kubernetes` source package built with Debian's Go 1.19,
+# and `etcd-server`. Nothing is installed system-wide; everything lives under $KILN_CACHE.
+#
+# Usage: scripts/controlplane.sh            # prints the bin folder on success
+# The result is cached: a second run only prints the folder.
+set -euo pipefail
+
+CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+BIN="$CACHE/k8s-1.20/bin"
+if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then
+  echo "$BIN"; exit 0
+fi
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.controlplane.lock"
+flock 9
+if [[ -x "$BIN/kube-apiserver" && -x "$BIN/kube-controller-manager" && -x "$BIN/etcd" ]]; then
+  echo "$BIN"; exit 0
+fi
+
+WORK="$CACHE/k8s-build"
+rm -rf "$WORK"; mkdir -p "$WORK"/{apt/lists/partial,apt/cache/archives/partial,debs,root,src}
+log() { echo "[controlplane] $*" >&2; }
+
+# A private apt configuration: the machine's own Debian mirrors, plus deb-src lines for them.
+SRC="$WORK/apt/sources.list"
+: >"$SRC"
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
+  [[ -f "$f" ]] || continue
+  case "$f" in
+    *.sources)
+      # deb822: pair each URIs line with the Suites and Components of its stanza.
+      awk 'BEGIN{RS=""} /Types:.*deb/ {
+             u="";s="";c="";
+             n=split($0, L, "\n");
+             for(i=1;i<=n;i++){ if(L[i] ~ /^URIs:/){sub(/^URIs:[ ]*/,"",L[i]); u=L[i]}
+                                if(L[i] ~ /^Suites:/){sub(/^Suites:[ ]*/,"",L[i]); s=L[i]}
+                                if(L[i] ~ /^Components:/){sub(/^Components:[ ]*/,"",L[i]); c=L[i]} }
+             if (u ~ /debian/) { m=split(s, S, " "); for(j=1;j<=m;j++){ print "deb " u " " S[j] " " c; print "deb-src " u " " S[j] " " c } }
+           }' "$f" >>"$SRC" ;;
+    *) grep -E '^deb .*debian' "$f" | grep -v 'cloud.google\|nodesource' | while read -r _ rest; do
+         echo "deb $rest"; echo "deb-src $rest"; done >>"$SRC" ;;
+  esac
+done
+[[ -s "$SRC" ]] || { log "no Debian apt sources found in /etc/apt"; exit 1; }
+APT=(-o Dir::Etc::SourceList="$SRC" -o Dir::Etc::SourceParts=/dev/null
+     -o Dir::State::Lists="$WORK/apt/lists" -o Dir::Cache="$WORK/apt/cache"
+     -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+log "apt update (private lists)"
+apt-get "${APT[@]}" update -qq >&2
+
+log "downloading packages"
+( cd "$WORK/debs" && apt-get "${APT[@]}" download -qq \
+    golang-1.19-go golang-1.19-src rsync libpopt0 etcd-server \
+    golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev >&2 )
+( cd "$WORK/src" && apt-get "${APT[@]}" source --download-only -qq kubernetes >&2 )
+for d in "$WORK"/debs/*.deb; do dpkg-deb -x "$d" "$WORK/root"; done
+
+log "unpacking the kubernetes source package"
+cd "$WORK/src"
+dsc=$(ls kubernetes_*.dsc | head -1)
+orig=$(ls kubernetes_*.orig.tar.* | head -1)
+mkdir tree && tar -xf "$orig" -C tree
+top=$(find tree -mindepth 1 -maxdepth 1 -type d | head -1)
+[[ -d "$top/vendor" ]] || { log "unexpected source layout in $orig"; exit 1; }
+log "source: $dsc"
+
+# reflect2 1.0.1 segfaults under Go >= 1.18: take Debian's 1.0.2 and json-iterator 1.1.12.
+for pair in "github.com/modern-go/reflect2" "github.com/json-iterator/go"; do
+  from="$WORK/root/usr/share/gocode/src/$pair"
+  [[ -d "$from" ]] || { log "missing $from"; exit 1; }
+  rm -rf "$top/vendor/$pair"; mkdir -p "$top/vendor/$pair"
+  cp -r "$from"/. "$top/vendor/$pair"/
+  rm -rf "$top/vendor/$pair"/*_test.go "$top/vendor/$pair/.git"* || true
+done
+
+export GOROOT="$WORK/root/usr/lib/go-1.19"
+export PATH="$GOROOT/bin:$WORK/root/usr/bin:$PATH"
+export LD_LIBRARY_PATH="$WORK/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export GOPATH="$WORK/gopath" GOCACHE="$WORK/gocache" GOFLAGS=-mod=vendor CGO_ENABLED=0 GO111MODULE=on
+mkdir -p "$GOPATH/src/k8s.io"
+ln -s "$(cd "$top" && pwd)" "$GOPATH/src/k8s.io/kubernetes"
+cd "$GOPATH/src/k8s.io/kubernetes"
+go version >&2
+log "building kube-apiserver and kube-controller-manager (several minutes)"
+KUBE_BUILD_PLATFORMS=linux/amd64 KUBE_GIT_VERSION=v1.20.2 KUBE_GIT_TREE_STATE=clean \
+  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
+
+mkdir -p "$BIN.tmp"
+out=$(find _output -type f -name kube-apiserver -path '*bin*' | head -1)
+cp "$out" "$(dirname "$out")/kube-controller-manager" "$BIN.tmp/"
+cp "$WORK/root/usr/bin/etcd" "$BIN.tmp/etcd"
+chmod +x "$BIN.tmp"/*
+rm -rf "$BIN"; mv "$BIN.tmp" "$BIN"
+cd /; rm -rf "$WORK"
+log "done"
+echo "$BIN"

@@ -1,0 +1,465 @@
+"""Generates crds/*.yaml (and the chart's copy) from one Python definition.
+
+Why a generator: both CRDs share sub-schemas (resources, scheduling, the ModelDeployment spec that a
+TrainingJob embeds as `deploy`), and hand-copied YAML drifts. The generated files are committed; a test
+fails when they are stale. Run: `python scripts/gen_crds.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUP = "kiln.dev"
+VERSION = "v1alpha1"
+
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def s(type_: str, desc: str, **kw: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": type_, "description": desc}
+    out.update(kw)
+    return out
+
+
+def obj(desc: str, props: dict[str, Any], required: list[str] | None = None, **kw: Any) -> dict[str, Any]:
+    out = {"type": "object", "description": desc, "properties": props}
+    if required:
+        out["required"] = required
+    out.update(kw)
+    return out
+
+
+def arr(desc: str, items: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return {"type": "array", "description": desc, "items": items, **kw}
+
+
+def quantity(desc: str) -> dict[str, Any]:
+    return {"description": desc, "x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string", "pattern": QUANTITY_PATTERN}]}
+
+
+def string_map(desc: str) -> dict[str, Any]:
+    return {"type": "object", "description": desc, "additionalProperties": {"type": "string"}}
+
+
+def number_map(desc: str) -> dict[str, Any]:
+    return {"type": "object", "description": desc, "additionalProperties": {"type": "number"}}
+
+
+RESOURCES = obj(
+    "Compute resources for each pod.",
+    {
+        "gpus": s("integer", "NVIDIA GPUs per pod (`nvidia.com/gpu` limit). With gpus > 0 the pod also tolerates the `nvidia.com/gpu` taint.", minimum=0, maximum=16, default=0),
+        "cpu": quantity("CPU request and limit per pod, a Kubernetes quantity such as `2` or `500m`."),
+        "memory": quantity("Memory request and limit per pod, a Kubernetes quantity such as `4Gi`."),
+    },
+)
+
+TOLERATION = obj(
+    "A Kubernetes toleration.",
+    {
+        "key": s("string", "Taint key the toleration applies to."),
+        "operator": s("string", "Exists or Equal.", enum=["Exists", "Equal"]),
+        "value": s("string", "Taint value for operator Equal."),
+        "effect": s("string", "Taint effect to match; empty matches all.", enum=["NoSchedule", "PreferNoSchedule", "NoExecute", ""]),
+        "tolerationSeconds": s("integer", "For NoExecute: how long the pod stays bound after the taint appears.", minimum=0),
+    },
+)
+
+SCHEDULING = obj(
+    "Where the pods may run.",
+    {
+        "nodeSelector": string_map("Node labels the pods must match."),
+        "tolerations": arr("Tolerations added to the pods.", TOLERATION),
+        "priorityClassName": s("string", "PriorityClass of the pods.", maxLength=253),
+        "queueName": s("string", "Kueue LocalQueue: sets the `kueue.x-k8s.io/queue-name` label so Kueue admits the Job.", maxLength=63, pattern=DNS_LABEL),
+    },
+)
+
+CONDITION = obj(
+    "A condition in the Kubernetes style.",
+    {
+        "type": s("string", "Condition type."),
+        "status": s("string", "True, False or Unknown.", enum=["True", "False", "Unknown"]),
+        "reason": s("string", "One-word CamelCase reason."),
+        "message": s("string", "Human-readable detail."),
+        "lastTransitionTime": s("string", "When the status last changed.", format="date-time"),
+        "observedGeneration": s("integer", "The .metadata.generation the condition was set for."),
+    },
+    required=["type", "status"],
+)
+
+IO_SPEC = arr(
+    "Tensors of the exported model.",
+    obj("One tensor.", {"name": s("string", "Tensor name."), "datatype": s("string", "V2 datatype, e.g. FP32."), "shape": arr("Shape; -1 is a variable dimension.", {"type": "integer"})}),
+)
+
+ENV_VAR = obj(
+    "An environment variable (Kubernetes EnvVar).",
+    {
+        "name": s("string", "Variable name.", minLength=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"),
+        "value": s("string", "Literal value."),
+        "valueFrom": {"type": "object", "description": "A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef).", "x-kubernetes-preserve-unknown-fields": True},
+    },
+    required=["name"],
+)
+
+LAYER_TYPES = ["Dense", "Dropout", "BatchNormalization", "Conv2D", "MaxPooling2D", "AveragePooling2D", "Flatten", "GlobalAveragePooling2D", "Reshape"]
+ACTIVATIONS = ["linear", "relu", "sigmoid", "softmax", "tanh", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu"]
+LOSSES = ["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae", "huber"]
+METRICS = ["accuracy", "mse", "mae", "auc", "precision", "recall"]
+
+LAYER = obj(
+    "One Keras layer. Which fields apply depends on `type`; the trainer rejects a field that the type does not take.",
+    {
+        "type": s("string", "Layer type.", enum=LAYER_TYPES),
+        "name": s("string", "Optional layer name.", maxLength=63, pattern=r"^[A-Za-z][A-Za-z0-9_]*$"),
+        "units": s("integer", "Dense: output units.", minimum=1, maximum=1048576),
+        "activation": s("string", "Dense/Conv2D: activation.", enum=ACTIVATIONS),
+        "rate": s("number", "Dropout: fraction of units dropped.", minimum=0, maximum=1, exclusiveMaximum=True),
+        "filters": s("integer", "Conv2D: number of filters.", minimum=1, maximum=65536),
+        "kernelSize": s("integer", "Conv2D: square kernel size.", minimum=1, maximum=64),
+        "strides": s("integer", "Conv2D/pooling: stride.", minimum=1, maximum=64),
+        "padding": s("string", "Conv2D/pooling: padding.", enum=["valid", "same"]),
+        "poolSize": s("integer", "Pooling: square window size.", minimum=1, maximum=64),
+        "targetShape": arr("Reshape: target shape without the batch dimension.", {"type": "integer", "minimum": 1}, minItems=1, maxItems=4),
+        "momentum": s("number", "BatchNormalization: moving average momentum.", minimum=0, maximum=1),
+    },
+    required=["type"],
+)
+
+MD_SPEC_PROPS: dict[str, Any] = {
+    "model": obj(
+        "Which model to serve: exactly one of `trainingJob` and `uri`.",
+        {
+            "trainingJob": s("string", "Name of a TrainingJob in the same namespace; its `status.result.modelUri` is served once it has succeeded.", maxLength=253, pattern=DNS_LABEL),
+            "uri": s("string", "Location of an ONNX model: `pvc://claim/path/model.onnx`, `s3://bucket/key`, `http(s)://...` or `file://`.", minLength=1),
+            "format": s("string", "Which exported format to serve.", enum=["onnx", "onnx-int8"], default="onnx"),
+            "sha256": s("string", "Expected sha256 of the model file; the server refuses a different file.", pattern=r"^[a-f0-9]{64}$"),
+        },
+        oneOf=[{"required": ["trainingJob"]}, {"required": ["uri"]}],
+    ),
+    "modelName": s("string", "Name in the V2 routes (/v2/models/NAME); defaults to the resource name.", maxLength=63, pattern=DNS_LABEL),
+    "image": s("string", "Model server image; defaults to the operator's setting.", minLength=1),
+    "imagePullPolicy": s("string", "Image pull policy.", enum=["Always", "IfNotPresent", "Never"]),
+    "replicas": s("integer", "Replicas when `autoscaling` is not set.", minimum=0, maximum=1000, default=1),
+    "autoscaling": obj(
+        "Horizontal pod autoscaling (autoscaling/v2 HPA on CPU).",
+        {
+            "minReplicas": s("integer", "Lower bound.", minimum=1, maximum=1000, default=1),
+            "maxReplicas": s("integer", "Upper bound.", minimum=1, maximum=1000),
+            "targetCPUUtilization": s("integer", "Target average CPU utilization in percent.", minimum=1, maximum=100, default=80),
+        },
+        required=["maxReplicas"],
+    ),
+    "resources": RESOURCES,
+    "batching": obj(
+        "Dynamic batching in the server: concurrent requests run as one batch.",
+        {
+            "maxBatchSize": s("integer", "Largest batch in rows.", minimum=1, maximum=4096, default=32),
+            "maxLatencyMs": s("number", "Longest wait for a batch to fill, in milliseconds.", minimum=0, maximum=10000, default=5),
+        },
+    ),
+    "service": obj(
+        "The Service in front of the server.",
+        {
+            "type": s("string", "Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
+            "port": s("integer", "Service port.", minimum=1, maximum=65535, default=80),
+        },
+    ),
+    "scheduling": SCHEDULING,
+}
+
+MODELDEPLOYMENT_SPEC = obj("What to serve and how.", MD_SPEC_PROPS, required=["model"])
+
+DEPLOY_SPEC = copy.deepcopy(MODELDEPLOYMENT_SPEC)
+DEPLOY_SPEC["description"] = (
+    "A ModelDeployment spec to create when training succeeds. `model` may be left out: it defaults to this TrainingJob."
+)
+DEPLOY_SPEC.pop("required")
+DEPLOY_SPEC["properties"]["model"] = obj(
+    "Optional: defaults to this TrainingJob's ONNX model.",
+    {"format": MD_SPEC_PROPS["model"]["properties"]["format"]},
+)
+DEPLOY_SPEC["properties"]["name"] = s("string", "Name of the ModelDeployment; defaults to the TrainingJob's name.", maxLength=63, pattern=DNS_LABEL)
+
+TRAININGJOB_SPEC = obj(
+    "A training run: either the built-in trainer (`dataset`, `model`, `training`) or your own `command`.",
+    {
+        "image": s("string", "Trainer image; defaults to the operator's setting.", minLength=1),
+        "imagePullPolicy": s("string", "Image pull policy.", enum=["Always", "IfNotPresent", "Never"]),
+        "imagePullSecrets": arr("Secrets for pulling the image.", obj("A secret reference.", {"name": s("string", "Secret name.")}, required=["name"])),
+        "command": arr("Bring your own code: the container command. Without it the built-in trainer runs.", {"type": "string"}, minItems=1),
+        "args": arr("Arguments for `command`.", {"type": "string"}),
+        "env": arr("Extra environment variables.", ENV_VAR),
+        "dataset": obj(
+            "Training data.",
+            {
+                "uri": s("string", "`file://`, a path, `pvc://claim/path` (mounted) or `s3://bucket/key`.", minLength=1),
+                "format": s("string", "File format; inferred from the extension when left out.", enum=["csv", "npz", "parquet"]),
+                "labelColumn": s("string", "CSV/Parquet: the label column.", minLength=1, default="label"),
+                "featureColumns": arr("CSV/Parquet: feature columns; default all but the label.", {"type": "string", "minLength": 1}, minItems=1),
+                "validationSplit": s("number", "Fraction held out for validation and the parity check.", minimum=0.01, maximum=0.9, default=0.2),
+                "preprocessing": obj(
+                    "Cleaning, normalization and augmentation.",
+                    {
+                        "dropDuplicates": s("boolean", "Drop duplicate rows.", default=True),
+                        "missingValues": s("string", "Rows with missing features: drop them, or impute by mean, median or zero (imputation is part of the exported model).", enum=["drop", "mean", "median", "zero"], default="drop"),
+                        "normalization": s("string", "Feature scaling fitted on the training split and exported inside the model.", enum=["none", "standard", "minmax"], default="none"),
+                        "augmentation": obj(
+                            "Image augmentation, active in training only.",
+                            {
+                                "horizontalFlip": s("boolean", "Random horizontal flips.", default=False),
+                                "rotation": s("number", "Random rotation, as a fraction of a full turn.", minimum=0, maximum=1, default=0),
+                                "zoom": s("number", "Random zoom factor.", minimum=0, maximum=1, default=0),
+                                "translation": s("number", "Random translation, as a fraction of height/width.", minimum=0, maximum=1, default=0),
+                            },
+                        ),
+                    },
+                ),
+            },
+            required=["uri"],
+        ),
+        "model": obj(
+            "The network: layers applied in order to inputs of `inputShape`.",
+            {
+                "inputShape": arr("Shape of one example, without the batch dimension.", {"type": "integer", "minimum": 1, "maximum": 1048576}, minItems=1, maxItems=4),
+                "layers": arr("Layers in order.", LAYER, minItems=1, maxItems=256),
+            },
+            required=["inputShape", "layers"],
+        ),
+        "training": obj(
+            "How to train.",
+            {
+                "optimizer": obj(
+                    "Optimizer and its hyperparameters.",
+                    {
+                        "name": s("string", "Optimizer.", enum=["sgd", "adam", "rmsprop", "adamw"], default="adam"),
+                        "learningRate": s("number", "Learning rate.", minimum=0, exclusiveMinimum=True, maximum=10, default=0.001),
+                        "momentum": s("number", "sgd, rmsprop: momentum.", minimum=0, maximum=1),
+                        "nesterov": s("boolean", "sgd: Nesterov momentum."),
+                        "beta1": s("number", "adam, adamw: beta_1.", minimum=0, maximum=1, exclusiveMaximum=True),
+                        "beta2": s("number", "adam, adamw: beta_2.", minimum=0, maximum=1, exclusiveMaximum=True),
+                        "epsilon": s("number", "adam, adamw, rmsprop: epsilon.", minimum=0, exclusiveMinimum=True),
+                        "rho": s("number", "rmsprop: discounting factor.", minimum=0, maximum=1),
+                        "weightDecay": s("number", "adamw: decoupled weight decay.", minimum=0),
+                    },
+                ),
+                "loss": s("string", "Loss function.", enum=LOSSES, default="sparse_categorical_crossentropy"),
+                "metrics": arr("Metrics reported per epoch.", {"type": "string", "enum": METRICS}, default=["accuracy"]),
+                "epochs": s("integer", "Epochs.", minimum=1, maximum=100000, default=10),
+                "batchSize": s("integer", "Batch size (global across workers).", minimum=1, maximum=1048576, default=32),
+                "earlyStopping": obj(
+                    "Stop when the monitored value stops improving.",
+                    {
+                        "monitor": s("string", "Value to watch, e.g. val_loss or val_accuracy.", default="val_loss"),
+                        "patience": s("integer", "Epochs without improvement before stopping.", minimum=0, default=3),
+                        "minDelta": s("number", "Smallest change that counts as improvement.", minimum=0, default=0),
+                    },
+                ),
+                "classWeight": s("string", "`balanced` weights classes inversely to their frequency.", enum=["none", "balanced"], default="none"),
+                "seed": s("integer", "Seed for data splitting, initialization and shuffling: a run is repeatable.", minimum=0, maximum=2147483647),
+            },
+        ),
+        "resources": RESOURCES,
+        "workers": s("integer", "Worker pods; more than 1 runs multi-worker mirrored training on an Indexed Job.", minimum=1, maximum=64, default=1),
+        "output": obj(
+            "Where the model goes.",
+            {
+                "uri": s("string", "`pvc://claim/path`, `s3://bucket/prefix`, `file://` or a path.", minLength=1),
+                "onnx": obj("ONNX export.", {"opset": s("integer", "ONNX opset.", minimum=13, maximum=18, default=17)}),
+                "formats": arr(
+                    "Formats to export next to the Keras model.",
+                    {"type": "string", "enum": ["onnx", "onnx-int8", "tflite", "tflite-int8"]},
+                    minItems=1, default=["onnx"],
+                ),
+                "parityTolerance": s("number", "Largest allowed max abs difference between Keras and ONNX Runtime outputs.", minimum=0, default=0.0001),
+                "formatTolerance": s("number", "Largest allowed drop of the held-out metric for a derived format (int8, tflite); a negative value turns the check off.", default=0.02),
+            },
+        ),
+        "runPolicy": obj(
+            "How the Job runs.",
+            {
+                "backoffLimit": s("integer", "Pod retries before the job fails.", minimum=0, maximum=100, default=0),
+                "activeDeadlineSeconds": s("integer", "Wall-clock limit of the job.", minimum=1),
+                "ttlSecondsAfterFinished": s("integer", "Delete the finished Job (not the TrainingJob) after this many seconds.", minimum=0),
+                "startTimeoutSeconds": s("integer", "Fail the job when its pod cannot start (image pull errors) for this long.", minimum=1, default=600),
+                "suspend": s("boolean", "Create the Job suspended (resumed by setting false, or by Kueue).", default=False),
+            },
+        ),
+        "scheduling": SCHEDULING,
+        "serviceAccountName": s("string", "Service account of the training pods; default is one the operator creates that may only report progress.", maxLength=253),
+        "deploy": DEPLOY_SPEC,
+    },
+    anyOf=[{"required": ["command"]}, {"required": ["dataset", "model"]}],
+)
+
+TRAININGJOB_STATUS = obj(
+    "Observed state, written by the operator (and progress by the trainer).",
+    {
+        "phase": s("string", "Lifecycle phase.", enum=["Pending", "Running", "Succeeded", "Failed", "Suspended"]),
+        "reason": s("string", "Why the job is in this phase, e.g. ImagePullBackOff, WaitingForGPU, OOMKilled."),
+        "message": s("string", "Detail for the reason."),
+        "conditions": arr("Conditions: Created, Running, Succeeded, Failed, SpecChangeIgnored.", CONDITION),
+        "progress": obj(
+            "Live training progress, patched by the trainer each epoch.",
+            {
+                "epoch": s("integer", "Finished epochs."),
+                "epochs": s("integer", "Planned epochs."),
+                "percent": s("integer", "Finished share in percent.", minimum=0, maximum=100),
+                "metrics": number_map("Latest epoch metrics."),
+                "updateTime": s("string", "When progress was last reported.", format="date-time"),
+            },
+        ),
+        "startTime": s("string", "When the training pod started running.", format="date-time"),
+        "completionTime": s("string", "When the job finished.", format="date-time"),
+        "jobName": s("string", "The batch/v1 Job."),
+        "observedGeneration": s("integer", "The generation the Job was created from."),
+        "result": obj(
+            "What a successful run produced.",
+            {
+                "metrics": number_map("Final metrics, including held-out ones."),
+                "modelUri": s("string", "The ONNX model."),
+                "onnxSha256": s("string", "sha256 of the ONNX file."),
+                "parityMaxAbsDiff": s("number", "Max abs difference between Keras and ONNX Runtime on held-out rows."),
+                "inputs": IO_SPEC,
+                "outputs": IO_SPEC,
+                "formats": arr(
+                    "Every exported format with its cost.",
+                    obj(
+                        "One exported file.",
+                        {
+                            "format": s("string", "onnx, onnx-int8, tflite or tflite-int8."),
+                            "file": s("string", "File name under the output location."),
+                            "uri": s("string", "Full location."),
+                            "sizeBytes": s("integer", "File size."),
+                            "sha256": s("string", "sha256 of the file."),
+                            "metric": s("number", "Held-out metric measured on this file in its own runtime."),
+                            "metricName": s("string", "Which metric."),
+                            "delta": s("number", "Metric minus the float Keras model's metric."),
+                        },
+                    ),
+                ),
+            },
+        ),
+        "deployment": s("string", "The ModelDeployment created from `spec.deploy`."),
+    },
+)
+
+MODELDEPLOYMENT_STATUS = obj(
+    "Observed state, written by the operator.",
+    {
+        "phase": s("string", "Lifecycle phase.", enum=["WaitingForModel", "Deploying", "Ready", "Failed"]),
+        "reason": s("string", "Why, e.g. TrainingJobNotSucceeded, ProgressDeadlineExceeded."),
+        "message": s("string", "Detail for the reason."),
+        "conditions": arr("Conditions: ModelReady, PredictorReady, Ready, AutoscalerReady.", CONDITION),
+        "replicas": s("integer", "Pods of the current Deployment."),
+        "readyReplicas": s("integer", "Ready pods."),
+        "url": s("string", "In-cluster URL of the model's V2 routes."),
+        "model": obj(
+            "The model being served.",
+            {"uri": s("string", "Model location."), "sha256": s("string", "Its digest."), "trainingJob": s("string", "The TrainingJob it came from."), "format": s("string", "Its format.")},
+        ),
+        "observedGeneration": s("integer", "The generation last rendered."),
+    },
+)
+
+
+def crd(kind: str, plural: str, short: str, spec: dict[str, Any], status: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/name": "kiln", "app.kubernetes.io/part-of": "kiln"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(), "shortNames": [short], "categories": ["kiln"]},
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": f"{kind} of Kiln (kiln.dev).",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            "required": ["spec"],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def build() -> dict[str, dict[str, Any]]:
+    tj = crd(
+        "TrainingJob", "trainingjobs", "tj", TRAININGJOB_SPEC, TRAININGJOB_STATUS,
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Finished epochs in percent."},
+            {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+            {"name": "Model", "type": "string", "jsonPath": ".status.result.modelUri", "priority": 1},
+        ],
+    )
+    md = crd(
+        "ModelDeployment", "modeldeployments", "md", MODELDEPLOYMENT_SPEC, MODELDEPLOYMENT_STATUS,
+        [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Model", "type": "string", "jsonPath": ".status.model.trainingJob"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
+        ],
+    )
+    return {"trainingjobs.yaml": tj, "modeldeployments.yaml": md}
+
+
+HEADER = "# Generated by scripts/gen_crds.py: edit that file, then run it.\n"
+
+
+def render() -> dict[str, str]:
+    return {name: HEADER + yaml.safe_dump(doc, sort_keys=False, width=120) for name, doc in build().items()}
+
+
+def main(argv: list[str]) -> int:
+    check = "--check" in argv
+    stale = []
+    for folder in (ROOT / "crds", ROOT / "charts" / "kiln" / "crds"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in render().items():
+            path = folder / name
+            if check:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path))
+            else:
+                path.write_text(text)
+    if stale:
+        print("stale, run python scripts/gen_crds.py:", *stale, sep="\n  ")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
