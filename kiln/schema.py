@@ -60,7 +60,7 @@ def _to_jsonschema(node: Any) -> Any:
     for key, value in node.items():
         if key.startswith("x-kubernetes-"):
             if key == "x-kubernetes-int-or-string" and value:
-                out.pop("type", None)
+                out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
             continue
         if key in ("description", "default", "format"):
             continue

@@ -43,7 +43,7 @@ def arr(desc: str, items: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 
 def quantity(desc: str) -> dict[str, Any]:
-    return {"description": desc, "x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string", "pattern": QUANTITY_PATTERN}]}
+    return {"description": desc, "x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}
 
 
 def string_map(desc: str) -> dict[str, Any]:
