@@ -293,6 +293,7 @@ TRAININGJOB_SPEC = obj(
                 "ttlSecondsAfterFinished": s("integer", "Delete the finished Job (not the TrainingJob) after this many seconds.", minimum=0),
                 "startTimeoutSeconds": s("integer", "Fail the job when its pod cannot start (image pull errors) for this long.", minimum=1, default=600),
                 "suspend": s("boolean", "Create the Job suspended (resumed by setting false, or by Kueue).", default=False),
+                "restartPolicy": s("string", "Never: each retry is a new pod (counted by backoffLimit). OnFailure: the container restarts in place (CrashLoopBackOff shows in status).", enum=["Never", "OnFailure"], default="Never"),
             },
         ),
         "scheduling": SCHEDULING,

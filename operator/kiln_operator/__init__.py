@@ -1,0 +1,6 @@
+"""Kiln's Kopf operator: TrainingJob -> Job, ModelDeployment -> Deployment + Service (+ HPA).
+
+Layers: `settings` (configuration), `names` (deterministic names and labels), `render` (pure manifest
+builders from Jinja2 templates), `status` (pure status derivation), `kube` (API calls),
+`handlers/` (one Kopf module per CRD), `main` (the `kiln operator` entry point).
+"""

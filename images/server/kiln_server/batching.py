@@ -1,0 +1,185 @@
+"""Dynamic batching: concurrent requests with compatible shapes run as one ONNX Runtime call.
+
+Requests queue on the event loop. Whenever an inference thread is free, the oldest request and
+every queued request with the same key (input names, dtypes, shapes past dim 0, and requested
+outputs) are concatenated on dim 0, up to `max_batch_size` rows, run in the thread pool, and the
+outputs are sliced back per request. A partial batch waits at most `max_latency_ms` for more rows
+(counted from its oldest request). With `max_batch_size == 1` the same queue simply feeds the pool
+one request at a time, so ONNX Runtime never runs on the event loop either way.
+
+If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
+its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+
+from kiln_server.model import OnnxModel
+
+Key = tuple[Any, ...]
+
+
+class _Item:
+    __slots__ = ("feeds", "future", "key", "outputs", "rows", "t0")
+
+    def __init__(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, future: asyncio.Future
+    ) -> None:
+        self.feeds = feeds
+        self.outputs = outputs
+        self.rows = rows
+        self.key = key
+        self.future = future
+        self.t0 = time.monotonic()
+
+
+class Batcher:
+    """Queues requests for one model and feeds its inference threads, merging when allowed."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        executor: Executor,
+        threads: int,
+        max_batch_size: int,
+        max_latency_ms: float,
+        observe_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.threads = threads
+        self.max_batch_size = max_batch_size
+        self.max_latency = max_latency_ms / 1000.0
+        self.enabled = max_batch_size > 1 and model.batchable
+        self.observe_batch = observe_batch
+        self.pending: deque[_Item] = deque()
+        self.running = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int) -> asyncio.Future:
+        """Queue one request; the future resolves to its output arrays (in `outputs` order)."""
+        key: Key | None = None
+        if self.enabled and rows <= self.max_batch_size:
+            parts: list[Any] = []
+            for name, arr in feeds.items():
+                if arr.ndim == 0 or arr.shape[0] != rows:
+                    parts = []
+                    break
+                parts.append((name, arr.dtype.str, arr.shape[1:]))
+            if parts:
+                parts.sort()
+                key = (tuple(parts), tuple(outputs))
+        fut = self._loop.create_future()
+        self.pending.append(_Item(feeds, outputs, rows, key, fut))
+        self._dispatch()
+        return fut
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or running (used by graceful shutdown)."""
+        return not self.pending and self.running == 0
+
+    def _dispatch(self) -> None:
+        pending = self.pending
+        while pending and self.running < self.threads:
+            first = pending[0]
+            if first.key is None:
+                pending.popleft()
+                self._start([first])
+                continue
+            batch = [first]
+            rows = first.rows
+            if len(pending) > 1:
+                for item in list(pending)[1:]:
+                    if item.key == first.key and rows + item.rows <= self.max_batch_size:
+                        batch.append(item)
+                        rows += item.rows
+                        if rows == self.max_batch_size:
+                            break
+            if rows < self.max_batch_size and self.max_latency > 0:
+                deadline = first.t0 + self.max_latency
+                if time.monotonic() < deadline:
+                    if self._timer is None:
+                        self._timer = self._loop.call_at(
+                            self._loop.time() + (deadline - time.monotonic()), self._on_timer
+                        )
+                    return
+            if len(batch) == 1:
+                pending.popleft()
+            else:
+                chosen = set(map(id, batch))
+                self.pending = pending = deque(i for i in pending if id(i) not in chosen)
+            self._start(batch)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        # The deadline of the oldest request has passed: run what there is.
+        saved, self.max_latency = self.max_latency, 0.0
+        try:
+            self._dispatch()
+        finally:
+            self.max_latency = saved
+        if self.pending and self._timer is None and self.running < self.threads:
+            self._dispatch()
+
+    def _start(self, batch: list[_Item]) -> None:
+        self.running += 1
+        fut = self._loop.run_in_executor(self.executor, self._run, batch)
+        fut.add_done_callback(lambda f, b=batch: self._finished(f, b))
+
+    def _run(self, batch: list[_Item]) -> list[Any]:
+        """Runs in an inference thread: one ORT call for the whole batch, then per-request slices."""
+        model = self.model
+        if len(batch) == 1:
+            item = batch[0]
+            try:
+                return [model.run(item.feeds, item.outputs)]
+            except Exception as exc:
+                return [exc]
+        names = list(batch[0].feeds)
+        feeds = {n: np.concatenate([it.feeds[n] for it in batch]) for n in names}
+        total = sum(it.rows for it in batch)
+        try:
+            outs = model.run(feeds, batch[0].outputs)
+            if any(o.ndim == 0 or o.shape[0] != total for o in outs):
+                raise ValueError("an output's first dimension is not the batch dimension")
+        except Exception:
+            results: list[Any] = []
+            for item in batch:
+                try:
+                    results.append(model.run(item.feeds, item.outputs))
+                except Exception as exc:
+                    results.append(exc)
+            return results
+        results = []
+        offset = 0
+        for item in batch:
+            end = offset + item.rows
+            results.append([o[offset:end] for o in outs])
+            offset = end
+        return results
+
+    def _finished(self, fut: asyncio.Future, batch: list[_Item]) -> None:
+        self.running -= 1
+        exc = fut.exception()
+        results = [exc] * len(batch) if exc is not None else fut.result()
+        for item, res in zip(batch, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        if self.observe_batch is not None:
+            self.observe_batch(sum(it.rows for it in batch), len(batch))
+        if self.pending:
+            self._dispatch()

@@ -1,0 +1,242 @@
+"""Model fetching: `python -m kiln_server.fetch URI DEST [--sha256 HEX]`.
+
+The operator runs this as the init container (same image as the server) so that downloads,
+retries and checksum failures show up as an init-container status with a clear message instead
+of a server that hangs. Supported: `http(s)://` (urllib, timeouts, retries with backoff),
+`s3://` (fsspec/s3fs from the `s3` extra, imported only when needed), and local sources
+(`file://`, plain paths, `pvc://claim/path`) which are copied. Writes are atomic (temporary file
+in the destination folder, then rename) and the sha256 is verified before the rename.
+
+Exit status: 0 fetched (or already present with the right sha256), 1 download failed,
+2 usage or missing dependency, 3 sha256 mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlparse
+
+CHUNK = 1 << 20
+RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class FetchError(Exception):
+    """The model could not be fetched; `exit_code` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class FetchResult:
+    """Where the model landed, its sha256 and size, and whether it was already there."""
+
+    path: Path
+    sha256: str
+    size: int
+    cached: bool
+
+
+def resolve_local(uri: str, pvc_root: str = "/kiln/pvc") -> str | None:
+    """The local path for `file://`, `pvc://` and plain paths; None for remote URIs."""
+    if uri.startswith("file://"):
+        return unquote(urlparse(uri).path)
+    if uri.startswith("pvc://"):
+        rest = uri[len("pvc://") :].lstrip("/")
+        root = os.environ.get("KILN_PVC_ROOT") or pvc_root
+        return str(Path(root) / rest)
+    if "://" in uri:
+        return None
+    return uri
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dest_path(uri: str, dest: str | os.PathLike[str]) -> Path:
+    d = Path(dest)
+    if str(dest).endswith("/") or d.is_dir():
+        name = Path(urlparse(uri).path).name or "model.onnx"
+        return d / name
+    return d
+
+
+def _copy_stream(src: BinaryIO, out: BinaryIO, h: hashlib._Hash) -> int:
+    n = 0
+    while chunk := src.read(CHUNK):
+        out.write(chunk)
+        h.update(chunk)
+        n += len(chunk)
+    return n
+
+
+def _http_once(uri: str, out: BinaryIO, h: hashlib._Hash, timeout: float) -> int:
+    req = urllib.request.Request(uri, headers={"User-Agent": "kiln-fetch/1"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        expected = resp.headers.get("Content-Length")
+        n = _copy_stream(resp, out, h)
+    if expected is not None and int(expected) != n:
+        raise ConnectionError(f"connection closed after {n} of {expected} bytes")
+    return n
+
+
+def _s3_open(uri: str) -> BinaryIO:
+    try:
+        import fsspec
+        import s3fs  # noqa: F401
+    except ImportError:
+        raise FetchError(
+            "s3:// models need the s3 extra (fsspec + s3fs): pip install 'kiln[s3]'", exit_code=2
+        ) from None
+    import fsspec
+
+    options = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return fsspec.open(uri, "rb", **options).open()  # type: ignore[no-any-return]
+
+
+def fetch(
+    uri: str,
+    dest: str | os.PathLike[str],
+    sha256: str | None = None,
+    timeout: float = 30.0,
+    retries: int = 4,
+    pvc_root: str = "/kiln/pvc",
+    log: Callable[[dict[str, object]], None] | None = None,
+) -> FetchResult:
+    """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256."""
+    target = _dest_path(uri, dest)
+    want = sha256.lower() if sha256 else None
+    if want and target.is_file() and _sha256(target) == want:
+        return FetchResult(target, want, target.stat().st_size, True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            h = hashlib.sha256()
+            scheme = urlparse(uri).scheme
+            if scheme in ("http", "https"):
+                size = _fetch_http(uri, out, timeout, retries, log)
+                h = _rehash(tmp, out)
+            elif scheme == "s3":
+                try:
+                    with _s3_open(uri) as src:
+                        size = _copy_stream(src, out, h)
+                except FetchError:
+                    raise
+                except Exception as exc:
+                    raise FetchError(f"cannot read {uri}: {exc}") from None
+            else:
+                local = resolve_local(uri, pvc_root)
+                if local is None:
+                    raise FetchError(f"unsupported model URI scheme {scheme!r} in {uri}", exit_code=2)
+                try:
+                    with open(local, "rb") as src:
+                        size = _copy_stream(src, out, h)
+                except OSError as exc:
+                    raise FetchError(f"cannot read {local}: {exc.strerror or exc}") from None
+            out.flush()
+            os.fsync(out.fileno())
+        digest = h.hexdigest()
+        if want and digest != want:
+            raise FetchError(f"sha256 mismatch for {uri}: expected {want}, got {digest}", exit_code=3)
+        os.replace(tmp, target)
+        return FetchResult(target, digest, size, False)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _rehash(tmp: Path, out: BinaryIO) -> hashlib._Hash:
+    """Hash what was written (retries may have truncated and rewritten the file)."""
+    out.flush()
+    h = hashlib.sha256()
+    with open(tmp, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h
+
+
+def _fetch_http(
+    uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None
+) -> int:
+    delay = 1.0
+    for attempt in range(retries + 1):
+        out.seek(0)
+        out.truncate()
+        try:
+            return _http_once(uri, out, hashlib.sha256(), timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in RETRYABLE_HTTP or attempt == retries:
+                raise FetchError(f"GET {uri} failed: HTTP {exc.code} {exc.reason}") from None
+            reason = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError, ConnectionError, ValueError) as exc:
+            if attempt == retries:
+                raise FetchError(f"GET {uri} failed after {retries + 1} attempts: {exc}") from None
+            reason = str(exc)
+        if log is not None:
+            log({"event": "fetch_retry", "uri": uri, "attempt": attempt + 1, "reason": reason, "sleep_s": delay})
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+    raise FetchError(f"GET {uri} failed")  # unreachable: the loop returns or raises
+
+
+def _log_line(doc: dict[str, object]) -> None:
+    print(json.dumps(doc), file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI for the init container."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kiln_server.fetch", description="Fetch a model file atomically and verify its sha256."
+    )
+    parser.add_argument("uri", help="http(s)://, s3://, file://, pvc://claim/path or a path")
+    parser.add_argument("dest", help="destination file, or a folder (ending in /) to keep the URI's file name")
+    parser.add_argument("--sha256", default=os.environ.get("KILN_MODEL_SHA256") or None, help="expected sha256")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
+    parser.add_argument("--retries", type=int, default=4, help="retries for transient failures")
+    parser.add_argument("--pvc-root", default=os.environ.get("KILN_PVC_ROOT", "/kiln/pvc"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line)
+    except FetchError as exc:
+        _log_line({"event": "fetch_failed", "uri": args.uri, "dest": args.dest, "reason": str(exc)})
+        return exc.exit_code
+    _log_line(
+        {
+            "event": "fetched",
+            "uri": args.uri,
+            "path": str(res.path),
+            "sha256": res.sha256,
+            "bytes": res.size,
+            "cached": res.cached,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

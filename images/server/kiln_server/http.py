@@ -1,0 +1,386 @@
+"""A small, fast HTTP/1.1 server: an asyncio Protocol on httptools' parser (llhttp), run on uvloop.
+
+Why not Starlette/uvicorn: an ASGI stack costs several dict-building layers per request and caps a
+minimal ONNX server near 4,000 requests/s here; the model server's headline is throughput, so
+the HTTP layer talks to the parser directly and hands complete requests to `app.App`.
+
+Supported: keep-alive, pipelining (responses in request order, reading paused when too many are
+queued), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an announced
+Content-Length over the limit is refused with 413 before the body is read), `Expect: 100-continue`,
+idle and slow-request timeouts, and a graceful drain for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+
+import httptools
+
+log = logging.getLogger("kiln_server.http")
+
+REASONS = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable",
+}
+_STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
+JSON = b"application/json"
+_MAX_PIPELINE = 32
+_MAX_HEADER_BYTES = 64 * 1024
+
+
+class Request:
+    """A complete HTTP request as the app sees it."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "route", "t0")
+
+    def __init__(
+        self, method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.route = "other"
+        self.t0 = time.perf_counter()
+
+
+class Response:
+    """A complete HTTP response: status, body, content type and extra header lines."""
+
+    __slots__ = ("body", "content_type", "extra", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"") -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.extra = extra  # pre-encoded "Name: value\r\n" lines
+
+
+AppHandler = Callable[[Request], "Response | Awaitable[Response]"]
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.loop = server.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[Request] = deque()
+        self.busy = False
+        self.write_paused = False
+        self.read_paused = False
+        self.discarding = False
+        self.in_message = False
+        self.last_activity = time.monotonic()
+        self.message_start = 0.0
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._pending_fail: Response | None = None
+
+    # --- connection events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._drain()
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, _Reject):
+                self._fail(cause.status, cause.message)
+            else:
+                log.exception("HTTP parser callback failed")
+                self._fail(500, "internal error while reading the request")
+            return
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+            return
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self.queue and not self.busy:
+            self._drain()
+
+    def eof_received(self) -> bool | None:
+        # Half-closed clients still get answers to what they sent.
+        return True if (self.busy or self.queue) else None
+
+    # --- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_message = True
+        self.message_start = time.monotonic()
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > 8192:
+            raise _Reject(431, "request URL is longer than 8192 bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEADER_BYTES:
+            raise _Reject(431, "request headers are larger than 64 KiB")
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        limit = self.server.max_body_bytes
+        cl = self._headers.get(b"content-length")
+        if cl is not None:
+            try:
+                announced = int(cl)
+            except ValueError:
+                raise _Reject(400, f"Content-Length {cl!r} is not a number") from None
+            if announced > limit:
+                raise _Reject(
+                    413, f"request body of {announced} bytes is larger than the limit of {limit} bytes"
+                )
+        expect = self._headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.max_body_bytes:
+            raise _Reject(
+                413, f"request body is larger than the limit of {self.server.max_body_bytes} bytes"
+            )
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        url = self._url
+        qpos = url.find(b"?")
+        if qpos >= 0:
+            path, query = url[:qpos].decode("latin-1"), url[qpos + 1 :].decode("latin-1")
+        else:
+            path, query = url.decode("latin-1"), ""
+        parts = self._body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.queue.append(
+            Request(self.parser.get_method(), path, query, self._headers, body, self.parser.should_keep_alive())
+        )
+        if len(self.queue) > _MAX_PIPELINE and self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    # --- request processing ------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Handle queued requests in order; an async handler blocks the queue until it answers."""
+        while self.queue and not self.busy and not self.write_paused and self.transport is not None:
+            req = self.queue.popleft()
+            result = self.app.handle(req)
+            if isinstance(result, Response):
+                self._send(req, result)
+            else:
+                self.busy = True
+                self.server.inflight += 1
+                task = self.loop.create_task(result)  # type: ignore[arg-type]
+                task.add_done_callback(lambda t, r=req: self._async_done(t, r))
+        if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _async_done(self, task: asyncio.Task[Response], req: Request) -> None:
+        self.busy = False
+        self.server.inflight -= 1
+        try:
+            resp = task.result()
+        except BaseException:  # the app guards its handlers; this is a last resort
+            log.exception("request handler failed")
+            resp = Response(500, b'{"error":"internal server error"}')
+        if self.transport is None:
+            self.app.record(req, resp)
+            return
+        self._send(req, resp)
+        if self._pending_fail is not None:
+            self._send_final(self._pending_fail)
+            self._pending_fail = None
+            return
+        self._drain()
+
+    def _send(self, req: Request, resp: Response, final: bool = False) -> None:
+        transport = self.transport
+        self.app.record(req, resp)
+        if transport is None:
+            return
+        keep = req.keep_alive and not self.server.draining and not final
+        head = b"".join(
+            (
+                _STATUS_LINES.get(resp.status) or f"HTTP/1.1 {resp.status} Unknown\r\n".encode(),
+                b"content-type: ",
+                resp.content_type,
+                b"\r\ncontent-length: ",
+                str(len(resp.body)).encode(),
+                b"\r\n",
+                self.server.date_line,
+                resp.extra,
+                b"\r\n" if keep else b"connection: close\r\n\r\n",
+            )
+        )
+        body = resp.body
+        if len(body) < 16384:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        self.last_activity = time.monotonic()
+        if not keep and not final:
+            self.queue.clear()
+            transport.close()
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer an unreadable request, then stop reading requests from this connection.
+
+        The write side is shut after the answer but bytes still arriving are read and dropped for a
+        moment, so the client sees the status instead of a reset while it is still sending.
+        """
+        from kiln_server.protocol import error_body
+
+        if self.transport is None:
+            return
+        resp = Response(status, error_body(message))
+        self.queue.clear()
+        self.discarding = True
+        self.in_message = False
+        if self.busy:
+            self._pending_fail = resp  # answered after the request in flight
+            return
+        self._send_final(resp)
+
+    def _send_final(self, resp: Response) -> None:
+        transport = self.transport
+        self._send(Request(b"", "", "", {}, b"", True), resp, final=True)
+        if transport is not None and not transport.is_closing():
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def idle_check(self, now: float, keep_alive: float, request_timeout: float) -> None:
+        """Close idle keep-alive connections and answer too-slow requests with 408."""
+        if self.transport is None:
+            return
+        if self.discarding and now - self.last_activity > 2.0:
+            self.transport.close()
+        elif self.in_message and now - self.message_start > request_timeout:
+            self._fail(408, f"request not received within {request_timeout:g} s")
+        elif not self.in_message and not self.busy and not self.queue and now - self.last_activity > keep_alive:
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        """During a drain: close connections that have nothing in flight."""
+        if self.transport is not None and not self.busy and not self.queue and not self.in_message:
+            self.transport.close()
+
+
+class HttpServer:
+    """Listening socket, live connections, a one-second housekeeping tick, and the drain for SIGTERM."""
+
+    def __init__(self, app: Any, max_body_bytes: int, keep_alive_s: float, request_timeout_s: float) -> None:
+        self.app = app
+        self.loop = asyncio.get_running_loop()
+        self.max_body_bytes = max_body_bytes
+        self.keep_alive_s = keep_alive_s
+        self.request_timeout_s = request_timeout_s
+        self.connections: set[HttpProtocol] = set()
+        self.inflight = 0
+        self.draining = False
+        self.date_line = b""
+        self._server: asyncio.base_events.Server | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick()
+
+    def _tick(self) -> None:
+        self.date_line = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.idle_check(now, self.keep_alive_s, self.request_timeout_s)
+        self._tick_handle = self.loop.call_later(1.0, self._tick)
+
+    async def start(self, host: str, port: int) -> None:
+        """Bind and listen (SO_REUSEADDR; backlog sized for bursts)."""
+        self._server = await self.loop.create_server(
+            lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, backlog=2048
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when asked for port 0)."""
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, let in-flight requests finish (answers carry `connection: close`), then close.
+
+        Returns True when everything finished within `timeout`.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        clean = True
+        while True:
+            for conn in list(self.connections):
+                conn.close_if_idle()
+            if not self.connections:
+                break
+            if time.monotonic() > deadline:
+                clean = False
+                break
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        return clean

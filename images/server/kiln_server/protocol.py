@@ -1,0 +1,376 @@
+"""Open Inference Protocol (KServe V2) types: datatypes, request decoding, response encoding.
+
+Includes the binary tensor data extension (Triton/KServe): a JSON header of
+`Inference-Header-Content-Length` bytes followed by raw tensors, each input announcing its
+`parameters.binary_data_size`. Everything a client can get wrong raises `ProtocolError` with the
+HTTP status and a message naming the problem, so no client input turns into a 500.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+# V2 datatype -> numpy dtype.
+DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+# ONNX Runtime type string -> V2 datatype.
+ONNX_TO_DATATYPE: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# numpy dtype kind accepted from JSON numbers for each target kind.
+_JSON_KINDS: dict[str, str] = {"f": "fiub", "i": "iub", "u": "iub", "b": "b"}
+
+_OPT_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_NUMPY_NATIVE = frozenset("biuf")  # orjson serializes these numpy kinds directly
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: `status` is the HTTP status, the message names the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """One model input or output as the V2 metadata describes it (`-1` for variable dims)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The numpy dtype for this datatype."""
+        return DATATYPE_TO_NUMPY[self.datatype]
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An entry of the request's `outputs`: which tensor, and whether to send it as binary."""
+
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded, validated V2 inference request."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None
+    binary_output: bool
+    rows: int
+
+
+def error_body(message: str) -> bytes:
+    """The V2 error document `{"error": message}`."""
+    return orjson.dumps({"error": message})
+
+
+def _shape_of(name: str, raw: Any) -> list[int]:
+    if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
+        raise ProtocolError(400, f"input '{name}': 'shape' must be a list of non-negative integers, got {raw!r}")
+    return raw
+
+
+def _check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
+    if len(shape) != len(spec.shape) or any(e not in (-1, d) for e, d in zip(spec.shape, shape, strict=True)):
+        raise ProtocolError(
+            400, f"input '{name}': shape {shape} does not match the model's shape {spec.shape} (-1 = any)"
+        )
+
+
+def _elements(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray:
+    """Decode JSON `data` (flat or nested, row-major) -> array of the declared shape, checked strictly."""
+    dtype = spec.dtype
+    if not isinstance(data, list):
+        data = [data]
+    if spec.datatype == "BYTES":
+        flat = _flatten(name, data)
+        if not all(isinstance(x, str) for x in flat):
+            raise ProtocolError(400, f"input '{name}': BYTES data must be strings")
+        if len(flat) != count:
+            raise ProtocolError(
+                400, f"input '{name}': data has {len(flat)} elements but shape {shape} needs {count}"
+            )
+        arr = np.empty(count, dtype=object)
+        arr[:] = flat
+        return arr.reshape(shape)
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(400, f"input '{name}': data is not a regular array of numbers: {exc}") from None
+    if arr.size != count:
+        raise ProtocolError(400, f"input '{name}': data has {arr.size} elements but shape {shape} needs {count}")
+    kind = arr.dtype.kind
+    if count and kind not in _JSON_KINDS[dtype.kind]:
+        what = "booleans" if dtype.kind == "b" else "numbers"
+        raise ProtocolError(
+            400, f"input '{name}': data for datatype {spec.datatype} must be {what}, got {_describe(arr)}"
+        )
+    if dtype.kind in "iu" and kind == "f" and count:
+        raise ProtocolError(400, f"input '{name}': data for datatype {spec.datatype} must be integers")
+    if dtype.kind in "iu" and kind in "iu" and count and arr.dtype != dtype:
+        info = np.iinfo(dtype)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype}")
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def _describe(arr: np.ndarray) -> str:
+    return {"U": "strings", "S": "strings", "b": "booleans", "O": "mixed or null values"}.get(
+        arr.dtype.kind, str(arr.dtype)
+    )
+
+
+def _flatten(name: str, data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        for x in item:
+            if isinstance(x, list):
+                raise ProtocolError(400, f"input '{name}': nested BYTES data is not supported; send it flat")
+            out.append(x)
+    return out
+
+
+def _from_binary(name: str, raw: memoryview, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        items: list[str] = []
+        pos, end = 0, len(raw)
+        while pos < end:
+            if pos + 4 > end:
+                raise ProtocolError(400, f"input '{name}': truncated BYTES element length")
+            (n,) = struct.unpack_from("<I", raw, pos)
+            pos += 4
+            if pos + n > end:
+                raise ProtocolError(400, f"input '{name}': BYTES element overruns its binary data")
+            try:
+                items.append(bytes(raw[pos : pos + n]).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProtocolError(400, f"input '{name}': BYTES element is not UTF-8") from None
+            pos += n
+        if len(items) != count:
+            raise ProtocolError(
+                400, f"input '{name}': binary data has {len(items)} elements but shape {shape} needs {count}"
+            )
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return arr.reshape(shape)
+    need = count * spec.dtype.itemsize
+    if len(raw) != need:
+        raise ProtocolError(
+            400,
+            f"input '{name}': binary_data_size is {len(raw)} bytes but shape {shape} of {spec.datatype} "
+            f"needs {need}",
+        )
+    return np.frombuffer(raw, dtype=spec.dtype).reshape(shape)
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: int | None,
+    inputs: dict[str, TensorSpec],
+    outputs: dict[str, TensorSpec],
+    max_elements: int,
+) -> InferRequest:
+    """Decode and validate a V2 infer body (JSON, or JSON header + binary tensors) against the model."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(
+                400,
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes",
+            )
+        head = body[:header_length]
+    else:
+        head = body
+    try:
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(400, f"request body is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise ProtocolError(400, "request body must be a JSON object with 'inputs'")
+    req_inputs = doc.get("inputs")
+    if type(req_inputs) is not list or not req_inputs:
+        raise ProtocolError(400, "request needs 'inputs': a non-empty list of tensors")
+    rid = doc.get("id")
+    if rid is not None and type(rid) is not str:
+        raise ProtocolError(400, "'id' must be a string")
+    params = doc.get("parameters") or {}
+    if type(params) is not dict:
+        raise ProtocolError(400, "'parameters' must be an object")
+    binary_output = params.get("binary_data_output") is True
+
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
+    offset = header_length if header_length is not None else len(body)
+    view = memoryview(body) if header_length is not None else None
+    rows = -1
+    for item in req_inputs:
+        if type(item) is not dict:
+            raise ProtocolError(400, "each entry of 'inputs' must be an object")
+        name = item.get("name")
+        if type(name) is not str:
+            raise ProtocolError(400, "an input has no 'name'")
+        spec = inputs.get(name)
+        if spec is None:
+            raise ProtocolError(
+                400, f"unknown input '{name}'; the model's inputs are {sorted(inputs)}"
+            )
+        if name in arrays:
+            raise ProtocolError(400, f"input '{name}' is given twice")
+        datatype = item.get("datatype")
+        if datatype != spec.datatype:
+            if datatype not in DATATYPE_TO_NUMPY:
+                raise ProtocolError(400, f"input '{name}': unsupported datatype {datatype!r}")
+            raise ProtocolError(
+                400, f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}"
+            )
+        shape = _shape_of(name, item.get("shape"))
+        _check_shape(name, shape, spec)
+        count = _elements(shape)
+        total += count
+        if total > max_elements:
+            raise ProtocolError(
+                413, f"request has more than {max_elements} tensor elements (the server's --max-elements)"
+            )
+        iparams = item.get("parameters")
+        size = iparams.get("binary_data_size") if type(iparams) is dict else None
+        if size is not None:
+            if view is None:
+                raise ProtocolError(
+                    400,
+                    f"input '{name}' has binary_data_size but the request has no "
+                    "Inference-Header-Content-Length header",
+                )
+            if type(size) is not int or size < 0 or offset + size > len(body):
+                raise ProtocolError(400, f"input '{name}': binary_data_size {size!r} overruns the request body")
+            arrays[name] = _from_binary(name, view[offset : offset + size], spec, shape, count)
+            offset += size
+        else:
+            if "data" not in item:
+                raise ProtocolError(400, f"input '{name}' has neither 'data' nor binary_data_size")
+            arrays[name] = tensor_from_json(name, item["data"], spec, shape, count)
+        r = shape[0] if shape else 1
+        rows = r if rows < 0 else rows
+    if view is not None and offset != len(body):
+        raise ProtocolError(400, f"request body has {len(body) - offset} bytes after the last binary tensor")
+    missing = [n for n in inputs if n not in arrays]
+    if missing:
+        raise ProtocolError(400, f"missing input(s) {missing}; the model needs {sorted(inputs)}")
+
+    requested: list[RequestedOutput] | None = None
+    req_outputs = doc.get("outputs")
+    if req_outputs is not None:
+        if type(req_outputs) is not list:
+            raise ProtocolError(400, "'outputs' must be a list")
+        requested = []
+        seen: set[str] = set()
+        for item in req_outputs:
+            if type(item) is not dict or type(item.get("name")) is not str:
+                raise ProtocolError(400, "each entry of 'outputs' must be an object with a 'name'")
+            oname = item["name"]
+            if oname not in outputs:
+                raise ProtocolError(400, f"unknown output '{oname}'; the model's outputs are {sorted(outputs)}")
+            if oname in seen:
+                raise ProtocolError(400, f"output '{oname}' is requested twice")
+            seen.add(oname)
+            oparams = item.get("parameters")
+            flag = oparams.get("binary_data") if type(oparams) is dict else None
+            requested.append(RequestedOutput(oname, binary_output if flag is None else flag is True))
+        if not requested:
+            requested = None
+    return InferRequest(rid, arrays, requested, binary_output, max(rows, 0))
+
+
+def _bytes_element(x: Any) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode("utf-8")
+
+
+def _json_data(arr: np.ndarray) -> Any:
+    if arr.dtype.kind in _NUMPY_NATIVE:
+        return np.ascontiguousarray(arr).reshape(-1)
+    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+
+
+def _raw_bytes(arr: np.ndarray) -> bytes:
+    if arr.dtype.kind == "O" or arr.dtype.kind in "US":
+        parts = []
+        for x in arr.reshape(-1):
+            b = _bytes_element(x)
+            parts.append(struct.pack("<I", len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: list[tuple[TensorSpec, np.ndarray, bool]],
+) -> tuple[bytes, int | None]:
+    """Encode the V2 response; returns (body, json header length) — the length is None when all JSON."""
+    out_docs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for spec, arr, binary in outputs:
+        entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
+        if binary:
+            raw = _raw_bytes(arr)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = _json_data(arr)
+        out_docs.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = out_docs
+    head = orjson.dumps(doc, option=_OPT_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

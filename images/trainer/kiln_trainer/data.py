@@ -1,0 +1,217 @@
+"""The trainer's data pipeline: load a dataset (CSV, NPZ, Parquet), clean it and report what was dropped.
+
+Why here and not in the model: cleaning decides which rows exist (duplicates, missing labels, rows
+with missing features under `missingValues: drop`); what can be done per row at serving time
+(imputation, normalization) lives in the exported graph instead (see preprocess.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln_trainer.errors import DataError, SpecError
+
+FORMATS = ("csv", "npz", "parquet")
+_EXTENSIONS = {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class DataReport:
+    """How many rows were read, dropped (and why) and kept; printed and written to data-report.json."""
+
+    source: str
+    rows_read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    rows_kept: int = 0
+    rows_imputed: int = 0
+    features: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        reasons = ", ".join(f"{k}: {v}" for k, v in self.dropped.items())
+        total = sum(self.dropped.values())
+        text = f"data: read {self.rows_read} rows from {self.source}; dropped {total} ({reasons}); kept {self.rows_kept}"
+        if self.rows_imputed:
+            text += f"; {self.rows_imputed} rows with missing features kept for imputation"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "rowsRead": self.rows_read,
+            "dropped": dict(self.dropped),
+            "rowsKept": self.rows_kept,
+            "rowsImputed": self.rows_imputed,
+            "features": list(self.features),
+        }
+
+
+@dataclass
+class Dataset:
+    """Clean examples shaped like `inputShape` (float32, NaN where imputation will fill in) and labels."""
+
+    x: np.ndarray
+    y: np.ndarray
+    report: DataReport
+    classes: list[str] | None = None
+
+
+def infer_format(path: Path, declared: str | None) -> str:
+    """The dataset format: the declared one, else from the file extension."""
+    if declared:
+        if declared not in FORMATS:
+            raise SpecError(f"unknown format {declared!r} (known: {', '.join(FORMATS)})", "spec.dataset.format")
+        return declared
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise SpecError(
+            f"cannot infer the format of {path.name!r} from its extension; set it to one of {', '.join(FORMATS)}",
+            "spec.dataset.format",
+        )
+    return fmt
+
+
+def _read_table(path: Path, fmt: str) -> Any:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path.name} is empty") from exc
+    except Exception as exc:
+        raise DataError(f"cannot read {path.name} as {fmt}: {type(exc).__name__}: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _table_arrays(df: Any, name: str, ds: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Feature matrix (float64 with NaN) and raw label column of a CSV/Parquet table."""
+    import pandas as pd
+
+    columns = list(df.columns)
+    label = ds.get("labelColumn", "label")
+    if label not in columns:
+        raise DataError(
+            f"column {label!r} not in {name} (columns: {', '.join(columns)})", "spec.dataset.labelColumn"
+        )
+    wanted = ds.get("featureColumns") or [c for c in columns if c != label]
+    for i, col in enumerate(wanted):
+        if col not in columns:
+            raise DataError(
+                f"column {col!r} not in {name} (columns: {', '.join(columns)})", f"spec.dataset.featureColumns[{i}]"
+            )
+        if col == label:
+            raise SpecError(f"column {col!r} is the label column", f"spec.dataset.featureColumns[{i}]")
+    if not wanted:
+        raise DataError(f"{name} has no feature columns besides the label {label!r}", "spec.dataset.featureColumns")
+    where = "spec.dataset.featureColumns"
+    feats = []
+    for col in wanted:
+        series = df[col]
+        if series.dtype == bool:
+            series = series.astype("float64")
+        converted = pd.to_numeric(series, errors="coerce")
+        bad = converted.isna() & series.notna()
+        if bad.any():
+            example = series[bad].iloc[0]
+            raise DataError(f"feature column {col!r} in {name} is not numeric (value {example!r})", where)
+        feats.append(converted.to_numpy(dtype="float64"))
+    x = np.stack(feats, axis=1)
+    return x, df[label].to_numpy(), list(wanted)
+
+
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.keys())
+            if "x" not in keys or "y" not in keys:
+                raise DataError(f"{path.name} needs arrays 'x' and 'y' (has: {', '.join(keys) or 'none'})")
+            x, y = npz["x"], npz["y"]
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read {path.name} as npz: {type(exc).__name__}: {exc}") from exc
+    if x.ndim < 2 or len(x) != len(y):
+        raise DataError(f"{path.name}: x has shape {list(x.shape)} and y {list(y.shape)}; need N rows in both")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{path.name}: array 'x' is not numeric (dtype {x.dtype})")
+    return x.astype("float64"), y, ["x"]
+
+
+def _label_missing(y: np.ndarray) -> np.ndarray:
+    if y.dtype.kind in "fc":
+        return np.isnan(y).reshape(len(y), -1).any(axis=1)
+    if y.dtype.kind == "O":
+        return np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in y], dtype=bool)
+    return np.zeros(len(y), dtype=bool)
+
+
+def _duplicates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    seen: set[bytes] = set()
+    dup = np.zeros(len(x), dtype=bool)
+    ys = y.reshape(len(y), -1)
+    for i in range(len(x)):
+        key = x[i].tobytes() + repr(ys[i].tolist()).encode()
+        if key in seen:
+            dup[i] = True
+        else:
+            seen.add(key)
+    return dup
+
+
+def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """Numeric labels stay as they are; strings become class indices in sorted order."""
+    if y.dtype.kind in "biuf":
+        return y.astype("float64") if y.dtype.kind == "f" else y.astype("int64"), None
+    values = [str(v) for v in y]
+    classes = sorted(set(values))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[v] for v in values], dtype="int64"), classes
+
+
+def load(path: Path, source: str, spec: dict[str, Any]) -> Dataset:
+    """Load and clean the dataset of a TrainingJob spec; examples come back shaped like `inputShape`."""
+    ds = spec["dataset"]
+    pp = ds.get("preprocessing", {})
+    fmt = infer_format(path, ds.get("format"))
+    if fmt == "npz":
+        x, y, names = _npz_arrays(path)
+    else:
+        x, y, names = _table_arrays(_read_table(path, fmt), path.name, ds)
+    report = DataReport(source=source, rows_read=len(x), features=names)
+    flat = x.reshape(len(x), -1)
+
+    keep = ~_label_missing(y)
+    report.dropped["missing label"] = int((~keep).sum())
+    if pp.get("dropDuplicates", True):
+        dup = np.zeros(len(x), dtype=bool)
+        idx = np.flatnonzero(keep)
+        dup[idx] = _duplicates(flat[idx], y[idx])
+        report.dropped["duplicates"] = int(dup.sum())
+        keep &= ~dup
+    missing_feat = np.isnan(flat).any(axis=1)
+    if pp.get("missingValues", "drop") == "drop":
+        report.dropped["missing features"] = int((keep & missing_feat).sum())
+        keep &= ~missing_feat
+    else:
+        report.rows_imputed = int((keep & missing_feat).sum())
+    report.rows_kept = int(keep.sum())
+    if report.rows_kept == 0:
+        worst = max(report.dropped, key=lambda k: report.dropped[k]) if report.rows_read else ""
+        fld = {"missing features": "spec.dataset.preprocessing.missingValues",
+               "missing label": "spec.dataset.labelColumn"}.get(worst, "spec.dataset.uri")
+        raise DataError(f"no rows left: {report.line().removeprefix('data: ')}", fld)
+
+    y_enc, classes = _encode_labels(y[keep])
+    shape = [int(d) for d in spec["model"]["inputShape"]]
+    per_row = int(np.prod(shape))
+    if flat.shape[1] != per_row:
+        what = f"{flat.shape[1]} feature columns" if fmt != "npz" else f"examples of shape {list(x.shape[1:])}"
+        raise SpecError(f"{shape} needs {per_row} values per example but {path.name} has {what}",
+                        "spec.model.inputShape")
+    examples = flat[keep].reshape([report.rows_kept, *shape]).astype("float32")
+    return Dataset(x=examples, y=y_enc, report=report, classes=classes)

@@ -1,0 +1,101 @@
+"""Building the network from `spec.model.layers`, with the fitted preprocessing in front.
+
+Why strict field checks: a field the layer type does not take (say `units` on Dropout) is almost
+always a mistake; silently ignoring it would train a different model from the one the user wrote.
+The schema allows every field on every layer, so this check lives here, naming `spec.model.layers[i].f`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from kiln_trainer.errors import SpecError
+
+# Per layer type: (required fields, optional fields). `type` and `name` apply to all.
+LAYER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "Dense": (("units",), ("activation",)),
+    "Dropout": (("rate",), ()),
+    "BatchNormalization": ((), ("momentum",)),
+    "Conv2D": (("filters", "kernelSize"), ("strides", "padding", "activation")),
+    "MaxPooling2D": ((), ("poolSize", "strides", "padding")),
+    "AveragePooling2D": ((), ("poolSize", "strides", "padding")),
+    "Flatten": ((), ()),
+    "GlobalAveragePooling2D": ((), ()),
+    "Reshape": (("targetShape",), ()),
+}
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+def _one_layer(i: int, spec: dict[str, Any]) -> keras.layers.Layer:
+    where = f"spec.model.layers[{i}]"
+    kind = spec.get("type")
+    if kind not in LAYER_FIELDS:
+        raise SpecError(f"unknown layer type {kind!r} (known: {', '.join(LAYER_FIELDS)})", f"{where}.type")
+    required, optional = LAYER_FIELDS[kind]
+    for key in spec:
+        if key not in ("type", "name", *required, *optional):
+            raise SpecError(f"{kind} does not take {key!r} (it takes: {', '.join((*required, *optional)) or 'nothing'})",
+                            f"{where}.{key}")
+    for key in required:
+        if key not in spec:
+            raise SpecError(f"{kind} needs {key!r}", f"{where}.{key}")
+    name = spec.get("name")
+    act = spec.get("activation", "linear")
+    pool = spec.get("poolSize", 2)
+    if kind == "Dense":
+        return keras.layers.Dense(int(spec["units"]), activation=act, name=name)
+    if kind == "Dropout":
+        return keras.layers.Dropout(float(spec["rate"]), name=name)
+    if kind == "BatchNormalization":
+        return keras.layers.BatchNormalization(momentum=float(spec.get("momentum", 0.99)), name=name)
+    if kind == "Conv2D":
+        k = int(spec["kernelSize"])
+        return keras.layers.Conv2D(int(spec["filters"]), (k, k), strides=int(spec.get("strides", 1)),
+                                   padding=spec.get("padding", "valid"), activation=act, name=name)
+    if kind in ("MaxPooling2D", "AveragePooling2D"):
+        cls = keras.layers.MaxPooling2D if kind == "MaxPooling2D" else keras.layers.AveragePooling2D
+        strides = spec.get("strides")
+        return cls((int(pool), int(pool)), strides=int(strides) if strides else None,
+                   padding=spec.get("padding", "valid"), name=name)
+    if kind == "Flatten":
+        return keras.layers.Flatten(name=name)
+    if kind == "GlobalAveragePooling2D":
+        return keras.layers.GlobalAveragePooling2D(name=name)
+    return keras.layers.Reshape(tuple(int(d) for d in spec["targetShape"]), name=name)
+
+
+@dataclass
+class Models:
+    """`inference` is what gets exported; `training` adds augmentation in front and shares all weights."""
+
+    inference: keras.Model
+    training: keras.Model
+
+
+def build(input_shape: list[int], layer_specs: list[dict[str, Any]], pre: keras.layers.Layer | None,
+          augment: list[keras.layers.Layer]) -> Models:
+    """The inference model (input -> preprocessing -> layers) and the training model that shares it."""
+    if not layer_specs:
+        raise SpecError("needs at least one layer", "spec.model.layers")
+    layers = [_one_layer(i, s) for i, s in enumerate(layer_specs)]
+    inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
+    train_inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
+    h = pre(inp) if pre is not None else inp
+    t = pre(train_inp) if pre is not None else train_inp
+    for a in augment:
+        t = a(t)
+    for i, lay in enumerate(layers):
+        try:
+            h = lay(h)
+            t = lay(t)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SpecError(f"{layer_specs[i]['type']} cannot take input of shape {list(h.shape[1:])}: {msg}",
+                            f"spec.model.layers[{i}]") from exc
+    inference = keras.Model(inp, h, name="kiln_model")
+    training = keras.Model(train_inp, t, name="kiln_training") if augment else inference
+    return Models(inference=inference, training=training)

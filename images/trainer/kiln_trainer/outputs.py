@@ -1,0 +1,167 @@
+"""The output location: staged writes, atomic commit, the result summary and the termination message.
+
+Why staging: the operator and `kiln run` treat `result.json` (and `model.onnx`) as "training
+succeeded". Files are built in `<output>/.kiln-staging/` and moved into place only at the end,
+`result.json` last; a failed run removes the staging folder, and a new run first removes the
+success markers of an earlier one. For `s3://` outputs everything is built locally, then uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kiln_trainer import storage
+from kiln_trainer.storage import Location
+
+RESULT = "result.json"
+# Files a successful run leaves; removed at the start of a run so a failure never leaves old ones behind.
+ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras",
+             "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json")
+RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
+TERMINATION_LIMIT = 4096
+
+
+class Output:
+    """Where this process writes: the real output folder (chief) or a private temp folder (other workers)."""
+
+    def __init__(self, loc: Location, local_dir: Path, chief: bool) -> None:
+        self.loc = loc
+        self.chief = chief
+        self.dir = local_dir if chief else Path(tempfile.mkdtemp(prefix="kiln-worker-out-"))
+        self.shared_dir = local_dir  # where the chief's checkpoints are, read by every worker on resume
+        self.staging = self.dir / ".kiln-staging"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def shared_checkpoints(self) -> Path:
+        return self.shared_dir / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+    def prepare(self) -> None:
+        """Create folders and remove an earlier run's success markers (result.json first)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.dir, os.W_OK):
+            raise PermissionError(f"output folder {self.dir} is not writable")
+        for name in ARTIFACTS:
+            storage.rmtree_quiet(self.dir / name)
+        storage.rmtree_quiet(self.staging)
+        self.staging.mkdir()
+        if self.chief and self.loc.is_remote:
+            storage.remove_remote(self.loc, list(ARTIFACTS), "spec.output.uri")
+
+    def commit(self) -> list[str]:
+        """Move staged files into place, `result.json` last; upload them for remote outputs."""
+        names = sorted((p.name for p in self.staging.iterdir()), key=lambda n: n == RESULT)
+        for name in names:
+            dst = self.dir / name
+            storage.rmtree_quiet(dst)
+            os.replace(self.staging / name, dst)
+        self.staging.rmdir()
+        if self.loc.is_remote:
+            storage.upload_dir(self.dir, self.loc, [*names, "logs"] if self.logs.exists() else names,
+                               "spec.output.uri")
+        return names
+
+    def abort(self) -> None:
+        """Leave nothing that looks like a model after a failure."""
+        storage.rmtree_quiet(self.staging)
+        for name in (RESULT, "model.onnx"):
+            storage.rmtree_quiet(self.dir / name)
+        if not self.chief:
+            storage.rmtree_quiet(self.dir)
+
+    def finish_worker(self) -> None:
+        """Non-chief workers discard their private copy of the outputs."""
+        if not self.chief:
+            storage.rmtree_quiet(self.dir)
+
+    def uri(self, name: str) -> str:
+        """How clients address a file of this output (pvc://, s3:// or file://)."""
+        if self.loc.uri.startswith(("pvc://", "s3://", "file://")):
+            return self.loc.child_uri(name)
+        return (self.dir / name).resolve().as_uri()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Pretty JSON, newline-terminated."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def plot_curves(history: dict[str, list[float]], path: Path) -> None:
+    """training-curves.png: loss and each metric per epoch, training and validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = [k for k in history if not k.startswith("val_") and k != "learning_rate"]
+    fig, axes = plt.subplots(1, max(len(bases), 1), figsize=(5 * max(len(bases), 1), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], bases, strict=False):
+        epochs = range(1, len(history[key]) + 1)
+        ax.plot(epochs, history[key], marker="o", label="training")
+        if f"val_{key}" in history:
+            ax.plot(range(1, len(history[f"val_{key}"]) + 1), history[f"val_{key}"], marker="o", label="validation")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def termination_path(env: dict[str, str] | None = None) -> Path | None:
+    """KILN_TERMINATION_LOG, else /dev/termination-log when it exists and is writable, else None."""
+    env = dict(os.environ if env is None else env)
+    if env.get("KILN_TERMINATION_LOG"):
+        return Path(env["KILN_TERMINATION_LOG"])
+    default = Path("/dev/termination-log")
+    if default.exists() and os.access(default, os.W_OK):
+        return default
+    return None
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The termination message: exactly the `status.result` keys, trimmed to stay under 4 KB."""
+    out = {k: result[k] for k in RESULT_KEYS if k in result}
+    text = json.dumps(out, separators=(",", ":"))
+    if len(text) >= TERMINATION_LIMIT:
+        out["formats"] = [{k: f[k] for k in ("format", "file", "sha256") if k in f} for f in out.get("formats", [])]
+        text = json.dumps(out, separators=(",", ":"))
+    if len(text) >= TERMINATION_LIMIT:
+        keep = sorted(out.get("metrics", {}))[:16]
+        out["metrics"] = {k: out["metrics"][k] for k in keep}
+        text = json.dumps(out, separators=(",", ":"))
+    return text
+
+
+def write_termination(message: str, path: Path | None) -> None:
+    """Best effort: a missing or read-only termination log must not change the exit code."""
+    if path is None:
+        return
+    try:
+        path.write_text(message)
+    except OSError:
+        pass
+
+
+def failure_message(error: str, field: str | None) -> str:
+    """`{"error": one line, "field": spec path or null}`, under 4 KB."""
+    line = " ".join(error.split())[:3500]
+    return json.dumps({"error": line, "field": field})
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder over another (used for logs of non-chief workers, never for models)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -1,0 +1,254 @@
+"""The built-in trainer end to end: data -> preprocessing -> model -> fit -> export -> parity -> outputs.
+
+This is the one code path behind `kiln train FILE` on a laptop, `kiln train --in-cluster` in a pod
+and `kiln run` (which passes a progress callback). Each step lives in its own module; this one only
+wires them together and decides what goes into the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln_trainer import checkpoint, data, distributed, export, optimizers, outputs, preprocess, storage
+from kiln_trainer import model as model_lib
+from kiln_trainer.errors import DataError, SpecError
+from kiln_trainer.jobspec import Job
+from kiln_trainer.outputs import Output
+from kiln_trainer.progress import EpochLogger, ProgressFn, ProgressReporter, StatusPatcher
+
+log = logging.getLogger("kiln_trainer")
+PARITY_ROWS = 1024
+CLASSIFICATION = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
+
+
+def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = None) -> tuple[storage.Location, Path]:
+    """The output location and the local folder written to.
+
+    Precedence: `--output`, then `KILN_OUTPUT_DIR` (the mounted folder in a pod, reported under
+    `spec.output.uri` when set), then `spec.output.uri`, then `./kiln-output/<name>`.
+    """
+    env = dict(os.environ if env is None else env)
+    field = "spec.output.uri"
+    if override:
+        loc = storage.resolve(override, Path.cwd(), "--output")
+    elif env.get("KILN_OUTPUT_DIR"):
+        local = Path(env["KILN_OUTPUT_DIR"])
+        uri = job.spec.get("output", {}).get("uri")
+        return (storage.Location(uri, path=local) if uri and not uri.startswith("s3://")
+                else storage.Location(uri, remote=uri) if uri else storage.Location(str(local), path=local)), local
+    elif job.spec.get("output", {}).get("uri"):
+        loc = storage.resolve(job.spec["output"]["uri"], job.base_dir, field)
+    else:
+        loc = storage.resolve(str(Path.cwd() / "kiln-output" / job.name), Path.cwd(), field)
+    if loc.path is not None:
+        return loc, loc.path
+    import tempfile
+
+    return loc, Path(tempfile.mkdtemp(prefix="kiln-out-"))
+
+
+def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | None) -> int:
+    if resumed is not None:
+        return resumed.seed
+    seed = job.spec.get("training", {}).get("seed")
+    if seed is not None:
+        return int(seed)
+    if cluster.multi_worker:  # every worker must split the data the same way without talking first
+        meta = job.doc.get("metadata", {})
+        return zlib.crc32(f"{meta.get('namespace')}/{job.name}/{meta.get('uid')}".encode()) & 0x7FFFFFFF
+    return random.SystemRandom().randrange(2**31)
+
+
+def _split(ds: data.Dataset, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    n = len(ds.x)
+    n_val = max(1, int(round(n * fraction)))
+    if n - n_val < 1:
+        raise DataError(f"only {n} rows left after cleaning: too few to hold out {fraction:g} for validation",
+                        "spec.dataset.validationSplit")
+    order = np.random.default_rng(seed).permutation(n)
+    tr, va = order[: n - n_val], order[n - n_val :]
+    return ds.x[tr], ds.y[tr], ds.x[va], ds.y[va]
+
+
+def _labels(y: np.ndarray, loss: str, out_dim: int, last_layer: int) -> np.ndarray:
+    """Labels in the form the loss expects, with errors naming the field that disagrees."""
+    if loss == "sparse_categorical_crossentropy":
+        if y.ndim != 1 or not np.all(np.equal(np.mod(y, 1), 0)) or (len(y) and y.min() < 0):
+            raise DataError("sparse_categorical_crossentropy needs integer class labels 0..K-1",
+                            "spec.dataset.labelColumn")
+        if len(y) and int(y.max()) >= out_dim:
+            raise SpecError(f"labels go up to {int(y.max())} but the last layer has {out_dim} units "
+                            f"(needs at least {int(y.max()) + 1})", f"spec.model.layers[{last_layer}].units")
+        return y.astype("int64")
+    if loss == "categorical_crossentropy" and y.ndim == 1:
+        yi = y.astype("int64")
+        if len(y) and (yi.min() < 0 or yi.max() >= out_dim):
+            raise SpecError(f"labels 0..{int(yi.max())} do not fit the last layer's {out_dim} units",
+                            f"spec.model.layers[{last_layer}].units")
+        return np.eye(out_dim, dtype="float32")[yi]
+    y = y.astype("float32")
+    if y.ndim == 1 and out_dim == 1:
+        y = y.reshape(-1, 1)
+    return y
+
+
+def _class_weight(y: np.ndarray, loss: str) -> dict[int, float] | None:
+    """`balanced`: n / (k * count_c), as scikit-learn defines it."""
+    if loss not in CLASSIFICATION:
+        raise SpecError(f"classWeight: balanced needs a classification loss, not {loss}", "spec.training.classWeight")
+    labels = y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype("int64")
+    classes, counts = np.unique(labels, return_counts=True)
+    return {int(c): float(len(labels) / (len(classes) * n)) for c, n in zip(classes, counts, strict=True)}
+
+
+def train(job: Job, output: str | None = None, progress: ProgressFn | None = None,
+          cluster: distributed.Cluster | None = None, strategy: Any = None) -> dict[str, Any]:
+    """Train the built-in model of `job` and write its outputs; returns the result (as in result.json)."""
+    import keras
+    import tensorflow as tf
+
+    spec = job.spec
+    if not spec.get("dataset") or not spec.get("model"):
+        raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
+    cluster = cluster or distributed.setup()
+    strategy = strategy or distributed.strategy(cluster)
+    ds_spec, model_spec = spec["dataset"], spec["model"]
+    tr_spec = spec.get("training", {})
+    out_spec = spec.get("output", {})
+    input_shape = [int(d) for d in model_spec["inputShape"]]
+    epochs = int(tr_spec.get("epochs", 10))
+    loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
+    metric_names = list(tr_spec.get("metrics", ["accuracy"]))
+
+    loc, local_dir = resolve_output(job, output)
+    out = Output(loc, local_dir, cluster.chief)
+    out.prepare()
+    try:
+        digest = checkpoint.spec_hash(spec)
+        resumed = checkpoint.latest(out.shared_checkpoints, digest)
+        seed = _seed(job, cluster, resumed)
+        keras.utils.set_random_seed(seed)
+        if tr_spec.get("seed") is not None:
+            tf.config.experimental.enable_op_determinism()
+
+        data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
+        ds = data.load(storage.fetch(data_loc, "spec.dataset.uri"), ds_spec["uri"], spec)
+        print(ds.report.line(), flush=True)
+        x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(ds_spec.get("validationSplit", 0.2)), seed)
+
+        pp_spec = ds_spec.get("preprocessing", {})
+        state = (preprocess.PreprocessState.from_json(resumed.preprocess) if resumed
+                 else preprocess.fit(x_tr, pp_spec))
+        with strategy.scope():
+            models = model_lib.build(input_shape, model_spec["layers"], preprocess.layer(state, input_shape[-1]),
+                                     preprocess.augmentation(pp_spec, input_shape, seed))
+            out_dim = int(models.inference.output_shape[-1])
+            last = len(model_spec["layers"]) - 1
+            y_tr = _labels(y_tr_raw, loss, out_dim, last)
+            y_val = _labels(y_val_raw, loss, out_dim, last)
+            models.training.compile(optimizer=optimizers.build(tr_spec.get("optimizer", {})), loss=loss,
+                                    metrics=export.metric_objects(metric_names, loss))
+            if resumed is not None:
+                checkpoint.restore(models.training, resumed)
+        start = resumed.epoch if resumed else 0
+        if resumed:
+            print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
+
+        reporter = ProgressReporter(epochs, StatusPatcher.from_env(), progress, cluster.chief,
+                                    prefix="" if cluster.chief else f"[worker {cluster.index}] ")
+        early = None
+        if tr_spec.get("earlyStopping"):
+            es = tr_spec["earlyStopping"]
+            early = checkpoint.ResumableEarlyStopping(
+                resumed.early_stopping if resumed else None, monitor=es.get("monitor", "val_loss"),
+                patience=int(es.get("patience", 3)), min_delta=float(es.get("minDelta", 0)))
+        ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
+                                             resumed.history if resumed else {}, early)
+        callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
+        callbacks += [EpochLogger(reporter), keras.callbacks.TensorBoard(str(out.logs), write_graph=False)]
+        class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
+        batch = int(tr_spec.get("batchSize", 32))
+        stopped = bool(resumed and resumed.stopped)
+        if start < epochs and not stopped:
+            if cluster.multi_worker:
+                train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
+                val_data = _distributed_data(tf, x_val, y_val, batch, None)
+                models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
+                                    class_weight=class_weight, callbacks=callbacks, verbose=0)
+            else:
+                models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
+                                    batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
+        history = ckpt.history
+        done = len(next(iter(history.values()), []))
+        if not history or done == 0:
+            raise DataError("training ran no epochs", "spec.training.epochs")
+        if not cluster.chief:
+            out.finish_worker()
+            return {}
+        result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
+        out.commit()
+        storage.rmtree_quiet(out.checkpoints)
+        reporter.epochs = done
+        reporter.report(done, {k: v[-1] for k, v in history.items()}, log_line=False)
+        print(f"model: {result['modelUri']} (parity max abs diff {result['parityMaxAbsDiff']:.3g})", flush=True)
+        return result
+    except BaseException:
+        out.abort()
+        raise
+
+
+def _distributed_data(tf: Any, x: np.ndarray, y: np.ndarray, batch: int, seed: int | None) -> Any:
+    """A tf.data pipeline sharded by data across workers (the global batch is `batchSize`)."""
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if seed is not None:
+        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.batch(batch).with_options(opts)
+
+
+def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, list[float]], ds: data.Dataset,
+            x_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, metric_names: list[str], loss: str,
+            seed: int, done: int) -> dict[str, Any]:
+    spec = job.spec
+    out_spec = spec.get("output", {})
+    stage = out.staging
+    input_shape = [int(d) for d in spec["model"]["inputShape"]]
+    onnx_path = stage / "model.onnx"
+    export.to_onnx(models.inference, input_shape, int(out_spec.get("onnx", {}).get("opset", 17)), onnx_path)
+    diff = export.parity(models.inference, onnx_path, x_val[:PARITY_ROWS],
+                         float(out_spec.get("parityTolerance", 1e-4)))
+    onnx_pred = export.onnx_predict(onnx_path, x_val)
+    heldout = export.evaluate(onnx_pred, y_val, metric_names, loss) if metric_names else {}
+    metrics = {k: float(v[-1]) for k, v in history.items()}
+    metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
+    formats = [f for f in out_spec.get("formats", ["onnx"]) if f != "onnx"]
+    fmt_results = export.derived_formats(models.inference, input_shape, stage, ["onnx", *formats], x_tr, x_val,
+                                         y_val, metric_names[0] if metric_names else None, loss,
+                                         float(out_spec.get("formatTolerance", 0.02)))
+    models.inference.save(str(stage / "model.keras"))
+    inputs, outs = export.tensor_info(onnx_path)
+    result = {
+        "metrics": metrics,
+        "modelUri": out.uri("model.onnx"),
+        "onnxSha256": export.sha256(onnx_path),
+        "parityMaxAbsDiff": diff,
+        "inputs": inputs,
+        "outputs": outs,
+        "formats": [f.to_json(out.uri(f.file)) for f in fmt_results],
+    }
+    outputs.write_json(stage / "metrics.json", metrics)
+    outputs.write_json(stage / "history.json", history)
+    outputs.write_json(stage / "data-report.json", ds.report.to_json())
+    if ds.classes is not None:
+        outputs.write_json(stage / "labels.json", ds.classes)
+    outputs.plot_curves(history, stage / "training-curves.png")
+    outputs.write_json(stage / outputs.RESULT, {**result, "epochsRun": done, "seed": seed})
+    return result

@@ -1,0 +1,235 @@
+"""TrainingJob controller: renders the trainer's Job and follows it to success or a precise failure.
+
+Flow: on create/resume the children are created (idempotently: fixed names, 409 means "already
+there"); from then on every Job/Pod watch event and a periodic timer re-derive the status from Kopf's
+in-memory indexes (no API reads) and patch it only when it changed. No finalizer: children go by
+ownerReference garbage collection, so deleting a TrainingJob never hangs, operator up or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kiln import API_VERSION, GROUP, VERSION
+from kiln_operator import kube, names
+from kiln_operator.handlers.common import Key, StatusWriter, log, post_event, snapshot
+from kiln_operator.render import RenderError, build_trainingjob
+from kiln_operator.settings import OperatorSettings
+from kiln_operator.status import TERMINAL, derive, fmt_time, now_utc, set_condition
+
+PLURAL = "trainingjobs"
+
+
+def slim_job(body: Any) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"name": meta.get("name"), "uid": meta.get("uid"),
+                     "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or [])),
+                     "deletionTimestamp": meta.get("deletionTimestamp")},
+        "spec": {k: body.get("spec", {}).get(k) for k in ("suspend", "backoffLimit", "completions")},
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+
+
+def slim_pod(body: Any) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"name": meta.get("name"), "uid": meta.get("uid"), "creationTimestamp": meta.get("creationTimestamp"),
+                     "deletionTimestamp": meta.get("deletionTimestamp"),
+                     "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("batch.kubernetes.io")},
+                     "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or []))},
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+
+
+def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
+    """The ModelDeployment that `spec.deploy` asks for (not owned by the TrainingJob: see docs)."""
+    deploy = copy.deepcopy(tj["spec"]["deploy"])
+    md_name = deploy.pop("name", None) or tj["metadata"]["name"]
+    model = {"trainingJob": tj["metadata"]["name"], "format": (deploy.pop("model", None) or {}).get("format", "onnx")}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ModelDeployment",
+        "metadata": {"name": md_name, "namespace": tj["metadata"]["namespace"],
+                     "labels": {names.LABEL_CREATED_BY: names.label_value(tj["metadata"]["name"]),
+                                "app.kubernetes.io/managed-by": "kiln-operator"}},
+        "spec": {**deploy, "model": model},
+    }
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    """Attach the TrainingJob handlers to `registry` (timings come from `settings`)."""
+    writer = StatusWriter(API_VERSION, "TrainingJob")
+    features = settings.features
+    selector = {names.LABEL_TRAININGJOB: kopf.PRESENT}
+
+    @kopf.index(GROUP, VERSION, PLURAL, id="kiln_trainingjobs", registry=registry)
+    def kiln_trainingjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace, name): snapshot(body)}
+
+    @kopf.index("batch", "v1", "jobs", labels=selector, id="kiln_jobs", registry=registry)
+    def kiln_jobs(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")): slim_job(body)}
+
+    @kopf.index("", "v1", "pods", labels=selector, id="kiln_pods", registry=registry)
+    def kiln_pods(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+        return {(namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")): slim_pod(body)}
+
+    async def reconcile(key: Key, body: dict[str, Any], jobs: kopf.Index, pods: kopf.Index) -> None:
+        async with writer.locks[key]:
+            tj = writer.view(key, body)
+            uid = tj["metadata"].get("uid")
+            job = next((j for j in jobs.get(key, []) if _owned_by(j, uid)), None)
+            job_uid = job["metadata"]["uid"] if job else None
+            job_pods = [p for p in pods.get(key, []) if job_uid and _owned_by(p, job_uid)]
+            held_back = bool(((tj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) and not features.job_suspend \
+                and not tj["status"].get("jobName")
+            derived = derive(tj, job, job_pods, held_back=held_back)
+            if derived.delete_job and job:
+                await asyncio.to_thread(kube.delete, "batch/v1", "Job", key[0], job["metadata"]["name"])
+            await writer.patch(key, derived.status)
+            if derived.event:
+                post_event(tj, *derived.event)
+            status = writer.view(key, body)["status"]
+            if status.get("phase") == "Succeeded" and (tj.get("spec") or {}).get("deploy") and not status.get("deployment"):
+                await create_deployment(key, tj)
+
+    async def create_deployment(key: Key, tj: dict[str, Any]) -> None:
+        md = build_deployment(tj)
+        try:
+            _, created = await asyncio.to_thread(kube.create, md)
+        except ApiException as exc:
+            post_event(tj, "Warning", "DeployFailed", f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}")
+            raise kopf.TemporaryError(kube.error_message(exc), delay=10) from exc
+        await writer.patch(key, {"deployment": md["metadata"]["name"]})
+        if created:
+            post_event(tj, "Normal", "Deploying", f"created ModelDeployment {md['metadata']['name']}")
+
+    async def fail(key: Key, body: dict[str, Any], reason: str, message: str) -> None:
+        tj = writer.view(key, body)
+        now = now_utc()
+        conditions = set_condition(tj["status"].get("conditions") or [], "Failed", "True", reason, message, now,
+                                   tj["metadata"].get("generation"))
+        await writer.patch(key, {"phase": "Failed", "reason": reason, "message": message, "conditions": conditions,
+                                 "completionTime": fmt_time(now)})
+        post_event(tj, "Warning", reason, message)
+
+    async def ensure_children(key: Key, body: dict[str, Any]) -> None:
+        tj = writer.view(key, body)
+        status = tj["status"]
+        if status.get("phase") in TERMINAL:
+            return
+        spec = tj.get("spec") or {}
+        if (spec.get("runPolicy") or {}).get("suspend") and not features.job_suspend:
+            # No Job suspend on this API server: hold the Job back until the user resumes.
+            if status.get("phase") != "Suspended":
+                await writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message":
+                                         f"suspended: the Job is created when spec.runPolicy.suspend is false "
+                                         f"(this API server, {features.server_version}, has no Job suspend)"})
+                post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
+            return
+        try:
+            children = build_trainingjob(tj, settings)
+        except RenderError as exc:
+            await fail(key, body, "InvalidSpec", str(exc))
+            return
+        job_name = ""
+        for obj in children:
+            try:
+                existing, created = await asyncio.to_thread(kube.create, obj)
+            except ApiException as exc:
+                message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(exc)}"
+                if exc.status in (400, 422):
+                    await fail(key, body, "JobCreationFailed", message)
+                    return
+                post_event(tj, "Warning", "CreateFailed", message)
+                raise kopf.TemporaryError(message, delay=5) from exc
+            if not created and not _owned_by(existing, tj["metadata"].get("uid")):
+                # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
+                raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} belongs to another owner; waiting", delay=3)
+            if obj["kind"] == "Job":
+                job_name = obj["metadata"]["name"]
+                if created:
+                    post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
+        now = now_utc()
+        generation = tj["metadata"].get("generation")
+        update: dict[str, Any] = {
+            "jobName": job_name,
+            "observedGeneration": generation,
+            "conditions": set_condition(status.get("conditions") or [], "Created", "True", "JobCreated",
+                                        f"created Job {job_name}", now, generation),
+        }
+        if not status.get("phase") or status.get("phase") == "Suspended":
+            update.update(phase="Pending", reason="JobCreated", message=f"Job {job_name} created, waiting for pods")
+        if not status.get("progress") and not spec.get("command"):
+            epochs = int((spec.get("training") or {}).get("epochs") or 10)
+            update["progress"] = {"epoch": 0, "epochs": epochs, "percent": 0}
+        await writer.patch(key, {k: v for k, v in update.items() if tj["status"].get(k) != v})
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="children", registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="children", registry=registry)
+    async def create_fn(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+        await ensure_children((namespace, name), snapshot(body))
+
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-change", registry=registry)
+    async def spec_changed(namespace: str, name: str, body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
+        key = (namespace, name)
+        tj = writer.view(key, snapshot(body))
+        fields = sorted({"spec." + ".".join(str(p) for p in d[1]) if d[1] else "spec" for d in diff})
+        suspend_only = all(f.startswith("spec.runPolicy.suspend") for f in fields)
+        status = tj["status"]
+        if suspend_only and status.get("phase") not in TERMINAL:
+            suspend = bool((tj["spec"].get("runPolicy") or {}).get("suspend"))
+            if status.get("jobName") and features.job_suspend:
+                await asyncio.to_thread(kube.patch, "batch/v1", "Job", namespace, status["jobName"], {"spec": {"suspend": suspend}})
+                post_event(tj, "Normal", "Suspended" if suspend else "Resumed", f"Job {status['jobName']} suspend={suspend}")
+                return
+            if not status.get("jobName"):
+                await ensure_children(key, snapshot(body))
+                return
+        if not status.get("jobName") and status.get("phase") not in TERMINAL:
+            return  # nothing created yet: the next create attempt uses the new spec
+        message = (f"{', '.join(fields)} changed after Job {status.get('jobName')} was created; the change is not "
+                   "applied to the running job. Delete and re-create the TrainingJob to train with it.")
+        generation = tj["metadata"].get("generation")
+        conditions = set_condition(status.get("conditions") or [], "SpecChangeIgnored", "True", "SpecChangeIgnored",
+                                   message, now_utc(), generation)
+        await writer.patch(key, {"conditions": conditions})
+        post_event(tj, "Warning", "SpecChangeIgnored", message)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, id="status", registry=registry)
+    async def periodic(namespace: str, name: str, body: kopf.Body, kiln_jobs: kopf.Index, kiln_pods: kopf.Index,
+                       **_: Any) -> None:
+        await reconcile((namespace, name), snapshot(body), kiln_jobs, kiln_pods)
+
+    async def on_child(key: Key, kiln_trainingjobs: kopf.Index, kiln_jobs: kopf.Index, kiln_pods: kopf.Index) -> None:
+        bodies = list(kiln_trainingjobs.get(key, []))
+        if bodies:
+            try:
+                await reconcile(key, bodies[0], kiln_jobs, kiln_pods)
+            except ApiException as exc:
+                log.warning("reconcile of %s/%s after a child event failed: %s", key[0], key[1], kube.error_message(exc))
+
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", registry=registry)
+    async def job_event(namespace: str, annotations: kopf.Annotations, kiln_trainingjobs: kopf.Index,
+                        kiln_jobs: kopf.Index, kiln_pods: kopf.Index, **_: Any) -> None:
+        await on_child((namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")), kiln_trainingjobs, kiln_jobs, kiln_pods)
+
+    @kopf.on.event("", "v1", "pods", labels=selector, id="pod-event", registry=registry)
+    async def pod_event(namespace: str, annotations: kopf.Annotations, kiln_trainingjobs: kopf.Index,
+                        kiln_jobs: kopf.Index, kiln_pods: kopf.Index, **_: Any) -> None:
+        await on_child((namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")), kiln_trainingjobs, kiln_jobs, kiln_pods)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="forget", registry=registry)
+    def forget(type: str, namespace: str, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            writer.forget((namespace, name))

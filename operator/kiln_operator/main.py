@@ -1,0 +1,117 @@
+"""`kiln operator`: run the Kopf operator with Kiln's settings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from typing import Any
+
+import kopf
+
+from kiln_operator import kube
+from kiln_operator.settings import Features, OperatorSettings
+
+log = logging.getLogger("kiln.operator")
+
+
+def detect_features(settings: OperatorSettings) -> Features:
+    """Read what the API server supports, so the operator degrades clearly on older clusters."""
+    version = kube.server_version()
+    git = str(version.get("gitVersion", ""))
+    match = re.match(r"v?(\d+)\.(\d+)", git)
+    minor = int(match.group(2)) if match and match.group(1) == "1" else 99
+    groups = kube.api_versions()
+    return Features(job_suspend=minor >= 21, indexed_jobs=minor >= 21, hpa_v2="autoscaling/v2" in groups, server_version=git)
+
+
+def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
+    settings = OperatorSettings.from_env()
+    p = argparse.ArgumentParser(prog="kiln operator", description="Run the Kiln operator (Kopf).")
+    p.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                   help="namespace to watch (repeatable, globs allowed); default: KILN_NAMESPACES or all")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then KUBECONFIG)")
+    p.add_argument("--trainer-image", default=settings.trainer_image)
+    p.add_argument("--server-image", default=settings.server_image)
+    p.add_argument("--reconcile-interval", type=float, default=settings.reconcile_interval,
+                   help="seconds between periodic status reconciles of each resource")
+    p.add_argument("--liveness", default=settings.liveness, help="liveness endpoint URL ('' to disable)")
+    p.add_argument("--peering", default=settings.peering,
+                   help="Kopf peering name: run several replicas, one active (needs the kopf.dev peering CRDs)")
+    p.add_argument("--priority", type=int, default=settings.priority, help="peering priority")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.all_namespaces:
+        settings.namespaces = []
+    elif args.namespaces:
+        settings.namespaces = args.namespaces
+    settings.trainer_image = args.trainer_image
+    settings.server_image = args.server_image
+    settings.reconcile_interval = args.reconcile_interval
+    settings.liveness = args.liveness
+    settings.peering = args.peering
+    settings.priority = args.priority
+    return settings, args
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """A registry with Kiln's handlers and the Kopf settings they rely on."""
+    from kiln_operator.handlers import modeldeployment, trainingjob
+
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Idle watches can go silent without an error (nolar/kopf#585): bound them on both sides.
+        settings.watching.server_timeout = ops.watch_server_timeout
+        settings.watching.client_timeout = ops.watch_client_timeout
+        settings.watching.connect_timeout = 30
+        settings.networking.request_timeout = ops.request_timeout
+        # Keep Kopf's bookkeeping out of `status` (a structural schema would prune it).
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kiln.dev", key="last-handled-configuration")
+        settings.persistence.finalizer = "kiln.dev/finalizer"
+        # Kiln posts its own transition events; Kopf's per-handler chatter would cost an API call each.
+        settings.posting.level = logging.WARNING
+        settings.execution.max_workers = ops.max_workers
+        settings.peering.standalone = not ops.peering
+        if ops.peering:
+            settings.peering.name = ops.peering
+            settings.peering.priority = ops.priority
+            settings.peering.mandatory = True
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A custom registry does not inherit Kopf's default login handlers.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    ops = settings
+    trainingjob.register(registry, settings)
+    modeldeployment.register(registry, settings)
+    return registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, args = parse_args(list(argv or []))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout)
+    settings.features = detect_features(settings)
+    log.info("kiln operator starting: namespaces=%s server=%s features=%s", settings.namespaces or "all",
+             settings.features.server_version, settings.features)
+    registry = build_registry(settings)
+    kopf.run(
+        registry=registry,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces or None,
+        standalone=not settings.peering,
+        peering_name=settings.peering or None,
+        priority=settings.priority,
+        liveness_endpoint=settings.liveness or None,
+    )
+    return 0

@@ -1,0 +1,74 @@
+"""Deterministic names and labels of everything Kiln creates.
+
+Why deterministic: an operator restart, a retried handler or a duplicate event must find the object it
+made before instead of making a second one. Long names are shortened with a hash, never truncated
+into a collision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from kiln import GROUP
+
+LABEL_TRAININGJOB = f"{GROUP}/trainingjob"
+LABEL_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
+ANNOTATION_TRAININGJOB = f"{GROUP}/trainingjob"
+ANNOTATION_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
+LABEL_CREATED_BY = f"{GROUP}/created-by-trainingjob"
+MAX_NAME = 63
+
+
+def shorten(value: str, limit: int = MAX_NAME) -> str:
+    """`value` if it fits, else a prefix plus an 8-character hash of the whole (stable and unique)."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return value[: limit - 9].rstrip("-.") + "-" + digest
+
+
+def child(owner: str, suffix: str, limit: int = MAX_NAME) -> str:
+    """Name of a child object: `<owner>-<suffix>`, shortened to `limit`."""
+    return shorten(f"{owner}-{suffix}", limit)
+
+
+def label_value(value: str) -> str:
+    """A label value (at most 63 characters) identifying `value`."""
+    return shorten(value, 63)
+
+
+def standard_labels(name: str, component: str, app: str) -> dict[str, str]:
+    """The app.kubernetes.io/* labels Kiln puts on every object."""
+    return {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/instance": label_value(name),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "kiln",
+        "app.kubernetes.io/managed-by": "kiln-operator",
+    }
+
+
+def job_name(tj: str) -> str:
+    # Pods of an Indexed Job are named `<job>-<index>-<random>` and their hostname `<job>-<index>`
+    # must stay a DNS label: keep room for the suffixes.
+    return child(tj, "train", 52)
+
+
+def spec_configmap(tj: str) -> str:
+    return child(tj, "spec")
+
+
+def trainer_account(tj: str) -> str:
+    return child(tj, "trainer")
+
+
+def workers_service(tj: str) -> str:
+    return child(tj, "workers")
+
+
+def server_deployment(md: str) -> str:
+    return child(md, "server")
+
+
+def server_service(md: str) -> str:
+    return shorten(md)
