@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kiln_server import settings as settings_mod
@@ -89,8 +88,6 @@ async def serve(s: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    executor = ThreadPoolExecutor(max_workers=s.inference_threads, thread_name_prefix="kiln-infer")
-
     def load() -> Any:
         local = resolve_local(s.model, s.pvc_root)
         if local is None:
@@ -109,7 +106,7 @@ async def serve(s: Settings) -> int:
         if handle.ready and result is not None and result.model is not None:
             model = result.model
             batcher = Batcher(
-                model, executor, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch
+                model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch
             )
             v2.set_ready(batcher)
             metrics.set_loaded(seconds, True)
@@ -166,7 +163,8 @@ async def serve(s: Settings) -> int:
     clean = await server.drain(s.graceful_timeout_s)
     if not load_task.done():
         load_task.cancel()
-    executor.shutdown(wait=clean, cancel_futures=not clean)
+    if v2.batcher is not None:
+        v2.batcher.close()
     log.info("stopped", extra={"fields": {"event": "stopped", "clean": clean, "exit_code": exit_code}})
     return exit_code
 

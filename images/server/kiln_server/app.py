@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import quote, unquote
 
-from kiln_server.http import Request, Response
+from kiln_server.http import Deferred, Request, Response
 from kiln_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kiln_server.metrics import Metrics
 from kiln_server.protocol import ProtocolError, error_body
@@ -24,7 +23,7 @@ from kiln_server.v2 import V2Handler
 log = logging.getLogger("kiln_server.app")
 access = logging.getLogger("kiln_server.access")
 
-Handler = Callable[[Request], "Response | Awaitable[Response]"]
+Handler = Callable[[Request], "Response | Deferred"]
 # path -> (route label, {method: handler})
 RouteTable = dict[str, tuple[str, dict[bytes, Handler]]]
 
@@ -66,8 +65,8 @@ class App:
 
     # --- dispatch ----------------------------------------------------------------------------
 
-    def handle(self, req: Request) -> Response | Coroutine[Any, Any, Response]:
-        """Route one request; returns a Response, or a coroutine for inference."""
+    def handle(self, req: Request) -> Response | Deferred:
+        """Route one request; returns a Response, or a Deferred one for inference."""
         route = self.routes.get(req.path)
         if route is None:
             return self._unrouted(req)
@@ -82,19 +81,7 @@ class App:
                 extra=f"allow: {allowed}\r\n".encode(),
             )
         try:
-            result = handler(req)
-        except ProtocolError as exc:
-            return Response(exc.status, error_body(exc.message))
-        except Exception:
-            log.exception("handler for %s failed", label)
-            return Response(500, error_body("internal server error"))
-        if isinstance(result, Response):
-            return result
-        return self._guard(result, label)  # type: ignore[arg-type]
-
-    async def _guard(self, coro: Awaitable[Response], label: str) -> Response:
-        try:
-            return await coro
+            return handler(req)
         except ProtocolError as exc:
             return Response(exc.status, error_body(exc.message))
         except Exception:

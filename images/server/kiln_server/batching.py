@@ -14,59 +14,79 @@ its neighbours.
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
 from kiln_server.model import OnnxModel
 
+log = logging.getLogger("kiln_server.batching")
+
 Key = tuple[Any, ...]
+Callback = Callable[[Any, BaseException | None], None]
 
 
 class _Item:
-    __slots__ = ("feeds", "future", "key", "outputs", "rows", "t0")
+    __slots__ = ("callback", "feeds", "key", "outputs", "rows", "t0")
 
     def __init__(
-        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, future: asyncio.Future
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, callback: Callback
     ) -> None:
         self.feeds = feeds
         self.outputs = outputs
         self.rows = rows
         self.key = key
-        self.future = future
+        self.callback = callback
         self.t0 = time.monotonic()
 
 
 class Batcher:
-    """Queues requests for one model and feeds its inference threads, merging when allowed."""
+    """Queues requests for one model and feeds its inference threads, merging when allowed.
+
+    The inference threads are dedicated (not a generic executor): each takes batches from a
+    `SimpleQueue`, and finished batches wake the event loop with one `call_soon_threadsafe` for
+    however many completed meanwhile. That halves the per-request cost of the thread hop compared
+    to `run_in_executor`, which matters when one ONNX Runtime call takes ~10 us.
+    """
 
     def __init__(
         self,
         model: OnnxModel,
-        executor: Executor,
         threads: int,
         max_batch_size: int,
         max_latency_ms: float,
         observe_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.model = model
-        self.executor = executor
         self.threads = threads
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
         self.enabled = max_batch_size > 1 and model.batchable
+        # Without merging there is no reason to hold requests back: queue them all to the threads.
+        self.max_running = threads if self.enabled else 1 << 30
         self.observe_batch = observe_batch
         self.pending: deque[_Item] = deque()
         self.running = 0
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self._work: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
+        self._done: deque[tuple[list[_Item], list[Any]]] = deque()
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"kiln-infer-{i}", daemon=True) for i in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
 
-    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int) -> asyncio.Future:
-        """Queue one request; the future resolves to its output arrays (in `outputs` order)."""
+    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback) -> None:
+        """Queue one request; `callback(outputs, None)` or `callback(None, error)` runs on the loop later."""
         key: Key | None = None
         if self.enabled and rows <= self.max_batch_size:
             parts: list[Any] = []
@@ -78,19 +98,22 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        fut = self._loop.create_future()
-        self.pending.append(_Item(feeds, outputs, rows, key, fut))
+        self.pending.append(_Item(feeds, outputs, rows, key, callback))
         self._dispatch()
-        return fut
 
     @property
     def idle(self) -> bool:
         """True when nothing is queued or running (used by graceful shutdown)."""
         return not self.pending and self.running == 0
 
+    def close(self) -> None:
+        """Stop the inference threads once they finish what they have."""
+        for _ in self._threads:
+            self._work.put(None)
+
     def _dispatch(self) -> None:
         pending = self.pending
-        while pending and self.running < self.threads:
+        while pending and self.running < self.max_running:
             first = pending[0]
             if first.key is None:
                 pending.popleft()
@@ -106,12 +129,10 @@ class Batcher:
                         if rows == self.max_batch_size:
                             break
             if rows < self.max_batch_size and self.max_latency > 0:
-                deadline = first.t0 + self.max_latency
-                if time.monotonic() < deadline:
+                wait = first.t0 + self.max_latency - time.monotonic()
+                if wait > 0:
                     if self._timer is None:
-                        self._timer = self._loop.call_at(
-                            self._loop.time() + (deadline - time.monotonic()), self._on_timer
-                        )
+                        self._timer = self._loop.call_later(wait, self._on_timer)
                     return
             if len(batch) == 1:
                 pending.popleft()
@@ -122,19 +143,46 @@ class Batcher:
 
     def _on_timer(self) -> None:
         self._timer = None
-        # The deadline of the oldest request has passed: run what there is.
+        # The oldest request's deadline has passed: run what there is.
         saved, self.max_latency = self.max_latency, 0.0
         try:
             self._dispatch()
         finally:
             self.max_latency = saved
-        if self.pending and self._timer is None and self.running < self.threads:
-            self._dispatch()
 
     def _start(self, batch: list[_Item]) -> None:
         self.running += 1
-        fut = self._loop.run_in_executor(self.executor, self._run, batch)
-        fut.add_done_callback(lambda f, b=batch: self._finished(f, b))
+        self._work.put(batch)
+
+    def _worker(self) -> None:
+        work, done = self._work, self._done
+        while True:
+            batch = work.get()
+            if batch is None:
+                return
+            try:
+                results = self._run(batch)
+            except BaseException as exc:  # never lose a batch: report the error to every request
+                results = [exc] * len(batch)
+            done.append((batch, results))
+            with self._wake_lock:
+                if self._wake_pending:
+                    continue
+                self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._collect)
+            except RuntimeError:  # loop closed during shutdown
+                return
+
+    def _collect(self) -> None:
+        with self._wake_lock:
+            self._wake_pending = False
+        done = self._done
+        while done:
+            batch, results = done.popleft()
+            self._finished(batch, results)
+        if self.pending:
+            self._dispatch()
 
     def _run(self, batch: list[_Item]) -> list[Any]:
         """Runs in an inference thread: one ORT call for the whole batch, then per-request slices."""
@@ -168,18 +216,15 @@ class Batcher:
             offset = end
         return results
 
-    def _finished(self, fut: asyncio.Future, batch: list[_Item]) -> None:
+    def _finished(self, batch: list[_Item], results: list[Any]) -> None:
         self.running -= 1
-        exc = fut.exception()
-        results = [exc] * len(batch) if exc is not None else fut.result()
         for item, res in zip(batch, results, strict=True):
-            if item.future.done():
-                continue
-            if isinstance(res, BaseException):
-                item.future.set_exception(res)
-            else:
-                item.future.set_result(res)
+            try:
+                if isinstance(res, BaseException):
+                    item.callback(None, res)
+                else:
+                    item.callback(res, None)
+            except Exception:
+                log.exception("inference callback failed")
         if self.observe_batch is not None:
             self.observe_batch(sum(it.rows for it in batch), len(batch))
-        if self.pending:
-            self._dispatch()

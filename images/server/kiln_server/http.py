@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -67,7 +67,29 @@ class Response:
         self.extra = extra  # pre-encoded "Name: value\r\n" lines
 
 
-AppHandler = Callable[[Request], "Response | Awaitable[Response]"]
+class Deferred:
+    """A response that comes later (inference): the handler calls `resolve` exactly once, on the loop.
+
+    Cheaper than a coroutine + Task per request, which shows at thousands of requests per second.
+    """
+
+    __slots__ = ("callback", "response")
+
+    def __init__(self) -> None:
+        self.callback: Callable[[Response], None] | None = None
+        self.response: Response | None = None
+
+    def resolve(self, response: Response) -> None:
+        """Deliver the response to the connection waiting for it (or keep it until one waits)."""
+        cb = self.callback
+        if cb is None:
+            self.response = response
+        else:
+            self.callback = None
+            cb(response)
+
+
+AppHandler = Callable[[Request], "Response | Deferred"]
 
 
 class _Reject(Exception):
@@ -220,25 +242,21 @@ class HttpProtocol(asyncio.Protocol):
         while self.queue and not self.busy and not self.write_paused and self.transport is not None:
             req = self.queue.popleft()
             result = self.app.handle(req)
-            if isinstance(result, Response):
+            if type(result) is Response:
                 self._send(req, result)
+            elif result.response is not None:  # type: ignore[union-attr]
+                self._send(req, result.response)  # type: ignore[union-attr]
             else:
                 self.busy = True
                 self.server.inflight += 1
-                task = self.loop.create_task(result)  # type: ignore[arg-type]
-                task.add_done_callback(lambda t, r=req: self._async_done(t, r))
+                result.callback = lambda resp, r=req: self._deferred_done(resp, r)  # type: ignore[union-attr]
         if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
 
-    def _async_done(self, task: asyncio.Task[Response], req: Request) -> None:
+    def _deferred_done(self, resp: Response, req: Request) -> None:
         self.busy = False
         self.server.inflight -= 1
-        try:
-            resp = task.result()
-        except BaseException:  # the app guards its handlers; this is a last resort
-            log.exception("request handler failed")
-            resp = Response(500, b'{"error":"internal server error"}')
         if self.transport is None:
             self.app.record(req, resp)
             return

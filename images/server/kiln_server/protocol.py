@@ -139,6 +139,25 @@ def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], c
         arr = np.empty(count, dtype=object)
         arr[:] = flat
         return arr.reshape(shape)
+    if dtype.kind == "f":
+        # Fast path (most traffic): convert straight to the float dtype. numpy would also accept
+        # numeric strings and null (-> NaN); the first leaf is checked to refuse the usual mistake.
+        leaf = data
+        while type(leaf) is list and leaf:
+            leaf = leaf[0]
+        if type(leaf) not in (float, int, bool, list):
+            raise ProtocolError(
+                400, f"input '{name}': data for datatype {spec.datatype} must be numbers, got {type(leaf).__name__}"
+            )
+        try:
+            arr = np.array(data, dtype=dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ProtocolError(400, f"input '{name}': data is not a regular array of numbers: {exc}") from None
+        if arr.size != count:
+            raise ProtocolError(
+                400, f"input '{name}': data has {arr.size} elements but shape {shape} needs {count}"
+            )
+        return arr.reshape(shape)
     try:
         arr = np.array(data)
     except (ValueError, TypeError, OverflowError) as exc:

@@ -7,14 +7,17 @@ value (single-output models) or `{output_name: value}`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import orjson
 
-from kiln_server.http import Request, Response
-from kiln_server.protocol import ProtocolError, TensorSpec, tensor_from_json
+from kiln_server.http import Deferred, Request, Response
+from kiln_server.protocol import ProtocolError, TensorSpec, error_body, tensor_from_json
 from kiln_server.v2 import V2Handler, decode_body, not_ready
+
+log = logging.getLogger("kiln_server.v1")
 
 
 class V1Handler:
@@ -31,7 +34,7 @@ class V1Handler:
         reason = not_ready(self.v2.handle, self.v2.draining)
         return Response(503, orjson.dumps({"name": name, "ready": False, "error": orjson.loads(reason.body)["error"]}))
 
-    def predict(self, req: Request) -> Any:
+    def predict(self, req: Request) -> Response | Deferred:
         """`POST /v1/models/{m}:predict`."""
         batcher = self.v2.batcher
         if batcher is None or self.v2.draining:
@@ -74,8 +77,13 @@ class V1Handler:
             if total > self.v2.max_elements:
                 raise ProtocolError(413, f"request has more than {self.v2.max_elements} tensor elements")
         names = model.output_names
-        fut = batcher.submit(feeds, names, n)
-        return self._finish(fut, names)
+        deferred = Deferred()
+
+        def done(arrays: list[Any] | None, exc: BaseException | None) -> None:
+            deferred.resolve(self._respond(arrays, exc, names))
+
+        batcher.submit(feeds, names, n, done)
+        return deferred
 
     @staticmethod
     def _column(spec: TensorSpec, values: list[Any], n: int) -> np.ndarray:
@@ -95,18 +103,18 @@ class V1Handler:
             )
         return tensor_from_json(spec.name, values, spec, shape, count)
 
-    async def _finish(self, fut: Any, names: list[str]) -> Response:
-        v2 = self.v2
+    def _respond(self, arrays: list[Any] | None, exc: BaseException | None, names: list[str]) -> Response:
+        if exc is not None or arrays is None:
+            return self.v2.inference_error(exc or RuntimeError("no result"))
         try:
-            arrays = await fut
-        except v2._invalid_arg as exc:
-            raise ProtocolError(400, f"the model rejected the input: {str(exc).strip()[:500]}") from None
-        if len(arrays) == 1:
-            preds: Any = arrays[0]
-            body = orjson.dumps({"predictions": _plain(preds)}, option=orjson.OPT_SERIALIZE_NUMPY)
-        else:
-            rows = [{n: _plain(a[i]) for n, a in zip(names, arrays, strict=True)} for i in range(len(arrays[0]))]
-            body = orjson.dumps({"predictions": rows}, option=orjson.OPT_SERIALIZE_NUMPY)
+            if len(arrays) == 1:
+                body = orjson.dumps({"predictions": _plain(arrays[0])}, option=orjson.OPT_SERIALIZE_NUMPY)
+            else:
+                rows = [{n: _plain(a[i]) for n, a in zip(names, arrays, strict=True)} for i in range(len(arrays[0]))]
+                body = orjson.dumps({"predictions": rows}, option=orjson.OPT_SERIALIZE_NUMPY)
+        except Exception:
+            log.exception("encoding the V1 response failed")
+            return Response(500, error_body("internal error while encoding the response"))
         return Response(200, body)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from kiln_server.batching import Batcher
-from kiln_server.http import JSON, Request, Response
+from kiln_server.http import JSON, Deferred, Request, Response
 from kiln_server.model import ModelHandle
 from kiln_server.protocol import ProtocolError, encode_infer_response, error_body, parse_infer_request
 
@@ -114,7 +114,7 @@ class V2Handler:
 
     # --- inference ---------------------------------------------------------------------------
 
-    def infer(self, req: Request) -> Any:
+    def infer(self, req: Request) -> Response | Deferred:
         """`POST /v2/models/{m}/infer`: validate, queue for (batched) ORT, encode JSON or binary."""
         batcher = self.batcher
         if batcher is None or self.draining:
@@ -145,24 +145,36 @@ class V2Handler:
         else:
             names = [o.name for o in parsed.outputs]
             binary = [o.binary for o in parsed.outputs]
-        fut = batcher.submit(parsed.inputs, names, parsed.rows)
-        return self._finish(fut, names, binary, parsed.id)
+        deferred = Deferred()
+        rid = parsed.id
 
-    async def _finish(self, fut: Any, names: list[str], binary: list[bool], rid: str | None) -> Response:
-        batcher = self.batcher
-        assert batcher is not None
-        model = batcher.model
-        try:
-            arrays = await fut
-        except self._invalid_arg as exc:
+        def done(arrays: list[Any] | None, exc: BaseException | None) -> None:
+            deferred.resolve(self._respond(arrays, exc, names, binary, rid))
+
+        batcher.submit(parsed.inputs, names, parsed.rows, done)
+        return deferred
+
+    def inference_error(self, exc: BaseException) -> Response:
+        """Map an ONNX Runtime failure: input the model rejects is the client's (400), the rest 500."""
+        if isinstance(exc, self._invalid_arg):
             return Response(400, error_body(f"the model rejected the input: {str(exc).strip()[:500]}"))
-        except self._ort_fail as exc:
-            log.warning("inference failed: %s", exc)
-            return Response(500, error_body(f"inference failed: {str(exc).strip()[:500]}"))
+        log.warning("inference failed: %s", exc)
+        return Response(500, error_body(f"inference failed: {str(exc).strip()[:500]}"))
+
+    def _respond(
+        self, arrays: list[Any] | None, exc: BaseException | None, names: list[str], binary: list[bool], rid: str | None
+    ) -> Response:
+        if exc is not None or arrays is None:
+            return self.inference_error(exc or RuntimeError("no result"))
+        model = self.batcher.model  # type: ignore[union-attr]
         outs = model.outputs
-        body, head_len = encode_infer_response(
-            model.name, model.version, rid, [(outs[n], a, b) for n, a, b in zip(names, arrays, binary, strict=True)]
-        )
+        try:
+            body, head_len = encode_infer_response(
+                model.name, model.version, rid, [(outs[n], a, b) for n, a, b in zip(names, arrays, binary, strict=True)]
+            )
+        except Exception:
+            log.exception("encoding the response failed")
+            return Response(500, error_body("internal error while encoding the response"))
         if head_len is None:
             return Response(200, body, JSON)
         return Response(200, body, OCTET, b"inference-header-content-length: %d\r\n" % head_len)
