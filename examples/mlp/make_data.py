@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 
 
-def make(rows: int, seed: int = 0, features: int = 1000, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Rows x features of standard normal noise, labelled by the argmax of a fixed random projection."""
+def make(rows: int, seed: int = 0, features: int = 1000, classes: int = 10,
+         informative: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Rows x features of standard normal noise, labelled by the argmax of a fixed random projection
+    of the first `informative` features (the rest is noise the network must learn to ignore)."""
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(features, classes))
+    w = np.zeros((features, classes))
+    w[:informative] = rng.normal(size=(informative, classes))
     x = rng.normal(size=(rows, features)).astype("float32")
     y = np.argmax(x @ w, axis=1).astype("int64")
     return x, y

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         traceback.print_exc()
-        msg = f"{type(exc).__name__}: {exc}"
+        msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        msg = msg if len(msg) <= 400 else msg[:400] + "..."
         print(f"kiln train: error: {' '.join(msg.split())}", file=sys.stderr, flush=True)
         outputs.write_termination(outputs.failure_message(msg, None), term)
         return EXIT_RETRYABLE

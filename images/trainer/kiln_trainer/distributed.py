@@ -83,3 +83,37 @@ def strategy(cluster: Cluster) -> Any:
         return tf.distribute.MirroredStrategy()
     log.info("training on %s", "1 GPU" if gpus else "CPU")
     return tf.distribute.get_strategy()
+
+
+def fix_keras_multi_worker(model: Any, strategy: Any, example: tuple[Any, ...]) -> None:
+    """Work around two Keras 3 (3.15, TF backend) bugs with MultiWorkerMirroredStrategy.
+
+    1. `fit` builds metrics by reducing the first *distributed* batch eagerly, which fails
+       ("Attempt to convert a value (PerReplica...)"); we build them from a local batch instead.
+    2. Per-step logs (scalars) are reduced with `axis=0`, which fails on rank-0 tensors
+       ("Invalid reduction dimension 0"); scalars are reduced with `axis=None`.
+    Both only change how Keras sets itself up and averages logs, not the gradients.
+    """
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = getattr(tf_trainer.reduce_per_replica, "__wrapped__", tf_trainer.reduce_per_replica)
+
+    def reduce_per_replica(values: Any, strat: Any, reduction: str) -> Any:
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strat):
+            def one(v: Any) -> Any:
+                if not tf_trainer._is_per_replica_instance(v):
+                    return v
+                rank = v.values[0].shape.rank
+                return strat.reduce("MEAN", v, axis=0 if rank else None)
+
+            return tf_trainer.tree.map_structure(one, values)
+        return original(values, strat, reduction)
+
+    reduce_per_replica.__wrapped__ = original  # type: ignore[attr-defined]
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+    def symbolic_build(iterator: Any = None, data_batch: Any = None) -> None:
+        with strategy.scope():
+            model._symbolic_build(data_batch=example)
+
+    model._maybe_symbolic_build = symbolic_build

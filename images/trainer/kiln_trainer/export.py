@@ -7,7 +7,6 @@ the largest absolute difference must stay within `spec.output.parityTolerance`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +17,12 @@ import numpy as np
 
 from kiln_trainer.errors import SpecError, TrainerError
 from kiln_trainer.model import INPUT_NAME, OUTPUT_NAME
+from kiln_trainer.storage import sha256
 
 BATCH_DIM = "batch"
 FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "tflite": "model.tflite",
          "tflite-int8": "model-int8.tflite"}
 _HIGHER_IS_BETTER = {"accuracy", "auc", "precision", "recall"}
-
-
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file (reported so a server can verify what it loads)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _rename(graph: Any, old: str, new: str) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 from kiln.manifests import load_file
 from kiln.schema import ManifestError, validate
-
 from kiln_trainer.errors import SpecError
 
 DEFAULT_SPEC_PATH = "/etc/kiln/trainingjob.yaml"

@@ -8,14 +8,15 @@ success markers of an earlier one. For `s3://` outputs everything is built local
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from kiln_trainer import storage
+from kiln_trainer.jobspec import Job
 from kiln_trainer.storage import Location
 
 RESULT = "result.json"
@@ -24,6 +25,31 @@ ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int
              "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json")
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
 TERMINATION_LIMIT = 4096
+
+
+def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = None) -> tuple[storage.Location, Path]:
+    """The output location and the local folder written to.
+
+    Precedence: `--output`, then `KILN_OUTPUT_DIR` (the mounted folder in a pod, reported under
+    `spec.output.uri` when set), then `spec.output.uri`, then `./kiln-output/<name>`.
+    """
+    env = dict(os.environ if env is None else env)
+    field = "spec.output.uri"
+    if override:
+        loc = storage.resolve(override, Path.cwd(), "--output")
+    elif env.get("KILN_OUTPUT_DIR"):
+        local = Path(env["KILN_OUTPUT_DIR"])
+        uri = job.spec.get("output", {}).get("uri")
+        return (storage.Location(uri, path=local) if uri and not uri.startswith("s3://")
+                else storage.Location(uri, remote=uri) if uri else storage.Location(str(local), path=local)), local
+    elif job.spec.get("output", {}).get("uri"):
+        loc = storage.resolve(job.spec["output"]["uri"], job.base_dir, field)
+    else:
+        loc = storage.resolve(str(Path.cwd() / "kiln-output" / job.name), Path.cwd(), field)
+    if loc.path is not None:
+        return loc, loc.path
+    return loc, Path(tempfile.mkdtemp(prefix="kiln-out-"))
+
 
 
 class Output:
@@ -150,18 +176,11 @@ def write_termination(message: str, path: Path | None) -> None:
     """Best effort: a missing or read-only termination log must not change the exit code."""
     if path is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         path.write_text(message)
-    except OSError:
-        pass
 
 
 def failure_message(error: str, field: str | None) -> str:
     """`{"error": one line, "field": spec path or null}`, under 4 KB."""
     line = " ".join(error.split())[:3500]
     return json.dumps({"error": line, "field": field})
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder over another (used for logs of non-chief workers, never for models)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -46,7 +46,12 @@ class Progress:
                 "updateTime": self.update_time}
 
     def line(self) -> str:
-        parts = [f"epoch {self.epoch}/{self.epochs}"] + [f"{k}={v:.4f}" for k, v in self.metrics.items()]
+        def order(key: str) -> tuple[bool, bool, str]:
+            base = key.removeprefix("val_")
+            return (key.startswith("val_"), base != "loss", base)
+
+        ordered = sorted(self.metrics, key=order)
+        parts = [f"epoch {self.epoch}/{self.epochs}"] + [f"{k}={self.metrics[k]:.4f}" for k in ordered]
         return " ".join(parts)
 
 
@@ -153,3 +158,5 @@ class EpochLogger(keras.callbacks.Callback):
 def setup_logging() -> None:
     """Plain one-line log records on stderr (no progress bars, no carriage returns)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("tensorflow", "tf2onnx", "absl", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

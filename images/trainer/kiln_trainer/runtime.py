@@ -7,6 +7,7 @@ turned down so the pod log shows our one line per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -27,10 +28,8 @@ def prepare_environment() -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(scratch / "matplotlib"))
     os.environ.setdefault("KERAS_HOME", str(scratch / "keras"))
     for var in ("HOME", "MPLCONFIGDIR", "KERAS_HOME"):
-        try:
+        with contextlib.suppress(OSError):
             Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -7,6 +7,8 @@ S3 support is optional (extra `s3`); its libraries are imported only when an `s3
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -120,10 +122,8 @@ def remove_remote(loc: Location, names: list[str], field: str) -> None:
     """Remove stale success markers of an earlier run at a remote output location (best effort)."""
     fs = s3_filesystem(field)
     for name in names:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             fs.rm(loc.child_uri(name), recursive=True)
-        except FileNotFoundError:
-            pass
 
 
 def rmtree_quiet(path: Path) -> None:
@@ -132,3 +132,12 @@ def rmtree_quiet(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file (reported so a server can verify what it loads)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

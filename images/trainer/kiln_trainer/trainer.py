@@ -8,10 +8,8 @@ wires them together and decides what goes into the result.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,32 +26,6 @@ PARITY_ROWS = 1024
 CLASSIFICATION = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
-def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = None) -> tuple[storage.Location, Path]:
-    """The output location and the local folder written to.
-
-    Precedence: `--output`, then `KILN_OUTPUT_DIR` (the mounted folder in a pod, reported under
-    `spec.output.uri` when set), then `spec.output.uri`, then `./kiln-output/<name>`.
-    """
-    env = dict(os.environ if env is None else env)
-    field = "spec.output.uri"
-    if override:
-        loc = storage.resolve(override, Path.cwd(), "--output")
-    elif env.get("KILN_OUTPUT_DIR"):
-        local = Path(env["KILN_OUTPUT_DIR"])
-        uri = job.spec.get("output", {}).get("uri")
-        return (storage.Location(uri, path=local) if uri and not uri.startswith("s3://")
-                else storage.Location(uri, remote=uri) if uri else storage.Location(str(local), path=local)), local
-    elif job.spec.get("output", {}).get("uri"):
-        loc = storage.resolve(job.spec["output"]["uri"], job.base_dir, field)
-    else:
-        loc = storage.resolve(str(Path.cwd() / "kiln-output" / job.name), Path.cwd(), field)
-    if loc.path is not None:
-        return loc, loc.path
-    import tempfile
-
-    return loc, Path(tempfile.mkdtemp(prefix="kiln-out-"))
-
-
 def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | None) -> int:
     if resumed is not None:
         return resumed.seed
@@ -68,7 +40,7 @@ def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | 
 
 def _split(ds: data.Dataset, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     n = len(ds.x)
-    n_val = max(1, int(round(n * fraction)))
+    n_val = max(1, round(n * fraction))
     if n - n_val < 1:
         raise DataError(f"only {n} rows left after cleaning: too few to hold out {fraction:g} for validation",
                         "spec.dataset.validationSplit")
@@ -121,13 +93,12 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
     strategy = strategy or distributed.strategy(cluster)
     ds_spec, model_spec = spec["dataset"], spec["model"]
     tr_spec = spec.get("training", {})
-    out_spec = spec.get("output", {})
     input_shape = [int(d) for d in model_spec["inputShape"]]
     epochs = int(tr_spec.get("epochs", 10))
     loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
     metric_names = list(tr_spec.get("metrics", ["accuracy"]))
 
-    loc, local_dir = resolve_output(job, output)
+    loc, local_dir = outputs.resolve_output(job, output)
     out = Output(loc, local_dir, cluster.chief)
     out.prepare()
     try:
@@ -178,10 +149,11 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         stopped = bool(resumed and resumed.stopped)
         if start < epochs and not stopped:
             if cluster.multi_worker:
+                distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
                 train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
                 val_data = _distributed_data(tf, x_val, y_val, batch, None)
                 models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
-                                    class_weight=class_weight, callbacks=callbacks, verbose=0)
+                                    class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
             else:
                 models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
                                     batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
