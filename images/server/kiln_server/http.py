@@ -122,6 +122,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._pending_fail: Response | None = None
+        self._reject: _Reject | None = None
 
     # --- connection events -------------------------------------------------------------------
 
@@ -151,10 +152,10 @@ class HttpProtocol(asyncio.Protocol):
         self.last_activity = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, _Reject):
-                self._fail(cause.status, cause.message)
+        except httptools.HttpParserCallbackError:
+            reject, self._reject = self._reject, None
+            if reject is not None:
+                self._fail(reject.status, reject.message)
             else:
                 log.exception("HTTP parser callback failed")
                 self._fail(500, "internal error while reading the request")
@@ -174,6 +175,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- httptools callbacks -----------------------------------------------------------------
 
+    def _rejecting(self, status: int, message: str) -> _Reject:
+        """Remember why parsing stops (httptools wraps callback exceptions, losing their type)."""
+        self._reject = _Reject(status, message)
+        return self._reject
+
     def on_message_begin(self) -> None:
         self.in_message = True
         self.message_start = time.monotonic()
@@ -186,12 +192,12 @@ class HttpProtocol(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > 8192:
-            raise _Reject(431, "request URL is longer than 8192 bytes")
+            raise self._rejecting(431, "request URL is longer than 8192 bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
-            raise _Reject(431, "request headers are larger than 64 KiB")
+            raise self._rejecting(431, "request headers are larger than 64 KiB")
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
@@ -201,9 +207,9 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 announced = int(cl)
             except ValueError:
-                raise _Reject(400, f"Content-Length {cl!r} is not a number") from None
+                raise self._rejecting(400, f"Content-Length {cl!r} is not a number") from None
             if announced > limit:
-                raise _Reject(
+                raise self._rejecting(
                     413, f"request body of {announced} bytes is larger than the limit of {limit} bytes"
                 )
         expect = self._headers.get(b"expect")
@@ -213,7 +219,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.server.max_body_bytes:
-            raise _Reject(
+            raise self._rejecting(
                 413, f"request body is larger than the limit of {self.server.max_body_bytes} bytes"
             )
         self._body.append(body)

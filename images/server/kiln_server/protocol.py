@@ -165,13 +165,13 @@ def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], c
     if arr.size != count:
         raise ProtocolError(400, f"input '{name}': data has {arr.size} elements but shape {shape} needs {count}")
     kind = arr.dtype.kind
+    if dtype.kind in "iu" and kind == "f" and count:
+        raise ProtocolError(400, f"input '{name}': data for datatype {spec.datatype} must be integers")
     if count and kind not in _JSON_KINDS[dtype.kind]:
         what = "booleans" if dtype.kind == "b" else "numbers"
         raise ProtocolError(
             400, f"input '{name}': data for datatype {spec.datatype} must be {what}, got {_describe(arr)}"
         )
-    if dtype.kind in "iu" and kind == "f" and count:
-        raise ProtocolError(400, f"input '{name}': data for datatype {spec.datatype} must be integers")
     if dtype.kind in "iu" and kind in "iu" and count and arr.dtype != dtype:
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
@@ -259,8 +259,10 @@ def parse_infer_request(
     rid = doc.get("id")
     if rid is not None and type(rid) is not str:
         raise ProtocolError(400, "'id' must be a string")
-    params = doc.get("parameters") or {}
-    if type(params) is not dict:
+    params = doc.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
         raise ProtocolError(400, "'parameters' must be an object")
     binary_output = params.get("binary_data_output") is True
 
@@ -298,7 +300,9 @@ def parse_infer_request(
                 413, f"request has more than {max_elements} tensor elements (the server's --max-elements)"
             )
         iparams = item.get("parameters")
-        size = iparams.get("binary_data_size") if type(iparams) is dict else None
+        if iparams is not None and type(iparams) is not dict:
+            raise ProtocolError(400, f"input '{name}': 'parameters' must be an object")
+        size = iparams.get("binary_data_size") if iparams is not None else None
         if size is not None:
             if view is None:
                 raise ProtocolError(
@@ -339,6 +343,8 @@ def parse_infer_request(
                 raise ProtocolError(400, f"output '{oname}' is requested twice")
             seen.add(oname)
             oparams = item.get("parameters")
+            if oparams is not None and type(oparams) is not dict:
+                raise ProtocolError(400, f"output '{oname}': 'parameters' must be an object")
             flag = oparams.get("binary_data") if type(oparams) is dict else None
             requested.append(RequestedOutput(oname, binary_output if flag is None else flag is True))
         if not requested:
