@@ -24,7 +24,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import models  # noqa: E402
+import models
 
 KILN_BIN = Path(sys.executable).parent / "kiln"
 

@@ -109,6 +109,7 @@ async def serve(s: Settings) -> int:
                 model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch
             )
             v2.set_ready(batcher)
+            metrics.track_inflight(lambda: batcher.inflight)
             metrics.set_loaded(seconds, True)
             log.info(
                 "model ready",

@@ -73,6 +73,7 @@ class Batcher:
         self.observe_batch = observe_batch
         self.pending: deque[_Item] = deque()
         self.running = 0
+        self.inflight = 0  # requests submitted and not yet answered
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self._work: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
@@ -99,6 +100,7 @@ class Batcher:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
         self.pending.append(_Item(feeds, outputs, rows, key, callback))
+        self.inflight += 1
         self._dispatch()
 
     @property
@@ -218,6 +220,7 @@ class Batcher:
 
     def _finished(self, batch: list[_Item], results: list[Any]) -> None:
         self.running -= 1
+        self.inflight -= len(batch)
         for item, res in zip(batch, results, strict=True):
             try:
                 if isinstance(res, BaseException):

@@ -6,12 +6,14 @@ lookup each time, which shows up at several thousand requests per second.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, exposition, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+# The classic text format every Prometheus understands (newer clients default to a 1.0.0 label).
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", "text/plain; version=0.0.4; charset=utf-8").encode()
 
 
 class Metrics:
@@ -47,6 +49,10 @@ class Metrics:
             registry=self.registry,
         )
         self.ready.labels(model, version).set(0)
+        self.inflight = Gauge(
+            "kiln_inflight_requests", "Inference requests queued for or running in ONNX Runtime.",
+            registry=self.registry,
+        )
         self._req_children: dict[tuple[str, int], Counter] = {}
         self._lat_children: dict[str, Histogram] = {}
         self._batch_rows = self.batch_size.labels(model)
@@ -68,6 +74,10 @@ class Metrics:
         """Record one ONNX Runtime call's size."""
         self._batch_rows.observe(rows)
         self._batch_reqs.observe(requests)
+
+    def track_inflight(self, count: Callable[[], float]) -> None:
+        """Read the in-flight count at scrape time (no per-request cost)."""
+        self.inflight.set_function(count)
 
     def set_loaded(self, seconds: float, ready: bool) -> None:
         """Record the outcome of a load."""
