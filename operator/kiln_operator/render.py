@@ -146,10 +146,7 @@ def _storage(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     for i, (claim, writable) in enumerate(sorted(claims.items())):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
-    if out_pvc:
-        output_dir = f"{PVC_ROOT}/{out_pvc[0]}/{out_pvc[1]}".rstrip("/")
-    else:
-        output_dir = "/tmp/kiln-output"
+    output_dir = f"{PVC_ROOT}/{out_pvc[0]}/{out_pvc[1]}".rstrip("/") if out_pvc else "/tmp/kiln-output"
     return volumes, mounts, output_dir
 
 
@@ -205,10 +202,7 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
             {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
                 "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         ]
-    if spec.get("command"):
-        command = BYO_COMMAND + list(spec["command"])
-    else:
-        command = list(TRAINER_COMMAND)
+    command = BYO_COMMAND + list(spec["command"]) if spec.get("command") else list(TRAINER_COMMAND)
     document = {
         "apiVersion": tj.get("apiVersion", API_VERSION),
         "kind": "TrainingJob",
@@ -244,10 +238,8 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
         "resources": resources(spec),
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
-        "volume_mounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
-                          {"name": "tmp", "mountPath": "/tmp"}] + mounts,
-        "volumes": [{"name": "spec", "configMap": {"name": names.spec_configmap(name)}},
-                    {"name": "tmp", "emptyDir": {}}] + volumes,
+        "volume_mounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}, *mounts],
+        "volumes": [{"name": "spec", "configMap": {"name": names.spec_configmap(name)}}, {"name": "tmp", "emptyDir": {}}, *volumes],
         "spec_document": yaml.safe_dump(document, sort_keys=False),
         "create_account": not spec.get("serviceAccountName"),
     }

@@ -18,6 +18,8 @@ START_FAILURES = {
 }
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
 TERMINAL = ("Succeeded", "Failed")
+HELD_BACK_MESSAGE = ("suspended: the Job is created when spec.runPolicy.suspend is set to false "
+                     "(this API server has no Job suspend, so Kiln holds the Job back)")
 WARNING_REASONS = START_FAILURES | {"CrashLoopBackOff", "WaitingForGPU", "Unschedulable", "Restarting"}
 
 
@@ -128,6 +130,19 @@ def _pod_index(pod: dict[str, Any]) -> tuple[int, str]:
     return idx, (pod.get("metadata") or {}).get("creationTimestamp") or ""
 
 
+LAG_SECONDS = 10
+
+
+def _lagging(condition: dict[str, Any], now: datetime) -> bool:
+    """True shortly after a Job condition appeared, while pod events may still be in flight."""
+    since = parse_time(condition.get("lastTransitionTime") or condition.get("lastProbeTime"))
+    return since is not None and (now - since).total_seconds() < LAG_SECONDS
+
+
+def _phase(pod: dict[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("phase")
+
+
 def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     for c in (job.get("status") or {}).get("conditions") or []:
         if c.get("type") == type_ and c.get("status") == "True":
@@ -157,14 +172,16 @@ def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, 
 
     if job is None:
         if held_back:
-            phase, reason, message = "Suspended", "Suspended", "spec.runPolicy.suspend is true: the Job is created when it is set to false"
+            phase, reason, message = "Suspended", "Suspended", HELD_BACK_MESSAGE
         elif old.get("jobName"):
             phase, reason, message = "Failed", "JobDeleted", f"Job {old['jobName']} was deleted before the training finished"
             new["completionTime"] = fmt_time(now)
         else:
             return Derived()
-    elif _job_condition(job, "Complete"):
+    elif (complete := _job_condition(job, "Complete")) is not None:
         result = _result_from(pods)
+        if result is None and _lagging(complete, now) and not any(_phase(p) == "Succeeded" for p in pods):
+            return Derived()  # the pod watch has not caught up with the Job yet: its summary is coming
         phase, reason = "Succeeded", "Succeeded"
         message = "training finished" if result else "training finished but the trainer reported no result summary"
         if result is not None:
@@ -176,6 +193,8 @@ def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, 
         failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
         failed_pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         cause = next((c for c in (pod_failure(p, spec) for p in reversed(failed_pods)) if c), None)
+        if cause is None and failed.get("reason") != "DeadlineExceeded" and _lagging(failed, now):
+            return Derived()  # the failed pod has not reached us yet; its reason is worth waiting for
         if failed.get("reason") == "DeadlineExceeded":
             reason = "DeadlineExceeded"
             message = f"the job ran longer than spec.runPolicy.activeDeadlineSeconds={run_policy.get('activeDeadlineSeconds')}"

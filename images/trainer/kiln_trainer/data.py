@@ -153,6 +153,8 @@ def _label_missing(y: np.ndarray) -> np.ndarray:
 def _duplicates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     seen: set[bytes] = set()
     dup = np.zeros(len(x), dtype=bool)
+    if not len(x):
+        return dup
     ys = y.reshape(len(y), -1)
     for i in range(len(x)):
         key = x[i].tobytes() + repr(ys[i].tolist()).encode()

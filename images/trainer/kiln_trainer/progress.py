@@ -155,8 +155,22 @@ class EpochLogger(keras.callbacks.Callback):
         self.reporter.report(epoch + 1, dict(logs or {}))
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by a test runner)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
 def setup_logging() -> None:
     """Plain one-line log records on stderr (no progress bars, no carriage returns)."""
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
     for noisy in ("tensorflow", "tf2onnx", "absl", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -38,14 +38,18 @@ def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | 
     return random.SystemRandom().randrange(2**31)
 
 
-def _split(ds: data.Dataset, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    n = len(ds.x)
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out row indices: a seeded shuffle, the last `fraction` held out."""
     n_val = max(1, round(n * fraction))
     if n - n_val < 1:
         raise DataError(f"only {n} rows left after cleaning: too few to hold out {fraction:g} for validation",
                         "spec.dataset.validationSplit")
     order = np.random.default_rng(seed).permutation(n)
-    tr, va = order[: n - n_val], order[n - n_val :]
+    return order[: n - n_val], order[n - n_val :]
+
+
+def _split(ds: data.Dataset, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    tr, va = split_indices(len(ds.x), fraction, seed)
     return ds.x[tr], ds.y[tr], ds.x[va], ds.y[va]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 from collections import defaultdict
@@ -68,3 +69,61 @@ def snapshot(body: Any) -> dict[str, Any]:
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
+
+
+class Cache:
+    """An in-memory informer cache fed by Kopf watch events: key -> {uid: slim object}.
+
+    Why not Kopf indexes plus timers: Kopf puts a finalizer on every object with a timer, and a
+    finalizer makes deletion hang while the operator is down. Watch events need no finalizer.
+    """
+
+    def __init__(self) -> None:
+        self.items: dict[Key, dict[str, dict[str, Any]]] = {}
+
+    def update(self, event_type: str | None, key: Key, obj: dict[str, Any]) -> None:
+        uid = (obj.get("metadata") or {}).get("uid") or ""
+        if event_type == "DELETED":
+            bucket = self.items.get(key)
+            if bucket is not None:
+                bucket.pop(uid, None)
+                if not bucket:
+                    del self.items[key]
+            return
+        self.items.setdefault(key, {})[uid] = obj
+
+    def get(self, key: Key) -> list[dict[str, Any]]:
+        return list((self.items.get(key) or {}).values())
+
+    def keys(self) -> list[Key]:
+        return list(self.items)
+
+
+class Ticker:
+    """Calls an async function every `interval` seconds for the operator's lifetime (periodic resync)."""
+
+    def __init__(self, interval: float, fn: Any) -> None:
+        self.interval = interval
+        self.fn = fn
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed resync is retried at the next tick
+                log.warning("periodic resync failed: %s", exc)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None

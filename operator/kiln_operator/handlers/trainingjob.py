@@ -17,10 +17,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
 from kiln_operator import kube, names
-from kiln_operator.handlers.common import Key, StatusWriter, log, post_event, snapshot
+from kiln_operator.handlers.common import Cache, Key, StatusWriter, Ticker, log, post_event, snapshot
 from kiln_operator.render import RenderError, build_trainingjob
 from kiln_operator.settings import OperatorSettings
-from kiln_operator.status import TERMINAL, derive, fmt_time, now_utc, set_condition
+from kiln_operator.status import HELD_BACK_MESSAGE, TERMINAL, derive, fmt_time, now_utc, set_condition
 
 PLURAL = "trainingjobs"
 
@@ -72,25 +72,33 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     features = settings.features
     selector = {names.LABEL_TRAININGJOB: kopf.PRESENT}
 
-    @kopf.index(GROUP, VERSION, PLURAL, id="kiln_trainingjobs", registry=registry)
-    def kiln_trainingjobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-        return {(namespace, name): snapshot(body)}
+    trainingjobs, jobs, pods = Cache(), Cache(), Cache()
 
-    @kopf.index("batch", "v1", "jobs", labels=selector, id="kiln_jobs", registry=registry)
-    def kiln_jobs(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-        return {(namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")): slim_job(body)}
+    async def reconcile_all() -> None:
+        for key in trainingjobs:
+            for body in trainingjobs.get(key):
+                try:
+                    await reconcile(key, body)
+                except (ApiException, kopf.TemporaryError) as exc:
+                    log.warning("resync of %s/%s failed: %s", key[0], key[1], exc)
 
-    @kopf.index("", "v1", "pods", labels=selector, id="kiln_pods", registry=registry)
-    def kiln_pods(namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-        return {(namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")): slim_pod(body)}
+    ticker = Ticker(settings.reconcile_interval, reconcile_all)
 
-    async def reconcile(key: Key, body: dict[str, Any], jobs: kopf.Index, pods: kopf.Index) -> None:
+    @kopf.on.startup(id="trainingjob-resync", registry=registry)
+    async def start_resync(**_: Any) -> None:
+        ticker.start()
+
+    @kopf.on.cleanup(id="trainingjob-resync-stop", registry=registry)
+    async def stop_resync(**_: Any) -> None:
+        await ticker.stop()
+
+    async def reconcile(key: Key, body: dict[str, Any]) -> None:
         async with writer.locks[key]:
             tj = writer.view(key, body)
             uid = tj["metadata"].get("uid")
-            job = next((j for j in jobs.get(key, []) if _owned_by(j, uid)), None)
+            job = next((j for j in jobs.get(key) if _owned_by(j, uid)), None)
             job_uid = job["metadata"]["uid"] if job else None
-            job_pods = [p for p in pods.get(key, []) if job_uid and _owned_by(p, job_uid)]
+            job_pods = [p for p in pods.get(key) if job_uid and _owned_by(p, job_uid)]
             held_back = bool(((tj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) and not features.job_suspend \
                 and not tj["status"].get("jobName")
             derived = derive(tj, job, job_pods, held_back=held_back)
@@ -115,12 +123,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             post_event(tj, "Normal", "Deploying", f"created ModelDeployment {md['metadata']['name']}")
 
     async def fail(key: Key, body: dict[str, Any], reason: str, message: str) -> None:
-        tj = writer.view(key, body)
-        now = now_utc()
-        conditions = set_condition(tj["status"].get("conditions") or [], "Failed", "True", reason, message, now,
-                                   tj["metadata"].get("generation"))
-        await writer.patch(key, {"phase": "Failed", "reason": reason, "message": message, "conditions": conditions,
-                                 "completionTime": fmt_time(now)})
+        async with writer.locks[key]:
+            tj = writer.view(key, body)
+            now = now_utc()
+            conditions = set_condition(tj["status"].get("conditions") or [], "Failed", "True", reason, message, now,
+                                       tj["metadata"].get("generation"))
+            await writer.patch(key, {"phase": "Failed", "reason": reason, "message": message, "conditions": conditions,
+                                     "completionTime": fmt_time(now)})
         post_event(tj, "Warning", reason, message)
 
     async def ensure_children(key: Key, body: dict[str, Any]) -> None:
@@ -132,9 +141,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         if (spec.get("runPolicy") or {}).get("suspend") and not features.job_suspend:
             # No Job suspend on this API server: hold the Job back until the user resumes.
             if status.get("phase") != "Suspended":
-                await writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message":
-                                         f"suspended: the Job is created when spec.runPolicy.suspend is false "
-                                         f"(this API server, {features.server_version}, has no Job suspend)"})
+                await writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE})
                 post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
             return
         try:
@@ -160,6 +167,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 job_name = obj["metadata"]["name"]
                 if created:
                     post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
+        async with writer.locks[key]:
+            await record_created(key, body, job_name)
+
+    async def record_created(key: Key, body: dict[str, Any], job_name: str) -> None:
+        tj = writer.view(key, body)
+        status, spec = tj["status"], tj.get("spec") or {}
         now = now_utc()
         generation = tj["metadata"].get("generation")
         update: dict[str, Any] = {
@@ -201,35 +214,37 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         message = (f"{', '.join(fields)} changed after Job {status.get('jobName')} was created; the change is not "
                    "applied to the running job. Delete and re-create the TrainingJob to train with it.")
         generation = tj["metadata"].get("generation")
-        conditions = set_condition(status.get("conditions") or [], "SpecChangeIgnored", "True", "SpecChangeIgnored",
-                                   message, now_utc(), generation)
-        await writer.patch(key, {"conditions": conditions})
+        async with writer.locks[key]:
+            status = writer.view(key, snapshot(body))["status"]
+            conditions = set_condition(status.get("conditions") or [], "SpecChangeIgnored", "True", "SpecChangeIgnored",
+                                       message, now_utc(), generation)
+            await writer.patch(key, {"conditions": conditions})
         post_event(tj, "Warning", "SpecChangeIgnored", message)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.reconcile_interval, id="status", registry=registry)
-    async def periodic(namespace: str, name: str, body: kopf.Body, kiln_jobs: kopf.Index, kiln_pods: kopf.Index,
-                       **_: Any) -> None:
-        await reconcile((namespace, name), snapshot(body), kiln_jobs, kiln_pods)
-
-    async def on_child(key: Key, kiln_trainingjobs: kopf.Index, kiln_jobs: kopf.Index, kiln_pods: kopf.Index) -> None:
-        bodies = list(kiln_trainingjobs.get(key, []))
-        if bodies:
+    async def on_child(key: Key) -> None:
+        for body in trainingjobs.get(key):
             try:
-                await reconcile(key, bodies[0], kiln_jobs, kiln_pods)
-            except ApiException as exc:
-                log.warning("reconcile of %s/%s after a child event failed: %s", key[0], key[1], kube.error_message(exc))
+                await reconcile(key, body)
+            except (ApiException, kopf.TemporaryError) as exc:
+                log.warning("reconcile of %s/%s after a child event failed: %s", key[0], key[1], exc)
 
     @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", registry=registry)
-    async def job_event(namespace: str, annotations: kopf.Annotations, kiln_trainingjobs: kopf.Index,
-                        kiln_jobs: kopf.Index, kiln_pods: kopf.Index, **_: Any) -> None:
-        await on_child((namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")), kiln_trainingjobs, kiln_jobs, kiln_pods)
+    async def job_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
+        jobs.update(type, key, slim_job(body))
+        await on_child(key)
 
     @kopf.on.event("", "v1", "pods", labels=selector, id="pod-event", registry=registry)
-    async def pod_event(namespace: str, annotations: kopf.Annotations, kiln_trainingjobs: kopf.Index,
-                        kiln_jobs: kopf.Index, kiln_pods: kopf.Index, **_: Any) -> None:
-        await on_child((namespace, annotations.get(names.ANNOTATION_TRAININGJOB, "")), kiln_trainingjobs, kiln_jobs, kiln_pods)
+    async def pod_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
+        pods.update(type, key, slim_pod(body))
+        await on_child(key)
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, id="forget", registry=registry)
-    def forget(type: str, namespace: str, name: str, **_: Any) -> None:
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="trainingjob-event", registry=registry)
+    def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace, name)
         if type == "DELETED":
-            writer.forget((namespace, name))
+            trainingjobs.items.pop(key, None)
+            writer.forget(key)
+        else:
+            trainingjobs.items[key] = {"": snapshot(body)}
