@@ -56,8 +56,7 @@ def resolve_local(uri: str, pvc_root: str = "/kiln/pvc") -> str | None:
         return unquote(urlparse(uri).path)
     if uri.startswith("pvc://"):
         rest = uri[len("pvc://") :].lstrip("/")
-        root = os.environ.get("KILN_PVC_ROOT") or pvc_root
-        return str(Path(root) / rest)
+        return str(Path(pvc_root) / rest)
     if "://" in uri:
         return None
     return uri
