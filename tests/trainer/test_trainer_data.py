@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import manifest, write_csv
-
 from kiln_trainer import data
 from kiln_trainer.errors import DataError, SpecError
 

@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 from conftest import EXAMPLES, ROOT, Run, blobs, manifest, write_csv, write_manifest
-
 from kiln_trainer import export
 from kiln_trainer.outputs import RESULT_KEYS
 
@@ -33,7 +32,6 @@ def test_digits_example_reaches_95_percent_through_onnx(tmp_path: Path, kiln_tra
 
     # Held-out accuracy measured independently, through the exported ONNX model on raw pixels.
     import pandas as pd
-
     from kiln_trainer.trainer import split_indices
 
     df = pd.read_csv(tmp_path / "digits.csv")
@@ -94,7 +92,6 @@ def test_imputation_and_normalization_are_in_the_exported_graph(tmp_path: Path, 
     assert run.code == 0, run.err
 
     import keras
-
     from kiln_trainer.trainer import split_indices
 
     # Statistics fitted on the training split only, recomputed here independently.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from kiln_trainer import model as model_lib
 from kiln_trainer import optimizers, preprocess
 from kiln_trainer.errors import SpecError
