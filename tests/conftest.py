@@ -35,7 +35,9 @@ def tools() -> Path:
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    # RBAC authorization: the admin token (system:masters) may do anything, while tests that run the operator
+    # or the trainer with a ServiceAccount token prove that Kiln's RBAC rules are needed and sufficient.
+    cp = ControlPlane(tmp_path_factory.mktemp("control-plane"), rbac=True)
     cp.start()
     try:
         yield cp

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from typing import Any
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kiln import GROUP, VERSION
@@ -45,6 +47,9 @@ def configure(kubeconfig: str | None = None, pool_size: int = 32, timeout: float
         kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    if not config.verify_ssl:
+        # The user chose insecure-skip-tls-verify; warning on every request adds nothing.
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
     config.connection_pool_maxsize = pool_size
     config.retries = 2
     with _lock:

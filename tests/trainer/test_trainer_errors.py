@@ -102,7 +102,7 @@ def test_spec_and_data_errors(tmp_path: Path, kiln_train, make, field: str, text
 
 
 def test_failure_after_export_leaves_no_model_even_from_an_earlier_run(tmp_path: Path, kiln_train) -> None:
-    x, y = blobs(n=200)
+    x, _ = blobs(n=200)
     y_reg = x @ np.array([0.5, -1.0, 2.0, 0.1])
     write_csv(tmp_path / "data.csv", x, y_reg)
     base = {"model": {"inputShape": [4], "layers": [{"type": "Dense", "units": 8, "activation": "relu"},

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -95,8 +96,8 @@ class Cache:
     def get(self, key: Key) -> list[dict[str, Any]]:
         return list((self.items.get(key) or {}).values())
 
-    def keys(self) -> list[Key]:
-        return list(self.items)
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self.items))
 
 
 class Ticker:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create the comparison servers' virtual environments (separate: MLServer and KServe pin
+# conflicting protobuf/fastapi versions, and neither may touch the project's .venv).
+#   bash bench/server/setup_envs.sh            # idempotent; pip reaches PyPI
+# Result: ~/.cache/kiln/bench/{mlserver,kserve}/bin/python
+set -euo pipefail
+
+ROOT="${KILN_BENCH_ENVS:-$HOME/.cache/kiln/bench}"
+PY="${PYTHON:-python3}"
+mkdir -p "$ROOT"
+
+make_env() {
+  local name="$1"; shift
+  local env="$ROOT/$name"
+  if [ -x "$env/bin/python" ] && "$env/bin/python" -c "import onnxruntime" 2>/dev/null && [ -f "$env/.ok" ]; then
+    echo "$name: ready at $env"
+    return
+  fi
+  rm -rf "$env"
+  "$PY" -m venv "$env"
+  "$env/bin/pip" install -q --upgrade pip
+  "$env/bin/pip" install -q "$@"
+  touch "$env/.ok"
+  echo "$name: installed at $env"
+}
+
+# MLServer 1.7.1 crashes with uvloop >= 0.22 in its default (parallel workers) mode: pin 0.21.
+make_env mlserver "mlserver==1.7.1" "uvloop<0.22" onnxruntime numpy
+make_env kserve "kserve==0.21.*" onnxruntime numpy
+
+"$ROOT/mlserver/bin/python" -c "import mlserver, uvloop; print('mlserver', mlserver.__version__, 'uvloop', uvloop.__version__)"
+"$ROOT/kserve/bin/python" -c "import kserve, importlib.metadata as m; print('kserve', m.version('kserve'))"
