@@ -43,7 +43,7 @@ def validate_result(path: Path, out_dir: Path, loc: storage.Location) -> dict[st
         raise SpecError(f"{path.name} must hold a JSON object (the status.result fields)", "spec.command")
     model = out_dir / "model.onnx"
     if model.exists():
-        result.setdefault("modelUri", loc.child_uri("model.onnx") if loc.uri else model.resolve().as_uri())
+        result.setdefault("modelUri", loc.public_uri("model.onnx", out_dir))
         result.setdefault("onnxSha256", storage.sha256(model))
     known = {k: v for k, v in result.items() if k in outputs.RESULT_KEYS}
     errors = sorted(jsonschema.Draft4Validator(_result_schema()).iter_errors(known), key=lambda e: list(e.path))

@@ -114,9 +114,7 @@ class Output:
 
     def uri(self, name: str) -> str:
         """How clients address a file of this output (pvc://, s3:// or file://)."""
-        if self.loc.uri.startswith(("pvc://", "s3://", "file://")):
-            return self.loc.child_uri(name)
-        return (self.dir / name).resolve().as_uri()
+        return self.loc.public_uri(name, self.dir)
 
 
 def write_json(path: Path, data: Any) -> None:

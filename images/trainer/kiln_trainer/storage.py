@@ -37,6 +37,12 @@ class Location:
         """The URI of a file under this location, in the same scheme the user wrote."""
         return self.uri.rstrip("/") + "/" + name
 
+    def public_uri(self, name: str, local_dir: Path) -> str:
+        """How clients address a file of this output: pvc://, s3:// or file:// (plain paths become file://)."""
+        if self.uri.startswith(("pvc://", "s3://", "file://")):
+            return self.child_uri(name)
+        return (local_dir / name).resolve().as_uri()
+
 
 def pvc_root() -> Path:
     """Where the operator mounts PVCs named in `pvc://claim/path` URIs."""
