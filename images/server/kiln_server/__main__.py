@@ -106,7 +106,8 @@ async def serve(s: Settings) -> int:
         if handle.ready and result is not None and result.model is not None:
             model = result.model
             batcher = Batcher(
-                model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch
+                model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch,
+                may_grow=server.has_idle_connection,
             )
             v2.set_ready(batcher)
             metrics.track_inflight(lambda: batcher.inflight)

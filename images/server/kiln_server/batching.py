@@ -49,10 +49,16 @@ class _Item:
 class Batcher:
     """Queues requests for one model and feeds its inference threads, merging when allowed.
 
-    The inference threads are dedicated (not a generic executor): each takes batches from a
-    `SimpleQueue`, and finished batches wake the event loop with one `call_soon_threadsafe` for
-    however many completed meanwhile. That halves the per-request cost of the thread hop compared
-    to `run_in_executor`, which matters when one ONNX Runtime call takes ~10 us.
+    The inference threads are dedicated (not a generic executor): they take work from a
+    `SimpleQueue`, and finished work wakes the event loop with one `call_soon_threadsafe` for
+    however much completed meanwhile. Dispatch itself is deferred to the end of the current
+    event-loop iteration, so every request parsed in one iteration (many connections readable at
+    once) is queued with a single thread wake-up and can share one ORT call.
+
+    The batching window (`max_latency_ms`) is skipped when waiting cannot help: when every open
+    connection already has a request waiting for inference, no further request can arrive (short of
+    a new connection), so the batch runs at once. This keeps low-concurrency latency near the
+    unbatched one while high concurrency still forms full batches.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class Batcher:
         max_batch_size: int,
         max_latency_ms: float,
         observe_batch: Callable[[int, int], None] | None = None,
+        may_grow: Callable[[], bool] | None = None,
     ) -> None:
         self.model = model
         self.threads = threads
@@ -71,12 +78,14 @@ class Batcher:
         # Without merging there is no reason to hold requests back: queue them all to the threads.
         self.max_running = threads if self.enabled else 1 << 30
         self.observe_batch = observe_batch
+        self.may_grow = may_grow
         self.pending: deque[_Item] = deque()
         self.running = 0
         self.inflight = 0  # requests submitted and not yet answered
         self._timer: asyncio.TimerHandle | None = None
+        self._scheduled = False
         self._loop = asyncio.get_running_loop()
-        self._work: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[list[list[_Item]] | None] = queue.SimpleQueue()
         self._done: deque[tuple[list[_Item], list[Any]]] = deque()
         self._wake_lock = threading.Lock()
         self._wake_pending = False
@@ -101,7 +110,9 @@ class Batcher:
                 key = (tuple(parts), tuple(outputs))
         self.pending.append(_Item(feeds, outputs, rows, key, callback))
         self.inflight += 1
-        self._dispatch()
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch_soon)
 
     @property
     def idle(self) -> bool:
@@ -113,13 +124,18 @@ class Batcher:
         for _ in self._threads:
             self._work.put(None)
 
-    def _dispatch(self) -> None:
+    def _dispatch_soon(self) -> None:
+        self._scheduled = False
+        self._dispatch(self.max_latency)
+
+    def _dispatch(self, max_latency: float) -> None:
         pending = self.pending
-        while pending and self.running < self.max_running:
+        jobs: list[list[_Item]] = []
+        while pending and self.running + len(jobs) < self.max_running:
             first = pending[0]
             if first.key is None:
                 pending.popleft()
-                self._start([first])
+                jobs.append([first])
                 continue
             batch = [first]
             rows = first.rows
@@ -130,43 +146,44 @@ class Batcher:
                         rows += item.rows
                         if rows == self.max_batch_size:
                             break
-            if rows < self.max_batch_size and self.max_latency > 0:
-                wait = first.t0 + self.max_latency - time.monotonic()
+            if rows < self.max_batch_size and max_latency > 0 and (self.may_grow is None or self.may_grow()):
+                wait = first.t0 + max_latency - time.monotonic()
                 if wait > 0:
                     if self._timer is None:
                         self._timer = self._loop.call_later(wait, self._on_timer)
-                    return
+                    break
             if len(batch) == 1:
                 pending.popleft()
             else:
                 chosen = set(map(id, batch))
                 self.pending = pending = deque(i for i in pending if id(i) not in chosen)
-            self._start(batch)
+            jobs.append(batch)
+        if not jobs:
+            return
+        self.running += len(jobs)
+        if self.threads == 1:
+            self._work.put(jobs)  # one wake-up for everything this iteration produced
+        else:
+            for job in jobs:
+                self._work.put([job])
 
     def _on_timer(self) -> None:
         self._timer = None
         # The oldest request's deadline has passed: run what there is.
-        saved, self.max_latency = self.max_latency, 0.0
-        try:
-            self._dispatch()
-        finally:
-            self.max_latency = saved
-
-    def _start(self, batch: list[_Item]) -> None:
-        self.running += 1
-        self._work.put(batch)
+        self._dispatch(0.0)
 
     def _worker(self) -> None:
         work, done = self._work, self._done
         while True:
-            batch = work.get()
-            if batch is None:
+            jobs = work.get()
+            if jobs is None:
                 return
-            try:
-                results = self._run(batch)
-            except BaseException as exc:  # never lose a batch: report the error to every request
-                results = [exc] * len(batch)
-            done.append((batch, results))
+            for batch in jobs:
+                try:
+                    results = self._run(batch)
+                except BaseException as exc:  # never lose a batch: report the error to every request
+                    results = [exc] * len(batch)
+                done.append((batch, results))
             with self._wake_lock:
                 if self._wake_pending:
                     continue
@@ -184,7 +201,7 @@ class Batcher:
             batch, results = done.popleft()
             self._finished(batch, results)
         if self.pending:
-            self._dispatch()
+            self._dispatch(self.max_latency)
 
     def _run(self, batch: list[_Item]) -> list[Any]:
         """Runs in an inference thread: one ORT call for the whole batch, then per-request slices."""

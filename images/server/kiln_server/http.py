@@ -377,6 +377,10 @@ class HttpServer:
             lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, backlog=2048
         )
 
+    def has_idle_connection(self) -> bool:
+        """True when some open connection has no request waiting, so more requests may come soon."""
+        return not self.draining and self.inflight < len(self.connections)
+
     @property
     def port(self) -> int:
         """The bound port (useful when asked for port 0)."""
