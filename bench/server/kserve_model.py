@@ -6,6 +6,7 @@ Run in its own virtual environment: `python kserve_model.py --model_name mlp --m
 from __future__ import annotations
 
 import argparse
+import uuid
 
 import numpy as np
 import onnxruntime as ort
@@ -35,7 +36,7 @@ class OnnxModel(Model):
             out = InferOutput(name=name, shape=list(arr.shape), datatype="FP32")
             out.set_data_from_numpy(arr, binary_data=False)
             outputs.append(out)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id)
+        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or str(uuid.uuid4()))
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ def run_wrk(
 
 
 def json_body(x: np.ndarray) -> bytes:
-    doc = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    doc = {"id": "bench", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     return json.dumps(doc).encode()
 
 

@@ -123,7 +123,7 @@ class V2Handler:
         headers = req.headers
         hl_raw = headers.get(b"inference-header-content-length")
         ctype = headers.get(b"content-type")
-        if ctype is not None:
+        if ctype is not None and ctype != b"application/json":
             base = ctype.split(b";", 1)[0].strip().lower()
             allowed = _JSON_TYPES if hl_raw is None else _BINARY_TYPES
             if base not in allowed:
