@@ -184,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        runner = uvloop.run
+        loop_factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is in the server extra on Linux
-        runner = asyncio.run
+        loop_factory = None
     try:
-        return int(runner(serve(s)))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return int(runner.run(serve(s)))
     except OSError as exc:
         log.error("cannot listen", extra={"fields": {"event": "listen_failed", "reason": str(exc), "port": s.port}})
         return 1

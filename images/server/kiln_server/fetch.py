@@ -111,7 +111,7 @@ def _s3_open(uri: str) -> BinaryIO:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
-    return fsspec.open(uri, "rb", **options).open()  # type: ignore[no-any-return]
+    return fsspec.open(uri, "rb", **options).open()
 
 
 def fetch(

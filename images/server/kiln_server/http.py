@@ -126,7 +126,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # --- connection events -------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -250,12 +250,12 @@ class HttpProtocol(asyncio.Protocol):
             result = self.app.handle(req)
             if type(result) is Response:
                 self._send(req, result)
-            elif result.response is not None:  # type: ignore[union-attr]
-                self._send(req, result.response)  # type: ignore[union-attr]
+            elif result.response is not None:
+                self._send(req, result.response)
             else:
                 self.busy = True
                 self.server.inflight += 1
-                result.callback = lambda resp, r=req: self._deferred_done(resp, r)  # type: ignore[union-attr]
+                result.callback = lambda resp, r=req: self._deferred_done(resp, r)
         if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
