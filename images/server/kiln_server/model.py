@@ -52,6 +52,34 @@ def choose_providers(preference: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity mask, capped by a cgroup v2/v1 CPU quota.
+
+    ONNX Runtime sizes its thread pool from the machine's cores, which in a pod limited to 1 CPU on
+    a 64-core node means 64 threads fighting over one CPU's quota (and CFS throttling).
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = None
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            quota = int(text[0]) / int(text[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if q > 0 and p > 0:
+                quota = q / p
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        n = min(n, max(1, int(quota + 0.999)))
+    return max(1, n)
+
+
 def _spec(node: Any) -> TensorSpec:
     datatype = ONNX_TO_DATATYPE.get(node.type)
     if datatype is None:
@@ -79,9 +107,12 @@ class OnnxModel:
         self.version = version
         self.sha256 = sha256
         opts = ort.SessionOptions()
-        if intra_op_threads > 0:
-            opts.intra_op_num_threads = intra_op_threads
+        opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else available_cpus()
         opts.log_severity_level = 3
+        # ORT's pool threads busy-wait after each parallel op by default; in a server they would burn
+        # the CPU the event loop needs to parse the next requests (measured: ~2x CPU per request).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf types

@@ -68,7 +68,8 @@ class Settings:
     """Threads that call ONNX Runtime, off the event loop (`--inference-threads`, `KILN_INFERENCE_THREADS`)."""
 
     intra_op_threads: int = 0
-    """ONNX Runtime intra-op threads, 0 = its default (`--intra-op-threads`, `KILN_INTRA_OP_THREADS`)."""
+    """ONNX Runtime intra-op threads, 0 = the CPUs this process may use (affinity and cgroup CPU quota)
+    (`--intra-op-threads`, `KILN_INTRA_OP_THREADS`)."""
 
     graceful_timeout_s: float = 30.0
     """On SIGTERM, how long in-flight requests may take to finish (`--graceful-timeout`, `KILN_GRACEFUL_TIMEOUT`)."""
