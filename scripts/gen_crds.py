@@ -176,6 +176,15 @@ MD_SPEC_PROPS: dict[str, Any] = {
         },
     ),
     "scheduling": SCHEDULING,
+    "progressDeadlineSeconds": s("integer", "A rollout that makes no progress for this long fails (Deployment progressDeadlineSeconds).", minimum=1, default=600),
+    "startupTimeoutSeconds": s("integer", "How long a server may take to load its model before the startup probe gives up.", minimum=10, maximum=86400, default=600),
+    "limits": obj(
+        "Request limits the server enforces.",
+        {
+            "maxBodyBytes": s("integer", "Largest request body; bigger requests get 413.", minimum=1024, default=67108864),
+            "maxElements": s("integer", "Most tensor elements in one request.", minimum=1, default=16777216),
+        },
+    ),
 }
 
 MODELDEPLOYMENT_SPEC = obj("What to serve and how.", MD_SPEC_PROPS, required=["model"])

@@ -69,7 +69,11 @@ def api(control_plane: ControlPlane, kubectl: Any) -> Any:
     kube.configure(str(control_plane.kubeconfig))
     kubectl("apply", "-f", str(ROOT / "crds"))
     for crd in ("trainingjobs.kiln.dev", "modeldeployments.kiln.dev"):
-        kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+        def established(crd: str = crd) -> bool:
+            obj = kube.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            return any(c["type"] == "Established" and c["status"] == "True" for c in obj.get("status", {}).get("conditions") or [])
+
+        eventually(established, 60, what=f"CRD {crd} established")
     return kube
 
 
@@ -144,6 +148,14 @@ def operator(control_plane: ControlPlane, api: Any, tmp_path_factory: pytest.Tem
     """One operator for the session, watching the `kiln-test-*` namespaces."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     op = OperatorProcess(control_plane.kubeconfig, ["kiln-test-*"], log).start()
+    # Liveness answers before the watches are established: wait until a canary is actually handled.
+    ns = make_namespace(api, "kiln-test-canary")
+    api.call("POST", api.path("kiln.dev/v1alpha1", "TrainingJob", ns), {
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "canary"},
+        "spec": {"command": ["true"], "runPolicy": {"suspend": True}}})
+    eventually(lambda: (api.get("kiln.dev/v1alpha1", "TrainingJob", ns, "canary").get("status") or {}).get("phase"), 120,
+               what="the operator to handle a canary TrainingJob")
+    api.call("DELETE", f"/api/v1/namespaces/{ns}")
     yield op
     op.stop()
 

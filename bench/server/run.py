@@ -349,7 +349,8 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
     lines = [SECTION, ""]
     lines.append(
         f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['cpu_model']}), loopback, wrk 1 thread, "
-        f"{meta['seconds']:g} s per point after a 2 s warm-up. "
+        f"{meta['seconds']:g} s per point after a 2 s warm-up, {meta['rounds']} rounds with the servers alternating; "
+        "each number is the median round (latencies from that round). "
         + (
             "Server (and all its threads) pinned to CPU 0 and wrk to CPU 1 with taskset. "
             if meta["pinned"]
@@ -434,9 +435,25 @@ def write_section(text: str) -> None:
     DOC.write_text(updated.rstrip("\n") + "\n")
 
 
+def median_points(points: list[Point]) -> list[Point]:
+    """One point per (server, scenario, connections): the median round by req/s (latencies from that round)."""
+    groups: dict[tuple[str, str, int], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.server, p.scenario, p.connections), []).append(p)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda p: p.rps)
+        mid = ranked[len(ranked) // 2]
+        mid.extra["rounds_rps"] = [round(p.rps) for p in group]
+        mid.other_cpu_cores = max(p.other_cpu_cores for p in group)
+        out.append(mid)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each measured point")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; servers alternate within each round")
     ap.add_argument("--only", default="kiln,mlserver,kserve", help="servers to run, comma-separated")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/benchmarks.md")
@@ -459,6 +476,7 @@ def main() -> int:
     body64 = json_body(x64)
     bin64, bin64_head = binary_body(x64)
     jh = {"Content-Type": "application/json"}
+    bh = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(bin64_head)}
 
     cpu_model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
@@ -469,59 +487,67 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model,
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "pinned": pin,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     print(f"work dir {work}; pinned={pin}; load {meta['load_before']}", flush=True)
     floor = raw_ort_floor(model)
     print(f"  raw ORT floor: {floor:,.0f} runs/s (batch 1, in-process)", flush=True)
-    points: list[Point] = []
-    S = args.seconds
 
-    def measure(server: Server, scenario: str, body: bytes, headers: dict[str, str], conns: int, rows: int) -> None:
-        points.append(run_wrk(server, body, headers, conns, S, wrk_cpus, scenario, rows, work))
-
+    # (server label, scenario, body, headers, connections, rows per request)
+    plan: dict[str, list[tuple[str, bytes, dict[str, str], int, int]]] = {
+        "kiln": [
+            ("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1), ("json-b1", body1, jh, 64, 1),
+            ("json-b64", body64, jh, 8, 64), ("binary-b64", bin64, bh, 8, 64),
+        ],
+        "kiln-batching": [("json-b1", body1, jh, 64, 1), ("json-b1", body1, jh, 8, 1)],
+        "mlserver": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
+        "kserve": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
+    }
     starters = {
         "kiln": lambda: start_kiln(model, work, srv_cpus),
+        "kiln-batching": lambda: start_kiln(
+            model, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-batching"
+        ),
         "mlserver": lambda: start_mlserver(model, work, srv_cpus),
         "kserve": lambda: start_kserve(model, work, srv_cpus),
     }
-    for name in ("kiln", "mlserver", "kserve"):
-        if name not in only:
-            continue
-        try:
-            server = starters[name]()
-        except (FileNotFoundError, RuntimeError) as exc:
-            print(f"  {name}: skipped ({exc})", flush=True)
-            continue
-        try:
-            check_answer(server, body1, expected1)
-            measure(server, "json-b1", body1, jh, 8, 1)
-            measure(server, "json-b1", body1, jh, 1, 1)
-            if name == "kiln":
-                measure(server, "json-b1", body1, jh, 64, 1)
-                measure(server, "json-b64", body64, jh, 8, 64)
-                measure(
-                    server, "binary-b64", bin64,
-                    {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(bin64_head)}, 8, 64,
-                )
-        finally:
-            server.stop()
-        if name == "kiln":
-            server = start_kiln(model, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-batching")
+    servers: dict[str, Server] = {}
+    points: list[Point] = []
+    try:
+        for name, start in starters.items():
+            if name.split("-")[0] not in only:
+                continue
             try:
-                check_answer(server, body1, expected1)
-                measure(server, "json-b1", body1, jh, 64, 1)
-                measure(server, "json-b1", body1, jh, 8, 1)
-            finally:
-                server.stop()
+                servers[name] = start()
+                check_answer(servers[name], body1, expected1)
+            except (FileNotFoundError, RuntimeError) as exc:
+                print(f"  {name}: skipped ({exc})", flush=True)
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1}/{args.rounds}", flush=True)
+            for name, server in servers.items():
+                for scenario, body, headers, conns, rows in plan[name]:
+                    points.append(run_wrk(server, body, headers, conns, args.seconds, wrk_cpus, scenario, rows, work))
+    finally:
+        for server in servers.values():
+            server.stop()
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     command = ".venv/bin/python bench/server/run.py" + (f" --seconds {args.seconds:g}" if args.seconds != 10 else "")
-    text = render(points, floor, meta, command)
+    command += f" --rounds {args.rounds}" if args.rounds != 3 else ""
+    summary = median_points(points)
+    text = render(summary, floor, meta, command)
     print()
     print(text)
     (HERE / "results.json").write_text(
-        json.dumps({"meta": meta, "raw_ort_runs_per_s": floor, "points": [p.__dict__ | {"rows_per_s": p.rows_per_s} for p in points]}, indent=2)
+        json.dumps(
+            {
+                "meta": meta,
+                "raw_ort_runs_per_s": floor,
+                "points": [p.__dict__ | {"rows_per_s": p.rows_per_s} for p in points],
+            },
+            indent=2,
+        )
         + "\n"
     )
     if not args.no_doc:

@@ -139,9 +139,13 @@ def test_cluster_scope_with_globs_watches_namespaces(render: Any) -> None:
     assert not any("namespaces" in r["resources"] for r in defaults["rules"]), "cluster-wide needs no namespace listing"
 
 
-def test_namespaced_scope_has_no_cluster_rbac(render: Any) -> None:
+def test_namespaced_scope_grants_only_reads_cluster_wide(render: Any) -> None:
     docs = render(VARIANTS["namespaced"])
-    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    (observer,) = by_kind(docs, "ClusterRole")
+    assert observer["metadata"]["name"] == "kiln-observer"
+    assert {v for r in observer["rules"] for v in r["verbs"]} == {"list", "watch"}
+    assert sorted(r for rule in observer["rules"] for r in rule["resources"]) == ["customresourcedefinitions", "namespaces"]
+    assert by_kind(docs, "ClusterRoleBinding")[0]["roleRef"]["name"] == "kiln-observer"
     roles, bindings = by_kind(docs, "Role"), by_kind(docs, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml-a", "ml-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]

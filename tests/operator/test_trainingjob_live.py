@@ -170,8 +170,8 @@ def test_backoff_limit_exceeded_after_retries(api: Any, operator: Any, namespace
     first = one_pod(namespace, "retry")
     kubelet.run(first)
     kubelet.fail(first, 1, json.dumps({"error": "worker lost"}))
-    second = eventually(lambda: (lambda ps: ps[-1] if len(ps) >= 2 else None)(
-        kubelet.pods(namespace, SELECTOR.format(name="retry"))), 60, what="replacement pod")
+    second = eventually(lambda: next((p for p in kubelet.pods(namespace, SELECTOR.format(name="retry"))
+                                      if p["metadata"]["name"] != first["metadata"]["name"]), None), 60, what="replacement pod")
     kubelet.run(second)
     st = wait_phase(api, namespace, "retry", "Running", "Restarting")["status"]
     assert "attempt 2 of 2" in st["message"] and "worker lost" in st["message"]

@@ -139,7 +139,7 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise DataError(f"{path.name}: x has shape {list(x.shape)} and y {list(y.shape)}; need N rows in both")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
         raise DataError(f"{path.name}: array 'x' is not numeric (dtype {x.dtype})")
-    return x.astype("float64"), y, ["x"]
+    return x.astype("float32" if x.dtype.itemsize <= 4 else "float64", copy=False), y, ["x"]
 
 
 def _label_missing(y: np.ndarray) -> np.ndarray:
@@ -151,17 +151,29 @@ def _label_missing(y: np.ndarray) -> np.ndarray:
 
 
 def _duplicates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    seen: set[bytes] = set()
+    """Rows equal (features and label) to an earlier row.
+
+    A random projection finds candidate groups in one matrix product; only rows whose projections
+    collide are compared byte for byte, so wide data (images, 1000s of features) stays cheap.
+    """
     dup = np.zeros(len(x), dtype=bool)
     if not len(x):
         return dup
     ys = y.reshape(len(y), -1)
-    for i in range(len(x)):
-        key = x[i].tobytes() + repr(ys[i].tolist()).encode()
-        if key in seen:
+    numeric_y = ys.dtype.kind in "biuf"
+    rng = np.random.default_rng(0)
+    key = x @ rng.normal(size=x.shape[1])  # rows with NaN get key NaN: all compared exactly (np.unique groups NaN)
+    if numeric_y:
+        key = key + ys.astype("float64") @ rng.normal(size=ys.shape[1])
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    candidates = np.flatnonzero(counts[inverse] > 1)
+    seen: set[bytes] = set()
+    for i in candidates:
+        k = x[i].tobytes() + (ys[i].tobytes() if numeric_y else repr(ys[i].tolist()).encode())
+        if k in seen:
             dup[i] = True
         else:
-            seen.add(key)
+            seen.add(k)
     return dup
 
 
@@ -215,5 +227,6 @@ def load(path: Path, source: str, spec: dict[str, Any]) -> Dataset:
         what = f"{flat.shape[1]} feature columns" if fmt != "npz" else f"examples of shape {list(x.shape[1:])}"
         raise SpecError(f"{shape} needs {per_row} values per example but {path.name} has {what}",
                         "spec.model.inputShape")
-    examples = flat[keep].reshape([report.rows_kept, *shape]).astype("float32")
+    kept = flat if report.rows_kept == len(flat) else flat[keep]
+    examples = kept.reshape([report.rows_kept, *shape]).astype("float32", copy=False)
     return Dataset(x=examples, y=y_enc, report=report, classes=classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import zlib
 from typing import Any
 
@@ -106,6 +107,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
     out = Output(loc, local_dir, cluster.chief)
     out.prepare()
     try:
+        clock = time.perf_counter()
+        timings: dict[str, float] = {}
         digest = checkpoint.spec_hash(spec)
         resumed = checkpoint.latest(out.shared_checkpoints, digest)
         seed = _seed(job, cluster, resumed)
@@ -116,6 +119,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
         ds = data.load(storage.fetch(data_loc, "spec.dataset.uri"), ds_spec["uri"], spec)
         print(ds.report.line(), flush=True)
+        timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
         x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(ds_spec.get("validationSplit", 0.2)), seed)
 
         pp_spec = ds_spec.get("preprocessing", {})
@@ -161,6 +165,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             else:
                 models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
                                     batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
+        timings["fit"], clock = time.perf_counter() - clock, time.perf_counter()
         history = ckpt.history
         done = len(next(iter(history.values()), []))
         if not history or done == 0:
@@ -170,10 +175,12 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             return {}
         result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
         out.commit()
+        timings["export"] = time.perf_counter() - clock
         storage.rmtree_quiet(out.checkpoints)
         reporter.epochs = done
         reporter.report(done, {k: v[-1] for k, v in history.items()}, log_line=False)
         print(f"model: {result['modelUri']} (parity max abs diff {result['parityMaxAbsDiff']:.3g})", flush=True)
+        print("timings: " + " ".join(f"{k}={v:.1f}s" for k, v in timings.items()), flush=True)
         return result
     except BaseException:
         out.abort()

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import copy
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
-
-import kopf
 
 from kiln_operator import kube
 
@@ -53,12 +53,33 @@ class StatusWriter:
         self.locks.pop(key, None)
 
 
-def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """A Kubernetes Event on the resource (kubectl describe shows it)."""
+async def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the resource (`kubectl describe` shows it).
+
+    Posted through the API directly rather than `kopf.event`, which only works inside Kopf's own
+    handler context, not from the periodic resync.
+    """
+    meta = body.get("metadata") or {}
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")},
+        "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+        "reason": reason,
+        "message": message[:1024],
+        "type": type_,
+        "source": {"component": "kiln-operator"},
+        "reportingComponent": "kiln-operator",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
     try:
-        kopf.event(body, type=type_, reason=reason, message=message[:1024])
+        await asyncio.to_thread(kube.call, "POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event)
     except Exception as exc:  # events are best effort; never fail a reconcile for one
-        log.warning("could not post event %s on %s: %s", reason, body.get("metadata", {}).get("name"), exc)
+        log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 
 
 def snapshot(body: Any) -> dict[str, Any]:

@@ -97,6 +97,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             tj = writer.view(key, body)
             uid = tj["metadata"].get("uid")
             job = next((j for j in jobs.get(key) if _owned_by(j, uid)), None)
+            job_name = tj["status"].get("jobName")
+            if job is None and job_name and tj["status"].get("phase") not in TERMINAL:
+                # The watch may simply not have delivered the new Job yet: ask before calling it deleted.
+                live = await asyncio.to_thread(kube.get, "batch/v1", "Job", key[0], job_name)
+                if live is not None and _owned_by(live, uid):
+                    job = slim_job(live)
+                    jobs.update("ADDED", key, job)
             job_uid = job["metadata"]["uid"] if job else None
             job_pods = [p for p in pods.get(key) if job_uid and _owned_by(p, job_uid)]
             held_back = bool(((tj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) and not features.job_suspend \
@@ -106,7 +113,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 await asyncio.to_thread(kube.delete, "batch/v1", "Job", key[0], job["metadata"]["name"])
             await writer.patch(key, derived.status)
             if derived.event:
-                post_event(tj, *derived.event)
+                await post_event(tj, *derived.event)
             status = writer.view(key, body)["status"]
             if status.get("phase") == "Succeeded" and (tj.get("spec") or {}).get("deploy") and not status.get("deployment"):
                 await create_deployment(key, tj)
@@ -116,11 +123,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         try:
             _, created = await asyncio.to_thread(kube.create, md)
         except ApiException as exc:
-            post_event(tj, "Warning", "DeployFailed", f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}")
+            await post_event(tj, "Warning", "DeployFailed", f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}")
             raise kopf.TemporaryError(kube.error_message(exc), delay=10) from exc
         await writer.patch(key, {"deployment": md["metadata"]["name"]})
         if created:
-            post_event(tj, "Normal", "Deploying", f"created ModelDeployment {md['metadata']['name']}")
+            await post_event(tj, "Normal", "Deploying", f"created ModelDeployment {md['metadata']['name']}")
 
     async def fail(key: Key, body: dict[str, Any], reason: str, message: str) -> None:
         async with writer.locks[key]:
@@ -130,7 +137,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                                        tj["metadata"].get("generation"))
             await writer.patch(key, {"phase": "Failed", "reason": reason, "message": message, "conditions": conditions,
                                      "completionTime": fmt_time(now)})
-        post_event(tj, "Warning", reason, message)
+        await post_event(tj, "Warning", reason, message)
 
     async def ensure_children(key: Key, body: dict[str, Any]) -> None:
         tj = writer.view(key, body)
@@ -142,7 +149,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             # No Job suspend on this API server: hold the Job back until the user resumes.
             if status.get("phase") != "Suspended":
                 await writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE})
-                post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
+                await post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
             return
         try:
             children = build_trainingjob(tj, settings)
@@ -158,7 +165,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 if exc.status in (400, 422):
                     await fail(key, body, "JobCreationFailed", message)
                     return
-                post_event(tj, "Warning", "CreateFailed", message)
+                await post_event(tj, "Warning", "CreateFailed", message)
                 raise kopf.TemporaryError(message, delay=5) from exc
             if not created and not _owned_by(existing, tj["metadata"].get("uid")):
                 # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
@@ -166,7 +173,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             if obj["kind"] == "Job":
                 job_name = obj["metadata"]["name"]
                 if created:
-                    post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
+                    await post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
         async with writer.locks[key]:
             await record_created(key, body, job_name)
 
@@ -204,7 +211,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             suspend = bool((tj["spec"].get("runPolicy") or {}).get("suspend"))
             if status.get("jobName") and features.job_suspend:
                 await asyncio.to_thread(kube.patch, "batch/v1", "Job", namespace, status["jobName"], {"spec": {"suspend": suspend}})
-                post_event(tj, "Normal", "Suspended" if suspend else "Resumed", f"Job {status['jobName']} suspend={suspend}")
+                await post_event(tj, "Normal", "Suspended" if suspend else "Resumed", f"Job {status['jobName']} suspend={suspend}")
                 return
             if not status.get("jobName"):
                 await ensure_children(key, snapshot(body))
@@ -219,7 +226,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             conditions = set_condition(status.get("conditions") or [], "SpecChangeIgnored", "True", "SpecChangeIgnored",
                                        message, now_utc(), generation)
             await writer.patch(key, {"conditions": conditions})
-        post_event(tj, "Warning", "SpecChangeIgnored", message)
+        await post_event(tj, "Warning", "SpecChangeIgnored", message)
 
     async def on_child(key: Key) -> None:
         for body in trainingjobs.get(key):

@@ -1,0 +1,106 @@
+"""Trainer overhead: `kiln train` against a plain Keras script doing the same training on the same data.
+
+Both run as fresh processes (TensorFlow import included), alternating, several repeats; the report
+gives median wall times and the ratio kiln/plain. What `kiln train` adds on top of training: data
+cleaning and its report, per-epoch checkpoints, TensorBoard logs, progress lines, ONNX export with the
+parity check, model.keras, metrics/history JSON, the curves plot and the atomic commit of outputs.
+
+Usage: .venv/bin/python bench/train_overhead.py [--rows 20000] [--epochs 10] [--repeats 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "mlp"))
+from make_data import make  # noqa: E402
+
+PLAIN = '''
+import os, sys
+import numpy as np
+import keras
+
+data = np.load(sys.argv[1])
+x, y = data["x"].astype("float32"), data["y"]
+epochs, seed, out = int(sys.argv[2]), 7, sys.argv[3]
+keras.utils.set_random_seed(seed)
+order = np.random.default_rng(seed).permutation(len(x))
+n_val = round(len(x) * 0.2)
+tr, va = order[: len(x) - n_val], order[len(x) - n_val :]
+model = keras.Sequential([keras.Input((1000,)), keras.layers.Dense(64, activation="relu"),
+                          keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+model.compile(keras.optimizers.Adam(0.001), "sparse_categorical_crossentropy", metrics=["accuracy"])
+model.fit(x[tr], y[tr], validation_data=(x[va], y[va]), epochs=epochs, batch_size=32, verbose=0)
+model.save(os.path.join(out, "model.keras"))
+'''
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    took = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return took
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20000)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the report here")
+    a = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    try:
+        x, y = make(a.rows)
+        np.savez(work / "data.npz", x=x, y=y)
+        manifest = (ROOT / "examples" / "mlp" / "trainingjob.yaml").read_text()
+        manifest = manifest.replace("epochs: 10", f"epochs: {a.epochs}")
+        (work / "tj.yaml").write_text(manifest)
+        (work / "plain.py").write_text(PLAIN)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "TF_CONFIG"))}
+        env.update(TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+        kiln_cmd = [sys.executable, "-m", "kiln.cli", "train", str(work / "tj.yaml"), "--output", str(work / "out")]
+        plain_out = work / "plain-out"
+        plain_out.mkdir()
+        plain_cmd = [sys.executable, str(work / "plain.py"), str(work / "data.npz"), str(a.epochs), str(plain_out)]
+        times: dict[str, list[float]] = {"kiln": [], "plain": []}
+        for i in range(a.repeats):
+            order = [("kiln", kiln_cmd), ("plain", plain_cmd)]
+            for name, cmd in order if i % 2 == 0 else order[::-1]:
+                times[name].append(_run(cmd, env))
+                print(f"repeat {i + 1}: {name} {times[name][-1]:.1f}s", flush=True)
+        result = json.loads((work / "out" / "result.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    kiln, plain = statistics.median(times["kiln"]), statistics.median(times["plain"])
+    report = {
+        "rows": a.rows, "epochs": a.epochs, "repeats": a.repeats, "cpus": os.cpu_count(),
+        "kilnSeconds": times["kiln"], "plainSeconds": times["plain"],
+        "kilnMedian": round(kiln, 2), "plainMedian": round(plain, 2), "ratio": round(kiln / plain, 3),
+        "overheadShareOfKilnWall": round((kiln - plain) / kiln, 3),
+        "heldoutAccuracy": result["metrics"].get("heldout_accuracy"), "parityMaxAbsDiff": result["parityMaxAbsDiff"],
+    }
+    print(json.dumps(report, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"median kiln {kiln:.1f}s, plain {plain:.1f}s, ratio {kiln / plain:.3f} "
+          f"({'OK' if kiln / plain <= 1.10 else 'OVER'} the 1.10 budget)")
+
+
+if __name__ == "__main__":
+    main()
