@@ -115,16 +115,15 @@ def test_fetch_into_folder_keeps_name_and_copies_local(tmp_path: Path) -> None:
     assert res.path.read_bytes() == PAYLOAD
 
 
-def test_fetch_s3_without_extra_is_clear(tmp_path: Path) -> None:
-    try:
-        import s3fs  # noqa: F401
-
-        pytest.skip("s3fs is installed here; the missing-extra message cannot be observed")
-    except ImportError:
-        pass
-    with pytest.raises(FetchError, match=r"s3 extra") as info:
+def test_fetch_object_store_without_backend_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # importing it now raises ImportError
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    with pytest.raises(FetchError, match=r"s3:// models need the s3 extra") as info:
         fetch("s3://bucket/model.onnx", tmp_path / "m.onnx")
     assert info.value.exit_code == 2
+    with pytest.raises(FetchError, match=r"gs:// models need gcsfs"):
+        fetch("gs://bucket/model.onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resolve_local() -> None:

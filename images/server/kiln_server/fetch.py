@@ -3,7 +3,7 @@
 The operator runs this as the init container (same image as the server) so that downloads,
 retries and checksum failures show up as an init-container status with a clear message instead
 of a server that hangs. Supported: `http(s)://` (urllib, timeouts, retries with backoff),
-`s3://` (fsspec/s3fs from the `s3` extra, imported only when needed), and local sources
+`s3://` (fsspec/s3fs from the `s3` extra) and `gs://` (fsspec/gcsfs), imported only when needed, and local sources
 (`file://`, plain paths, `pvc://claim/path`) which are copied. Writes are atomic (temporary file
 in the destination folder, then rename) and the sha256 is verified before the rename.
 
@@ -97,19 +97,21 @@ def _http_once(uri: str, out: BinaryIO, h: hashlib._Hash, timeout: float) -> int
     return n
 
 
-def _s3_open(uri: str) -> BinaryIO:
+_FSSPEC = {"s3": ("s3fs", "the s3 extra: pip install 'kiln[s3]'"), "gs": ("gcsfs", "gcsfs: pip install gcsfs")}
+
+
+def _fsspec_open(uri: str, scheme: str) -> BinaryIO:
+    """Open an object-store URI through fsspec, importing its backend only now (optional dependency)."""
+    backend, hint = _FSSPEC[scheme]
     try:
         import fsspec
-        import s3fs  # noqa: F401
-    except ImportError:
-        raise FetchError(
-            "s3:// models need the s3 extra (fsspec + s3fs): pip install 'kiln[s3]'", exit_code=2
-        ) from None
-    import fsspec
 
-    options = {}
+        __import__(backend)
+    except ImportError:
+        raise FetchError(f"{scheme}:// models need {hint} (fsspec + {backend} are not installed)", exit_code=2) from None
+    options: dict[str, object] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
+    if scheme == "s3" and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return fsspec.open(uri, "rb", **options).open()
 
@@ -138,9 +140,9 @@ def fetch(
             if scheme in ("http", "https"):
                 size = _fetch_http(uri, out, timeout, retries, log)
                 h = _rehash(tmp, out)
-            elif scheme == "s3":
+            elif scheme in _FSSPEC:
                 try:
-                    with _s3_open(uri) as src:
+                    with _fsspec_open(uri, scheme) as src:
                         size = _copy_stream(src, out, h)
                 except FetchError:
                     raise
