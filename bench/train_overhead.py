@@ -47,13 +47,18 @@ model.save(os.path.join(out, "model.keras"))
 '''
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> float:
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Wall time of one process, and the phase timings `kiln train` prints (`timings: data=1.0s ...`)."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     took = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return took
+    phases = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("timings: "):
+            phases = {k: float(v.rstrip("s")) for k, v in (item.split("=") for item in line.split()[1:])}
+    return took, phases
 
 
 def main() -> None:
@@ -79,10 +84,14 @@ def main() -> None:
         plain_out.mkdir()
         plain_cmd = [sys.executable, str(work / "plain.py"), str(work / "data.npz"), str(a.epochs), str(plain_out)]
         times: dict[str, list[float]] = {"kiln": [], "plain": []}
+        phases: dict[str, list[float]] = {}
         for i in range(a.repeats):
             order = [("kiln", kiln_cmd), ("plain", plain_cmd)]
             for name, cmd in order if i % 2 == 0 else order[::-1]:
-                times[name].append(_run(cmd, env))
+                took, ph = _run(cmd, env)
+                times[name].append(took)
+                for k, v in ph.items():
+                    phases.setdefault(k, []).append(v)
                 print(f"repeat {i + 1}: {name} {times[name][-1]:.1f}s", flush=True)
         result = json.loads((work / "out" / "result.json").read_text())
     finally:
@@ -93,6 +102,8 @@ def main() -> None:
         "kilnSeconds": times["kiln"], "plainSeconds": times["plain"],
         "kilnMedian": round(kiln, 2), "plainMedian": round(plain, 2), "ratio": round(kiln / plain, 3),
         "overheadShareOfKilnWall": round((kiln - plain) / kiln, 3),
+        "minRatio": round(min(times["kiln"]) / min(times["plain"]), 3),
+        "kilnPhaseMedians": {k: round(statistics.median(v), 2) for k, v in phases.items()},
         "heldoutAccuracy": result["metrics"].get("heldout_accuracy"), "parityMaxAbsDiff": result["parityMaxAbsDiff"],
     }
     print(json.dumps(report, indent=2))

@@ -95,7 +95,8 @@ def kiln_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from kiln_trainer.__main__ import main
 
     def run(manifest_path: Path, output: Path | None = None, extra: list[str] | None = None,
-            env: dict[str, str] | None = None) -> Run:
+            env: dict[str, str] | None = None, spec_output: bool = False) -> Run:
+        """`spec_output=True`: no --output, the spec's output.uri is used (Run.output is then unused)."""
         output = output or manifest_path.parent / "out"
         term = manifest_path.parent / "termination-log"
         term.unlink(missing_ok=True)
@@ -103,7 +104,7 @@ def kiln_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         for k, v in (env or {}).items():
             monkeypatch.setenv(k, v)
         capsys.readouterr()
-        code = main([str(manifest_path), "--output", str(output), *(extra or [])])
+        code = main([str(manifest_path), *([] if spec_output else ["--output", str(output)]), *(extra or [])])
         cap = capsys.readouterr()
         message = json.loads(term.read_text()) if term.exists() and term.read_text() else None
         return Run(code, cap.out, cap.err, message, output)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,13 +124,6 @@ def test_unexpected_failure_exits_1(tmp_path: Path, kiln_train) -> None:
     run = kiln_train(write_manifest(tmp_path, manifest()), output=tmp_path / "occupied")
     assert run.code == 1
     assert run.termination["field"] is None and run.termination["error"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None, reason="s3fs is installed")
-def test_s3_without_the_extra_is_a_clear_error(tmp_path: Path, kiln_train) -> None:
-    run = kiln_train(write_manifest(tmp_path, manifest(dataset={"uri": "s3://bucket/data.csv"})))
-    assert run.code == 2 and run.termination["field"] == "spec.dataset.uri"
-    assert "kiln[s3]" in run.termination["error"]
 
 
 def test_missing_manifest_and_schema_errors(tmp_path: Path, kiln_train) -> None:

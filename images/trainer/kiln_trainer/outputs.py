@@ -25,6 +25,7 @@ ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int
              "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json")
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
 TERMINATION_LIMIT = 4096
+SCRATCH_PREFIX = "kiln-out-"
 
 
 def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = None) -> tuple[storage.Location, Path]:
@@ -48,7 +49,7 @@ def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = 
         loc = storage.resolve(str(Path.cwd() / "kiln-output" / job.name), Path.cwd(), field)
     if loc.path is not None:
         return loc, loc.path
-    return loc, Path(tempfile.mkdtemp(prefix="kiln-out-"))
+    return loc, Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
 
 
 
@@ -61,6 +62,8 @@ class Output:
         self.dir = local_dir if chief else Path(tempfile.mkdtemp(prefix="kiln-worker-out-"))
         self.shared_dir = local_dir  # where the chief's checkpoints are, read by every worker on resume
         self.staging = self.dir / ".kiln-staging"
+        # A remote output without KILN_OUTPUT_DIR is built in a temp folder, removed after the upload.
+        self.scratch = loc.is_remote and local_dir.name.startswith(SCRATCH_PREFIX) and chief
 
     @property
     def checkpoints(self) -> Path:

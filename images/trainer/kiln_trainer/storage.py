@@ -115,11 +115,9 @@ def upload_dir(local: Path, loc: Location, names: list[str], field: str) -> None
     try:
         for name in ordered:
             src = local / name
-            dst = loc.child_uri(name)
-            if src.is_dir():
-                fs.put(str(src), dst, recursive=True)
-            else:
-                fs.put_file(str(src), dst)
+            files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+            for f in files:  # file by file: `put` of a folder nests differently when the prefix exists
+                fs.put_file(str(f), loc.child_uri(f.relative_to(local).as_posix()))
     except Exception as exc:
         raise TrainerError(f"upload to {loc.uri} failed: {type(exc).__name__}: {exc}", field) from exc
 

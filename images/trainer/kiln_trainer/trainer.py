@@ -117,7 +117,12 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             tf.config.experimental.enable_op_determinism()
 
         data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
-        ds = data.load(storage.fetch(data_loc, "spec.dataset.uri"), ds_spec["uri"], spec)
+        fetched = storage.fetch(data_loc, "spec.dataset.uri")
+        try:
+            ds = data.load(fetched, ds_spec["uri"], spec)
+        finally:
+            if data_loc.is_remote:  # the downloaded copy in $TMPDIR
+                storage.rmtree_quiet(fetched.parent)
         print(ds.report.line(), flush=True)
         timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
         x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(ds_spec.get("validationSplit", 0.2)), seed)
@@ -177,6 +182,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         out.commit()
         timings["export"] = time.perf_counter() - clock
         storage.rmtree_quiet(out.checkpoints)
+        if out.scratch:  # remote output built in a temp folder: uploaded, no longer needed
+            storage.rmtree_quiet(out.dir)
         reporter.epochs = done
         reporter.report(done, {k: v[-1] for k, v in history.items()}, log_line=False)
         print(f"model: {result['modelUri']} (parity max abs diff {result['parityMaxAbsDiff']:.3g})", flush=True)
