@@ -32,7 +32,7 @@ class OnnxModel(Model):
         x = payload.inputs[0].as_numpy().astype(np.float32, copy=False)
         results = self.session.run(self.output_names, {self.input_name: x})
         outputs = []
-        for name, arr in zip(self.output_names, results):
+        for name, arr in zip(self.output_names, results, strict=True):
             out = InferOutput(name=name, shape=list(arr.shape), datatype="FP32")
             out.set_data_from_numpy(arr, binary_data=False)
             outputs.append(out)

@@ -28,5 +28,5 @@ class OnnxRuntimeModel(MLModel):
         return InferenceResponse(
             model_name=self.name,
             id=payload.id,
-            outputs=[NumpyCodec.encode_output(name, arr) for name, arr in zip(self._outputs, results)],
+            outputs=[NumpyCodec.encode_output(name, arr) for name, arr in zip(self._outputs, results, strict=True)],
         )

@@ -41,13 +41,18 @@ ROOT = HERE.parents[1]
 ENVS = Path(os.environ.get("KILN_BENCH_ENVS", "~/.cache/kiln/bench")).expanduser()
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Model server"
+WIDE = 2048  # hidden width of the "wide" MLP used to show batching where compute dominates
 
 
 # --- model -------------------------------------------------------------------------------------
 
 
-def build_mlp(path: Path, seed: int = 0) -> Path:
-    """The reference MLP 1000 -> 64 -> 64 -> 10 with a symbolic batch dim, random weights (fixed seed)."""
+def build_mlp(path: Path, seed: int = 0, hidden: int = 64) -> Path:
+    """The reference MLP 1000 -> 64 -> 64 -> 10 with a symbolic batch dim, random weights (fixed seed).
+
+    `hidden` widens the two hidden layers (the "wide" model where ONNX Runtime's compute, not HTTP
+    and JSON, dominates a request).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -72,7 +77,10 @@ def build_mlp(path: Path, seed: int = 0) -> Path:
         "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1000])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
-        [w("W1", (1000, 64)), w("B1", (64,)), w("W2", (64, 64)), w("B2", (64,)), w("W3", (64, 10)), w("B3", (10,))],
+        [
+            w("W1", (1000, hidden)), w("B1", (hidden,)), w("W2", (hidden, hidden)), w("B2", (hidden,)),
+            w("W3", (hidden, 10)), w("B3", (10,)),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -150,7 +158,9 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _popen(cmd: list[str], log: Path, cpus: str | None, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def _popen(
+    cmd: list[str], log: Path, cpus: str | None, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     if cpus and shutil.which("taskset"):
         cmd = ["taskset", "-c", cpus, *cmd]
     with open(log, "wb") as f:
@@ -159,12 +169,12 @@ def _popen(cmd: list[str], log: Path, cpus: str | None, env: dict[str, str] | No
         )
 
 
-def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln") -> Server:
+def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp") -> Server:
     port = free_port()
     log = work / f"{label}.log"
-    cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", "mlp", "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", name, "--port", str(port), *extra]
     proc = _popen(cmd, log, cpus)
-    s = Server(label, proc, port, "/v2/models/mlp/infer", log, " ".join(extra))
+    s = Server(label, proc, port, f"/v2/models/{name}/infer", log, " ".join(extra))
     wait_http(s.url + "/v2/health/ready")
     return s
 
@@ -396,10 +406,22 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
     lines.append("|---|---|---|---|---|")
     ub, b = get("kiln", "json-b1", 64), get("kiln-batching", "json-b1", 64)
     if ub and b:
-        lines.append(f"| JSON batch 1, c=64, batching off | {ub.rps:,.0f} | {ub.rows_per_s:,.0f} | {ub.p50_ms:.2f} / {ub.p99_ms:.2f} | 1.0x |")
+        lines.append(
+            f"| JSON batch 1, c=64, batching off | {ub.rps:,.0f} | {ub.rows_per_s:,.0f} | {ub.p50_ms:.2f} / {ub.p99_ms:.2f} | 1.0x |"
+        )
         lines.append(
             f"| JSON batch 1, c=64, dynamic batching (64 rows, 2 ms) | {b.rps:,.0f} | {b.rows_per_s:,.0f} | "
             f"{b.p50_ms:.2f} / {b.p99_ms:.2f} | **{b.rows_per_s / ub.rows_per_s:.1f}x** (target >= 3x) |"
+        )
+    wu, wb = get("kiln-wide", "json-b1", 64), get("kiln-wide-batching", "json-b1", 64)
+    if wu and wb:
+        lines.append(
+            f"| wide MLP (1000 -> {WIDE} -> {WIDE} -> 10), JSON batch 1, c=64, batching off | {wu.rps:,.0f} | "
+            f"{wu.rows_per_s:,.0f} | {wu.p50_ms:.2f} / {wu.p99_ms:.2f} | 1.0x |"
+        )
+        lines.append(
+            f"| wide MLP, JSON batch 1, c=64, dynamic batching (64 rows, 2 ms) | {wb.rps:,.0f} | {wb.rows_per_s:,.0f} | "
+            f"{wb.p50_ms:.2f} / {wb.p99_ms:.2f} | **{wb.rows_per_s / wu.rows_per_s:.1f}x** |"
         )
     j64, bin64 = get("kiln", "json-b64", 8), get("kiln", "binary-b64", 8)
     if j64 and bin64:
@@ -466,12 +488,14 @@ def main() -> int:
     only = set(args.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     model = build_mlp(work / "mlp.onnx")
+    wide = build_mlp(work / "wide.onnx", seed=1, hidden=WIDE)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
     x64 = np.random.default_rng(8).standard_normal((64, 1000)).astype(np.float32)
     expected1 = sess.run(None, {"input": x1})[0]
+    wide_expected1 = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
     body1 = json_body(x1)
     body64 = json_body(x64)
     bin64, bin64_head = binary_body(x64)
@@ -502,6 +526,8 @@ def main() -> int:
             ("json-b64", body64, jh, 8, 64), ("binary-b64", bin64, bh, 8, 64),
         ],
         "kiln-batching": [("json-b1", body1, jh, 64, 1), ("json-b1", body1, jh, 8, 1)],
+        "kiln-wide": [("json-b1", body1, jh, 64, 1)],
+        "kiln-wide-batching": [("json-b1", body1, jh, 64, 1)],
         "mlserver": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
         "kserve": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
     }
@@ -509,6 +535,10 @@ def main() -> int:
         "kiln": lambda: start_kiln(model, work, srv_cpus),
         "kiln-batching": lambda: start_kiln(
             model, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-batching"
+        ),
+        "kiln-wide": lambda: start_kiln(wide, work, srv_cpus, label="kiln-wide", name="wide"),
+        "kiln-wide-batching": lambda: start_kiln(
+            wide, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-wide-batching", name="wide"
         ),
         "mlserver": lambda: start_mlserver(model, work, srv_cpus),
         "kserve": lambda: start_kserve(model, work, srv_cpus),
@@ -521,7 +551,7 @@ def main() -> int:
                 continue
             try:
                 servers[name] = start()
-                check_answer(servers[name], body1, expected1)
+                check_answer(servers[name], body1, wide_expected1 if "wide" in name else expected1)
             except (FileNotFoundError, RuntimeError) as exc:
                 print(f"  {name}: skipped ({exc})", flush=True)
         for rnd in range(args.rounds):

@@ -201,3 +201,19 @@ def test_chunked_request_body_is_accepted(two_io_server: Server) -> None:
     r = two_io_server.post("/v2/models/two/infer", data=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     assert r.json()["outputs"][0]["data"] == [2.0, 3.0, 4.0]
+
+
+def test_half_closed_client_gets_answer_then_close(mlp_server: Server) -> None:
+    """A client that sends a request and shuts its write side gets the answer, then the server closes."""
+    import socket
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1000], "datatype": "FP32", "data": [0.0] * 1000}]}).encode()
+    head = b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", mlp_server.port), timeout=5) as s:
+        s.sendall(head % len(body) + body)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):  # returns b"" only when the server closes; times out otherwise
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert b'"probabilities"' in data

@@ -113,6 +113,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.discarding = False
+        self.peer_closed = False
         self.in_message = False
         self.last_activity = time.monotonic()
         self.message_start = 0.0
@@ -170,7 +171,8 @@ class HttpProtocol(asyncio.Protocol):
             self._drain()
 
     def eof_received(self) -> bool | None:
-        # Half-closed clients still get answers to what they sent.
+        # Half-closed clients still get answers to what they sent; the connection closes after.
+        self.peer_closed = True
         return True if (self.busy or self.queue) else None
 
     # --- httptools callbacks -----------------------------------------------------------------
@@ -259,6 +261,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.transport is not None:
             self.read_paused = False
             self.transport.resume_reading()
+        if self.peer_closed and not self.busy and not self.queue and self.transport is not None:
+            self.transport.close()
 
     def _deferred_done(self, resp: Response, req: Request) -> None:
         self.busy = False
