@@ -214,3 +214,33 @@ def test_relative_and_file_uris_resolve_against_the_manifest(tmp_path: Path, kil
     run = kiln_train(write_manifest(tmp_path, manifest(dataset={"uri": "file://sub/data.csv"})))
     assert run.code == 0, run.err
     assert "from file://sub/data.csv" in run.out
+
+
+def test_in_cluster_mode_reads_the_mounted_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The operator's contract: `kiln train --in-cluster`, KILN_SPEC, KILN_OUTPUT_DIR, pvc:// under KILN_PVC_ROOT,
+    a HOME that is not writable (read-only root filesystem)."""
+    from kiln_trainer.__main__ import main
+
+    pvc_root = tmp_path / "pvc"
+    (pvc_root / "datasets" / "blobs").mkdir(parents=True)
+    x, y = blobs()
+    write_csv(pvc_root / "datasets" / "blobs" / "data.csv", x, y)
+    out_dir = pvc_root / "models" / "run-1"
+    doc = manifest(name="blobs", dataset={"uri": "pvc://datasets/blobs/data.csv"},
+                   output={"uri": "pvc://models/run-1"})
+    doc["metadata"].update(namespace="team-a", uid="1234", generation=1)
+    spec_dir = tmp_path / "etc-kiln"
+    spec_dir.mkdir()
+    spec_file = write_manifest(spec_dir, doc, "trainingjob.yaml")
+    term = tmp_path / "termination-log"
+    for k, v in {"KILN_SPEC": str(spec_file), "KILN_OUTPUT_DIR": str(out_dir), "KILN_PVC_ROOT": str(pvc_root),
+                 "KILN_OUTPUT_URI": "pvc://models/run-1", "KILN_TERMINATION_LOG": str(term),
+                 "HOME": "/proc/kiln-not-writable"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(spec_dir)
+    assert main(["--in-cluster"]) == 0, capsys.readouterr().err
+    message = json.loads(term.read_text())
+    assert message["modelUri"] == "pvc://models/run-1/model.onnx"
+    assert (out_dir / "model.onnx").is_file() and (out_dir / "result.json").is_file()
+    assert not (spec_dir / "kiln-output").exists()
+    assert "from pvc://datasets/blobs/data.csv" in capsys.readouterr().out
