@@ -155,8 +155,8 @@ See docs/install.md for why each rule exists.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if and .Values.peering.enabled (eq .Values.scope "namespaced") }}
-# Kopf peering (namespaced operators): keep-alives in the KopfPeering of each served namespace.
+{{- if and .Values.peering.enabled .Values.watchNamespaces }}
+# Kopf peering (operators serving listed namespaces): keep-alives in the KopfPeering of each namespace.
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
@@ -177,7 +177,7 @@ Rules only a cluster-scoped operator needs.
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
-{{- if .Values.peering.enabled }}
+{{- if and .Values.peering.enabled (not .Values.watchNamespaces) }}
 # Kopf peering (cluster-wide operators): keep-alives in the ClusterKopfPeering.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
