@@ -145,9 +145,10 @@ class OperatorProcess:
 
 @pytest.fixture(scope="session")
 def operator(control_plane: ControlPlane, api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """One operator for the session, watching the `kiln-test-*` namespaces."""
+    """One operator for the session, cluster-wide (the chart's default) except the `kiln-solo-*` namespaces,
+    which belong to tests that run (and kill) operators of their own."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(control_plane.kubeconfig, ["kiln-test-*"], log).start()
+    op = OperatorProcess(control_plane.kubeconfig, [], log, extra=["--all-namespaces", "--exclude-namespace", "kiln-solo-*"]).start()
     # Liveness answers before the watches are established: wait until a canary is actually handled.
     ns = make_namespace(api, "kiln-test-canary")
     api.call("POST", api.path("kiln.dev/v1alpha1", "TrainingJob", ns), {

@@ -32,6 +32,8 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
     p.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
                    help="namespace to watch (repeatable, globs allowed); default: KILN_NAMESPACES or all")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--exclude-namespace", action="append", dest="exclude", metavar="NS",
+                   help="namespace glob to leave alone (repeatable); default: KILN_EXCLUDE_NAMESPACES")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then KUBECONFIG)")
     p.add_argument("--trainer-image", default=settings.trainer_image)
     p.add_argument("--server-image", default=settings.server_image)
@@ -47,6 +49,8 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
         settings.namespaces = []
     elif args.namespaces:
         settings.namespaces = args.namespaces
+    if args.exclude:
+        settings.exclude_namespaces = args.exclude
     settings.trainer_image = args.trainer_image
     settings.server_image = args.server_image
     settings.reconcile_interval = args.reconcile_interval
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     kopf.run(
         registry=registry,
         clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces or None,
+        namespaces=settings.namespaces,
         standalone=not settings.peering,
         peering_name=settings.peering or None,
         priority=settings.priority,

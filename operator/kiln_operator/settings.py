@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field, fields
 
@@ -30,6 +31,8 @@ class OperatorSettings:
 
     namespaces: list[str] = field(default_factory=list)
     """Namespaces to watch (globs allowed, e.g. `team-*`); empty means cluster-wide."""
+    exclude_namespaces: list[str] = field(default_factory=list)
+    """Namespaces (globs) to leave alone even when watching cluster-wide, e.g. a team's own operator."""
     trainer_image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
     """Default image of training Jobs (a TrainingJob's `spec.image` overrides it)."""
     server_image: str = "ghcr.io/kiln-dev/kiln-server:0.1.0"
@@ -55,6 +58,10 @@ class OperatorSettings:
     max_workers: int = 20
     """Threads for blocking API calls."""
     features: Features = field(default_factory=Features)
+
+    def handles(self, namespace: str | None) -> bool:
+        """False for namespaces excluded by `exclude_namespaces`."""
+        return not any(fnmatch.fnmatchcase(namespace or "", pattern) for pattern in self.exclude_namespaces)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:

@@ -37,6 +37,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     writer = StatusWriter(API_VERSION, "ModelDeployment")
     mds, deployments, services, pods, trainingjobs = Cache(), Cache(), Cache(), Cache(), Cache()
     hpas_applied: set[Key] = set()
+    def wanted(namespace: str | None, **_: Any) -> bool:
+        return settings.handles(namespace)
+
     selector = {names.LABEL_MODELDEPLOYMENT: kopf.PRESENT}
 
     async def apply_children(key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
@@ -122,7 +125,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     async def stop_resync(**_: Any) -> None:
         await ticker.stop()
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, id="modeldeployment-event", registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="modeldeployment-event", when=wanted, registry=registry)
     async def md_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         key = (namespace, name)
         if type == "DELETED":
@@ -136,13 +139,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     def child_key(namespace: str, annotations: Any) -> Key:
         return namespace, annotations.get(names.ANNOTATION_MODELDEPLOYMENT, "")
 
-    @kopf.on.event("apps", "v1", "deployments", labels=selector, id="md-deployment-event", registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", labels=selector, id="md-deployment-event", when=wanted, registry=registry)
     async def deployment_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
         key = child_key(namespace, annotations)
         deployments.update(type, key, _full(body))
         await safe_reconcile(key)
 
-    @kopf.on.event("", "v1", "services", labels=selector, id="md-service-event", registry=registry)
+    @kopf.on.event("", "v1", "services", labels=selector, id="md-service-event", when=wanted, registry=registry)
     async def service_event(type: str | None, namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> None:
         md_name = next((k for k, v in mds.items.items() if k[0] == namespace and names.label_value(k[1]) == labels.get(names.LABEL_MODELDEPLOYMENT)), None)
         if md_name is None:
@@ -150,14 +153,14 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         services.update(type, md_name, _full(body))
         await safe_reconcile(md_name)
 
-    @kopf.on.event("", "v1", "pods", labels=selector, id="md-pod-event", registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=selector, id="md-pod-event", when=wanted, registry=registry)
     async def pod_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
         key = child_key(namespace, annotations)
         pods.update(type, key, {"metadata": copy.deepcopy(dict(body.get("metadata") or {})),
                                 "status": copy.deepcopy(dict(body.get("status") or {}))})
         await safe_reconcile(key)
 
-    @kopf.on.event(GROUP, VERSION, "trainingjobs", id="md-trainingjob-event", registry=registry)
+    @kopf.on.event(GROUP, VERSION, "trainingjobs", id="md-trainingjob-event", when=wanted, registry=registry)
     async def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         key = (namespace, name)
         if type == "DELETED":

@@ -70,6 +70,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     """Attach the TrainingJob handlers to `registry` (timings come from `settings`)."""
     writer = StatusWriter(API_VERSION, "TrainingJob")
     features = settings.features
+    def wanted(namespace: str | None, **_: Any) -> bool:
+        return settings.handles(namespace)
+
     selector = {names.LABEL_TRAININGJOB: kopf.PRESENT}
 
     trainingjobs, jobs, pods = Cache(), Cache(), Cache()
@@ -195,12 +198,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             update["progress"] = {"epoch": 0, "epochs": epochs, "percent": 0}
         await writer.patch(key, {k: v for k, v in update.items() if tj["status"].get(k) != v})
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, id="children", registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, id="children", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="children", when=wanted, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="children", when=wanted, registry=registry)
     async def create_fn(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         await ensure_children((namespace, name), snapshot(body))
 
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-change", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-change", when=wanted, registry=registry)
     async def spec_changed(namespace: str, name: str, body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
         key = (namespace, name)
         tj = writer.view(key, snapshot(body))
@@ -235,19 +238,19 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             except (ApiException, kopf.TemporaryError) as exc:
                 log.warning("reconcile of %s/%s after a child event failed: %s", key[0], key[1], exc)
 
-    @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", registry=registry)
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", when=wanted, registry=registry)
     async def job_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
         key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
         jobs.update(type, key, slim_job(body))
         await on_child(key)
 
-    @kopf.on.event("", "v1", "pods", labels=selector, id="pod-event", registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=selector, id="pod-event", when=wanted, registry=registry)
     async def pod_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
         key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
         pods.update(type, key, slim_pod(body))
         await on_child(key)
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, id="trainingjob-event", registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="trainingjob-event", when=wanted, registry=registry)
     def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         key = (namespace, name)
         if type == "DELETED":
