@@ -90,7 +90,8 @@ class Install:
 
     def up(self, scope: str = "cluster", drop: tuple[str, str, str] | None = None, peering: bool = False) -> Install:
         self.system = make_namespace(self.api, "kiln-system")
-        self.workload = make_namespace(self.api, "kiln-chart")
+        # kiln-solo-*: the cluster-wide session operator of other tests leaves these namespaces alone.
+        self.workload = make_namespace(self.api, "kiln-solo-chart")
         self.namespaces = [self.system, self.workload]
         values = {"scope": scope, "watchNamespaces": [self.workload], "operator.reconcileInterval": 0.5,
                   "operator.watchServerTimeout": 60, "operator.watchClientTimeout": 90,
