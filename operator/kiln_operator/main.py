@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -67,7 +69,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Idle watches can go silent without an error (nolar/kopf#585): bound them on both sides.
         settings.watching.server_timeout = ops.watch_server_timeout
         settings.watching.client_timeout = ops.watch_client_timeout
@@ -80,6 +82,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # Kiln posts its own transition events; Kopf's per-handler chatter would cost an API call each.
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = ops.max_workers
+        # Blocking API calls run in threads: size the pool for many objects at once, not for the CPU count.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=ops.max_workers, thread_name_prefix="kiln-api"))
         settings.peering.standalone = not ops.peering
         if ops.peering:
             settings.peering.name = ops.peering

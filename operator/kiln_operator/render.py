@@ -163,7 +163,8 @@ def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
     if output_uri and output_uri.split("://")[0] not in ("pvc", "s3") :
         raise RenderError("spec.output.uri", f"{output_uri!r}: a cluster needs pvc:// or s3:// (the pod's filesystem is temporary)")
     if int(spec.get("workers") or 1) > 1 and not features.indexed_jobs:
-        raise RenderError("spec.workers", f"more than 1 worker needs Indexed Jobs (Kubernetes 1.21+); the API server is {features.server_version or 'older'}")
+        version = features.server_version or "older"
+        raise RenderError("spec.workers", f"more than 1 worker needs Indexed Jobs (Kubernetes 1.21+); the API server is {version}")
 
 
 def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:

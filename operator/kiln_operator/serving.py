@@ -78,7 +78,8 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     st = tj.get("status") or {}
     phase = st.get("phase") or "Pending"
     if phase == "Failed":
-        return Resolution(None, "TrainingJobFailed", f"TrainingJob {name} failed: {st.get('reason', '')}: {st.get('message', '')}", failed=True)
+        why = f"TrainingJob {name} failed: {st.get('reason', '')}: {st.get('message', '')}"
+        return Resolution(None, "TrainingJobFailed", why, failed=True)
     if phase != "Succeeded":
         progress = st.get("progress") or {}
         detail = f" ({progress.get('percent')}%)" if progress.get("percent") is not None else ""
@@ -293,7 +294,8 @@ def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dic
             else:
                 conds = set_condition(conds, "AutoscalerReady", "False", "AutoscalingUnavailable",
                                       f"autoscaling/v2 is not served by this API server ({settings.features.server_version}); "
-                                      f"running spec.autoscaling.minReplicas={spec['autoscaling'].get('minReplicas', 1)} replicas", now, gen)
+                                      f"running spec.autoscaling.minReplicas={spec['autoscaling'].get('minReplicas', 1)} replicas",
+                                      now, gen)
     new.update(phase=phase, reason=reason, message=message[:2048], conditions=conds)
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     event = None

@@ -58,7 +58,8 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, rea
     out = [dict(c) for c in conditions if c.get("type") != type_]
     old = next((c for c in conditions if c.get("type") == type_), None)
     cond: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message[:1024]}
-    cond["lastTransitionTime"] = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else fmt_time(now)
+    unchanged = old is not None and old.get("status") == status and old.get("lastTransitionTime")
+    cond["lastTransitionTime"] = old["lastTransitionTime"] if unchanged and old else fmt_time(now)
     if generation is not None:
         cond["observedGeneration"] = generation
     out.append(cond)
@@ -273,13 +274,16 @@ def _active(spec: dict[str, Any], job: dict[str, Any], pods: list[dict[str, Any]
                 detail = f"pod {pname}: {why}: {waiting.get('message') or cs.get('image') or ''}".rstrip(": ")
                 waited = (now - created).total_seconds()
                 if waited >= start_timeout:
-                    return ("Failed", why, f"{detail}; the pod could not start within spec.runPolicy.startTimeoutSeconds={start_timeout}, the Job was deleted", None, True)
+                    message = (f"{detail}; the pod could not start within spec.runPolicy.startTimeoutSeconds={start_timeout}, "
+                               "the Job was deleted")
+                    return "Failed", why, message, None, True
                 return "Pending", why, f"{detail} (fails after {start_timeout}s)", None, False
             if why == "CrashLoopBackOff":
                 term = (cs.get("lastState") or {}).get("terminated") or {}
                 summary = termination_summary(term.get("message"))
                 detail = (summary or {}).get("error") or term.get("message") or term.get("reason") or ""
-                msg = f"pod {pname}: container {cs.get('name')} keeps crashing (restarts {cs.get('restartCount', 0)}, last exit code {term.get('exitCode', '?')}): {detail}".rstrip(": ")
+                msg = (f"pod {pname}: container {cs.get('name')} keeps crashing (restarts {cs.get('restartCount', 0)}, "
+                       f"last exit code {term.get('exitCode', '?')}): {detail}").rstrip(": ")
                 return "Running", "CrashLoopBackOff", msg, None, False
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":

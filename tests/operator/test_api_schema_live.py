@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kiln.schema import errors as local_errors
 
 pytestmark = [pytest.mark.live]

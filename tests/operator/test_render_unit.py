@@ -12,11 +12,12 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kiln.manifests import load_file
-from kiln.schema import ManifestError, validate
 from kiln_operator.render import RenderError, build_trainingjob
 from kiln_operator.serving import ModelRef, build_modeldeployment
 from kiln_operator.settings import Features, OperatorSettings
+
+from kiln.manifests import load_file
+from kiln.schema import ManifestError, validate
 
 pytestmark = [pytest.mark.unit]
 
@@ -106,7 +107,7 @@ def test_multi_worker_renders_an_indexed_job_and_headless_service() -> None:
     assert pod["subdomain"] == svc["metadata"]["name"]
     hosts = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}["KILN_WORKER_HOSTS"]
     assert hosts.split(",") == [f"demo-train-{i}.demo-workers.ml.svc:2222" for i in range(3)]
-    with pytest.raises(RenderError, match="spec.workers"):
+    with pytest.raises(RenderError, match=r"spec\.workers"):
         build_trainingjob(tj(workers=3), OLD)
 
 

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kiln.schema import validate
 from kiln_operator.render import build_trainingjob
 from kiln_operator.serving import ModelRef, build_modeldeployment
 from kiln_operator.settings import Features, OperatorSettings
+
+from kiln.schema import validate
 
 pytestmark = [pytest.mark.unit]
 
@@ -87,7 +88,7 @@ def test_the_checker_can_fail() -> None:
     assert any("allowPrivilegeEscalation" in v for v in found) and any("hostPath" in v for v in found)
 
 
-TOKENS = list(string.printable) + ["{{", "}}", "{%", "%}", "\n---\n", "&a ", "*a", "!!python/object:os.system", "é", "\u2028", '"', "'", ": "]
+TOKENS = [*list(string.printable), "{{", "}}", "{%", "%}", "\n---\n", "&a ", "*a", "!!python/object:os.system", "é", "\u2028", '"', "'", ": "]
 NASTY = st.lists(st.sampled_from(TOKENS), min_size=1, max_size=20).map("".join)
 DNS = st.from_regex(r"[a-z][a-z0-9]{0,20}", fullmatch=True)
 

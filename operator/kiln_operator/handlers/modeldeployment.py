@@ -147,7 +147,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
     @kopf.on.event("", "v1", "services", labels=selector, id="md-service-event", when=wanted, registry=registry)
     async def service_event(type: str | None, namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> None:
-        md_name = next((k for k, v in mds.items.items() if k[0] == namespace and names.label_value(k[1]) == labels.get(names.LABEL_MODELDEPLOYMENT)), None)
+        wanted_label = labels.get(names.LABEL_MODELDEPLOYMENT)
+        md_name = next((k for k in mds if k[0] == namespace and names.label_value(k[1]) == wanted_label), None)
         if md_name is None:
             return
         services.update(type, md_name, _full(body))

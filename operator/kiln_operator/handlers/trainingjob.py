@@ -126,7 +126,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         try:
             _, created = await asyncio.to_thread(kube.create, md)
         except ApiException as exc:
-            await post_event(tj, "Warning", "DeployFailed", f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}")
+            message = f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}"
+            await post_event(tj, "Warning", "DeployFailed", message)
             raise kopf.TemporaryError(kube.error_message(exc), delay=10) from exc
         await writer.patch(key, {"deployment": md["metadata"]["name"]})
         if created:
@@ -159,17 +160,25 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         except RenderError as exc:
             await fail(key, body, "InvalidSpec", str(exc))
             return
-        job_name = ""
-        for obj in children:
+        async def create_child(obj: dict[str, Any]) -> tuple[dict[str, Any], bool] | ApiException:
             try:
-                existing, created = await asyncio.to_thread(kube.create, obj)
+                return await asyncio.to_thread(kube.create, obj)
             except ApiException as exc:
-                message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(exc)}"
-                if exc.status in (400, 422):
+                return exc
+
+        # What the Job mounts or runs as is independent: create it together, then the Job.
+        outcomes = list(await asyncio.gather(*(create_child(obj) for obj in children[:-1])))
+        outcomes.append(await create_child(children[-1]) if not any(isinstance(o, ApiException) for o in outcomes) else outcomes[0])
+        job_name = ""
+        for obj, outcome in zip(children, outcomes, strict=True):
+            if isinstance(outcome, ApiException):
+                message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(outcome)}"
+                if outcome.status in (400, 422):
                     await fail(key, body, "JobCreationFailed", message)
                     return
                 await post_event(tj, "Warning", "CreateFailed", message)
-                raise kopf.TemporaryError(message, delay=5) from exc
+                raise kopf.TemporaryError(message, delay=5) from outcome
+            existing, created = outcome
             if not created and not _owned_by(existing, tj["metadata"].get("uid")):
                 # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
                 raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} belongs to another owner; waiting", delay=3)
