@@ -185,3 +185,10 @@ def test_kiln_render_prints_the_gpu_job(kiln_cli: Any) -> None:
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     bad = kiln_cli("render", "-", input=json.dumps({"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob"}))
     assert bad.returncode != 0
+
+
+def test_api_reference_is_up_to_date() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    text = (ROOT / "docs" / "api-reference.md").read_text()
+    assert "| `spec.training.optimizer.name` | string |" in text and "exactly one of `trainingJob` / `uri`" in text
