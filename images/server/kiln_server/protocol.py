@@ -16,6 +16,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+_simdjson: Any
+try:  # simdjson reads a JSON number array straight into a typed buffer, without Python floats
+    import simdjson as _simdjson
+except ImportError:  # pragma: no cover - pysimdjson is in the server extra
+    _simdjson = None
+
 # V2 datatype -> numpy dtype.
 DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -106,6 +112,95 @@ class InferRequest:
     rows: int
 
 
+class JsonLoader:
+    """Decodes infer request JSON; `inputs[*].data` arrays may stay lazy (simdjson) until converted.
+
+    With pysimdjson, a flat number array becomes a numpy array through `as_buffer` (one C loop, no
+    Python float per element): about 3x faster than orjson + a conversion for the typical request,
+    where the tensor data is nearly all of the body. Everything else is converted to plain Python
+    values, and any document simdjson refuses is decoded again by orjson for its precise error.
+    """
+
+    def __init__(self) -> None:
+        self._parser = _simdjson.Parser() if _simdjson is not None else None
+
+    def load(self, raw: bytes) -> Any:
+        """The document as dicts/lists, except `inputs[*].data` arrays (lazy when simdjson is used)."""
+        parser = self._parser
+        if parser is None:
+            return orjson.loads(raw)
+        try:
+            doc = parser.parse(raw)
+        except Exception:
+            # Invalid JSON, numbers beyond 64 bits, or a previous document still referenced (the parser
+            # cannot be reused then): start a fresh parser and let orjson decode this one, or raise
+            # its JSONDecodeError with line and column.
+            self._parser = _simdjson.Parser()
+            return orjson.loads(raw)
+        if not isinstance(doc, _simdjson.Object):
+            return orjson.loads(raw)
+        out: dict[str, Any] = {}
+        for key in doc.keys():  # noqa: SIM118 - simdjson.Object iterates differently
+            value = doc[key]
+            if key == "inputs" and isinstance(value, _simdjson.Array):
+                items: list[Any] = []
+                for item in value:
+                    if isinstance(item, _simdjson.Object):
+                        entry: dict[str, Any] = {}
+                        for ik in item.keys():  # noqa: SIM118
+                            iv = item[ik]
+                            entry[ik] = iv if ik == "data" and isinstance(iv, _simdjson.Array) else _plain(iv)
+                        items.append(entry)
+                    else:
+                        items.append(_plain(item))
+                out[key] = items
+            else:
+                out[key] = _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if _simdjson is not None:
+        if isinstance(value, _simdjson.Object):
+            return value.as_dict()
+        if isinstance(value, _simdjson.Array):
+            return value.as_list()
+    return value
+
+
+# V2 datatype -> simdjson buffer type for flat number arrays
+_SIMD_TYPES: dict[str, tuple[str, np.dtype[Any]]] = {
+    "FP16": ("d", np.dtype(np.float64)), "FP32": ("d", np.dtype(np.float64)), "FP64": ("d", np.dtype(np.float64)),
+    "INT8": ("i", np.dtype(np.int64)), "INT16": ("i", np.dtype(np.int64)), "INT32": ("i", np.dtype(np.int64)),
+    "INT64": ("i", np.dtype(np.int64)), "UINT8": ("i", np.dtype(np.int64)), "UINT16": ("i", np.dtype(np.int64)),
+    "UINT32": ("i", np.dtype(np.int64)), "UINT64": ("u", np.dtype(np.uint64)),
+}
+
+
+def _from_simd(name: str, data: Any, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray | None:
+    """Flat number arrays via simdjson's typed buffer; None means "use the general path"."""
+    kind = _SIMD_TYPES.get(spec.datatype)
+    if kind is None:
+        return None
+    n = len(data)
+    if n and isinstance(data[0], _simdjson.Array):
+        return None  # nested: the general path checks the structure strictly
+    try:
+        buf = np.frombuffer(data.as_buffer(of_type=kind[0]), dtype=kind[1])
+    except (TypeError, ValueError):
+        return None  # non-numbers, booleans, out of range: the general path explains
+    if buf.size != n:
+        return None  # mixed nesting such as [1, [2, 3]]
+    if n != count:
+        raise ProtocolError(400, f"input '{name}': data has {n} elements but shape {shape} needs {count}")
+    dtype = spec.dtype
+    if dtype.kind in "iu" and dtype != buf.dtype and n:
+        info = np.iinfo(dtype)
+        if buf.min() < info.min or buf.max() > info.max:
+            raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype}")
+    return buf.astype(dtype, copy=False).reshape(shape)
+
+
 def error_body(message: str) -> bytes:
     """The V2 error document `{"error": message}`."""
     return orjson.dumps({"error": message})
@@ -134,6 +229,11 @@ def _elements(shape: list[int]) -> int:
 def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], count: int) -> np.ndarray:
     """Decode JSON `data` (flat or nested, row-major) -> array of the declared shape, checked strictly."""
     dtype = spec.dtype
+    if _simdjson is not None and isinstance(data, _simdjson.Array):
+        arr = _from_simd(name, data, spec, shape, count)
+        if arr is not None:
+            return arr
+        data = data.as_list()
     if not isinstance(data, list):
         data = [data]
     if spec.datatype == "BYTES":
@@ -259,6 +359,7 @@ def parse_infer_request(
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
     max_elements: int,
+    loader: JsonLoader | None = None,
 ) -> InferRequest:
     """Decode and validate a V2 infer body (JSON, or JSON header + binary tensors) against the model."""
     if header_length is not None:
@@ -271,7 +372,7 @@ def parse_infer_request(
     else:
         head = body
     try:
-        doc = orjson.loads(head)
+        doc = (loader or _DEFAULT_LOADER).load(head)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(400, f"request body is not valid JSON: {exc}") from None
     if type(doc) is not dict:
@@ -373,6 +474,9 @@ def parse_infer_request(
         if not requested:
             requested = None
     return InferRequest(rid, arrays, requested, binary_output, max(rows, 0))
+
+
+_DEFAULT_LOADER = JsonLoader()
 
 
 def _bytes_element(x: Any) -> bytes:
