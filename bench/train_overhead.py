@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,18 +48,26 @@ model.save(os.path.join(out, "model.keras"))
 '''
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Wall time of one process, and the phase timings `kiln train` prints (`timings: data=1.0s ...`)."""
-    start = time.perf_counter()
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, float]]:
+    """Wall and CPU seconds of one process, and the phase timings `kiln train` prints (`timings: data=1.0s ...`).
+
+    CPU time is reported too because wall time on a shared machine swings with other people's load.
+    """
+    cpu0, start = _cpu_children(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, _cpu_children() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     phases = {}
     for line in proc.stdout.splitlines():
         if line.startswith("timings: "):
             phases = {k: float(v.rstrip("s")) for k, v in (item.split("=") for item in line.split()[1:])}
-    return took, phases
+    return took, cpu, phases
 
 
 def main() -> None:
@@ -84,15 +93,17 @@ def main() -> None:
         plain_out.mkdir()
         plain_cmd = [sys.executable, str(work / "plain.py"), str(work / "data.npz"), str(a.epochs), str(plain_out)]
         times: dict[str, list[float]] = {"kiln": [], "plain": []}
+        cpus: dict[str, list[float]] = {"kiln": [], "plain": []}
         phases: dict[str, list[float]] = {}
         for i in range(a.repeats):
             order = [("kiln", kiln_cmd), ("plain", plain_cmd)]
             for name, cmd in order if i % 2 == 0 else order[::-1]:
-                took, ph = _run(cmd, env)
+                took, cpu, ph = _run(cmd, env)
                 times[name].append(took)
+                cpus[name].append(cpu)
                 for k, v in ph.items():
                     phases.setdefault(k, []).append(v)
-                print(f"repeat {i + 1}: {name} {times[name][-1]:.1f}s", flush=True)
+                print(f"repeat {i + 1}: {name} {took:.1f}s wall, {cpu:.1f}s cpu", flush=True)
         result = json.loads((work / "out" / "result.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -103,6 +114,8 @@ def main() -> None:
         "kilnMedian": round(kiln, 2), "plainMedian": round(plain, 2), "ratio": round(kiln / plain, 3),
         "overheadShareOfKilnWall": round((kiln - plain) / kiln, 3),
         "minRatio": round(min(times["kiln"]) / min(times["plain"]), 3),
+        "kilnCpuSeconds": cpus["kiln"], "plainCpuSeconds": cpus["plain"],
+        "cpuRatio": round(statistics.median(cpus["kiln"]) / statistics.median(cpus["plain"]), 3),
         "kilnPhaseMedians": {k: round(statistics.median(v), 2) for k, v in phases.items()},
         "heldoutAccuracy": result["metrics"].get("heldout_accuracy"), "parityMaxAbsDiff": result["parityMaxAbsDiff"],
     }

@@ -56,3 +56,23 @@ def test_killed_run_resumes_at_next_epoch(tmp_path: Path) -> None:
     assert result["epochsRun"] == 6 and result["seed"] == 5
     assert [r["body"]["status"]["progress"]["epoch"] for r in server.requests][:4] == [3, 4, 5, 6]
     assert not (out / "checkpoints").exists()
+
+
+def test_sigterm_fails_cleanly_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    x, y = blobs(n=120)
+    write_csv(tmp_path / "data.csv", x, y)
+    path = write_manifest(tmp_path, manifest(training={"epochs": 4, "seed": 5}))
+    out, term = tmp_path / "out", tmp_path / "termination-log"
+    with ProgressServer(hold_epoch=1) as server:
+        env = subprocess_env(KILN_TRAININGJOB="t", KILN_NAMESPACE="ns", KILN_API_SERVER=server.url,
+                             KILN_TERMINATION_LOG=str(term))
+        proc = popen_train([str(path), "--output", str(out)], env, tmp_path)
+        assert server.held.wait(120)
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, log
+    message = json.loads(term.read_text())
+    assert "SIGTERM" in message["error"] and message["field"] is None
+    assert not (out / "result.json").exists() and not (out / "model.onnx").exists()
+    assert not (out / ".kiln-staging").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "epoch-00001"

@@ -7,11 +7,13 @@ outcome also goes to the termination message file as JSON (see docs/trainer.md).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 
 from kiln_trainer import outputs, runtime
-from kiln_trainer.errors import EXIT_RETRYABLE, TrainerError
+from kiln_trainer.errors import EXIT_RETRYABLE, Terminated, TrainerError
 
 USAGE = "kiln train [FILE] [--output DIR_OR_URI] [--name NAME] [--in-cluster]"
 
@@ -27,9 +29,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Pod deletion or preemption: unwind through the normal error path (staged outputs are removed)."""
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one training; returns the process exit code."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     runtime.prepare_environment()
     from kiln_trainer.progress import setup_logging
 
@@ -52,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         print(f"kiln train: error: {exc}", file=sys.stderr, flush=True)
         outputs.write_termination(outputs.failure_message(str(exc), exc.field), term)
+        return exc.exit_code
+    except Terminated as exc:
+        print(f"kiln train: error: {exc.message}", file=sys.stderr, flush=True)
+        outputs.write_termination(outputs.failure_message(exc.message, None), term)
         return exc.exit_code
     except KeyboardInterrupt:
         outputs.write_termination(outputs.failure_message("interrupted", None), term)

@@ -36,3 +36,11 @@ class DataError(TrainerError):
 
     def __init__(self, message: str, field: str | None = "spec.dataset.uri") -> None:
         super().__init__(message, field, exit_code=EXIT_SPEC)
+
+
+class Terminated(BaseException):
+    """SIGTERM (pod deleted or preempted). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way (progress reporting, library code) swallows it."""
+
+    exit_code = 128 + 15
+    message = "terminated by SIGTERM (pod deleted or preempted); a restart resumes from the checkpoint"
