@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from typing import Any
 
 import jinja2
@@ -100,6 +101,10 @@ def parse_pvc(uri: str, field: str) -> tuple[str, str] | None:
     claim, _, path = rest.partition("/")
     if not claim:
         raise RenderError(field, f"{uri!r} has no claim name (pvc://CLAIM/PATH)")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", claim):
+        raise RenderError(field, f"{claim!r} is not a valid PersistentVolumeClaim name")
+    if ".." in path.split("/"):
+        raise RenderError(field, f"{uri!r}: '..' may not leave the claim")
     return claim, path
 
 

@@ -73,6 +73,22 @@ INVALID = [
     (with_(MD, "spec.autoscaling", {"minReplicas": 1}), "spec.autoscaling.maxReplicas"),
     (with_(MD, "spec.batching", {"maxBatchSize": 0}), "spec.batching.maxBatchSize"),
     (with_(MD, "spec.model.format", "pickle"), "spec.model.format"),
+    (with_(TJ, "spec.model.inputShape", [0]), "spec.model.inputShape"),
+    (with_(TJ, "spec.model.inputShape", [2, 2, 2, 2, 2]), "spec.model.inputShape"),
+    (with_(TJ, "spec.model.inputShape", [1048577]), "spec.model.inputShape"),
+    (with_(TJ, "spec.model.layers", []), "spec.model.layers"),
+    (with_(TJ, "spec.model.layers.0.rate", 1.0), "spec.model.layers.rate"),
+    (with_(TJ, "spec.training", {"loss": "hinge"}), "spec.training.loss"),
+    (with_(TJ, "spec.training", {"optimizer": {"learningRate": 0}}), "spec.training.optimizer.learningRate"),
+    (with_(TJ, "spec.scheduling", {"queueName": "Not A Label"}), "spec.scheduling.queueName"),
+]
+
+# Valid for the schema, impossible for a cluster: the operator marks them Failed with the field named.
+UNRUNNABLE = [
+    ("file-output", {"output": {"uri": "file:///tmp/model"}}, "spec.output.uri"),
+    ("no-output", {"output": {"onnx": {"opset": 17}}}, "spec.output.uri"),
+    ("bad-claim", {"dataset": {"uri": "pvc:///data.csv"}}, "spec.dataset.uri"),
+    ("two-workers", {"workers": 2}, "spec.workers"),
 ]
 
 
@@ -109,3 +125,22 @@ def test_valid_examples_apply_and_print_columns(api: Any, kubectl: Any, namespac
     md_table = kubectl("get", "md", namespace=namespace).stdout.splitlines()[0].split()
     assert md_table[:3] == ["NAME", "PHASE", "READY"]
     assert "digits-cnn" in kubectl("get", "kiln", namespace=namespace).stdout, "category 'kiln' lists both kinds"
+
+
+def test_unrunnable_specs_fail_with_the_field_and_the_operator_goes_on(api: Any, operator: Any, namespace: str) -> None:
+    from kubelet import eventually
+
+    for name, patch, _ in UNRUNNABLE:
+        doc = copy.deepcopy(TJ)
+        doc["metadata"]["name"] = name
+        doc["spec"].update(patch)
+        api.call("POST", api.path(API, "TrainingJob", namespace), doc)
+    good = copy.deepcopy(TJ)
+    good["metadata"]["name"] = "good"
+    api.call("POST", api.path(API, "TrainingJob", namespace), good)
+    for name, _, field in UNRUNNABLE:
+        st = eventually(lambda name=name: (lambda s: s if s.get("phase") == "Failed" else None)(
+            api.get(API, "TrainingJob", namespace, name).get("status") or {}), what=f"{name} Failed")
+        assert st["reason"] == "InvalidSpec" and st["message"].startswith(field + ":"), st
+    jobs = eventually(lambda: api.list_objects("batch/v1", "Job", namespace), what="the good TrainingJob's Job")
+    assert [j["metadata"]["name"] for j in jobs] == ["good-train"]
