@@ -55,7 +55,7 @@ class OperatorSettings:
     """Peering priority of this replica; the highest active one works."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
-    max_workers: int = 20
+    max_workers: int = 50
     """Threads for blocking API calls."""
     features: Features = field(default_factory=Features)
 

@@ -146,3 +146,16 @@ def slow(path: Path, width: int = 256, layers: int = 64) -> Path:
         [w],
     )
     return _save(graph, path)
+
+
+def gather(path: Path) -> Path:
+    """Input idx INT64 [batch] -> rows of a 4x2 table: an index past 3 makes ONNX Runtime fail at run time."""
+    table = numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["rows"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 2])],
+        [table],
+    )
+    return _save(graph, path)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
+import models
 import pytest
 import requests
-from conftest import Server
+from conftest import Server, start_server
 
 pytestmark = pytest.mark.server
 
@@ -216,3 +218,19 @@ def test_server_survives_garbage(mlp_server: Server) -> None:
         assert r.json()["error"]
     assert mlp_server.get("/v2/health/ready").status_code == 200
     assert "code=\"500\"" not in mlp_server.metrics()
+
+
+def test_data_the_model_rejects_at_run_time_400(server_tmp: Path, tmp_path: Path) -> None:
+    """Valid shapes and types, but values the model cannot take (Gather index out of range): 400, not 500."""
+    s = start_server(models.gather(tmp_path / "gather.onnx"), "gather", server_tmp)
+    try:
+        ok = s.infer({"inputs": [{"name": "idx", "shape": [2], "datatype": "INT64", "data": [3, 0]}]})
+        assert ok.status_code == 200
+        assert ok.json()["outputs"][0]["data"] == [6.0, 7.0, 0.0, 1.0]
+        bad = s.infer({"inputs": [{"name": "idx", "shape": [1], "datatype": "INT64", "data": [9]}]})
+        _err(bad, 400, "the model rejected the input", "out of data bounds")
+        assert s.get("/v2/health/ready").status_code == 200
+        raw = [line for line in s.log_path.read_text().splitlines() if line.strip()]
+        assert all(line.startswith("{") for line in raw), raw  # only JSON lines on the log
+    finally:
+        s.stop()

@@ -108,7 +108,7 @@ class OnnxModel:
         self.sha256 = sha256
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads if intra_op_threads > 0 else available_cpus()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # ORT errors surface as exceptions; its own log lines are not JSON
         # ORT's pool threads busy-wait after each parallel op by default; in a server they would burn
         # the CPU the event loop needs to parse the next requests (measured: ~2x CPU per request).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -149,3 +149,55 @@ class Ticker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
+
+
+class Coalescer:
+    """Runs `fn(key)` soon after `mark(key)`, once per burst: many child events become one reconcile.
+
+    Why: a Job and its Pods produce a burst of watch events within milliseconds (created, active,
+    scheduled, running); reconciling after each would patch the status and post events several times
+    for what is one transition, and under load that competes with creating other users' Jobs.
+    """
+
+    def __init__(self, fn: Any, window: float = 0.05, concurrency: int = 32) -> None:
+        self.fn = fn
+        self.window = window
+        self.dirty: set[Key] = set()
+        self.wake = asyncio.Event()
+        self.limit = asyncio.Semaphore(concurrency)
+        self.task: asyncio.Task[None] | None = None
+        self.running: set[asyncio.Task[None]] = set()
+
+    def mark(self, key: Key) -> None:
+        self.dirty.add(key)
+        self.wake.set()
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _one(self, key: Key) -> None:
+        async with self.limit:
+            try:
+                await self.fn(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the periodic resync retries
+                log.warning("reconcile of %s/%s failed: %s", key[0], key[1], exc)
+
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            await asyncio.sleep(self.window)
+            self.wake.clear()
+            keys, self.dirty = self.dirty, set()
+            for key in keys:
+                task = asyncio.get_running_loop().create_task(self._one(key))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+
+    async def stop(self) -> None:
+        for task in [self.task, *self.running]:
+            if task is not None:
+                task.cancel()
+        self.task = None

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
 from kiln_operator import kube, names
-from kiln_operator.handlers.common import Cache, Key, StatusWriter, Ticker, log, post_event, snapshot
+from kiln_operator.handlers.common import Cache, Coalescer, Key, StatusWriter, Ticker, log, post_event, snapshot
 from kiln_operator.render import RenderError, build_trainingjob
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.status import HELD_BACK_MESSAGE, TERMINAL, derive, fmt_time, now_utc, set_condition
@@ -90,10 +90,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.startup(id="trainingjob-resync", registry=registry)
     async def start_resync(**_: Any) -> None:
         ticker.start()
+        coalescer.start()
 
     @kopf.on.cleanup(id="trainingjob-resync-stop", registry=registry)
     async def stop_resync(**_: Any) -> None:
         await ticker.stop()
+        await coalescer.stop()
 
     async def reconcile(key: Key, body: dict[str, Any]) -> None:
         async with writer.locks[key]:
@@ -166,9 +168,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             except ApiException as exc:
                 return exc
 
-        # What the Job mounts or runs as is independent: create it together, then the Job.
-        outcomes = list(await asyncio.gather(*(create_child(obj) for obj in children[:-1])))
-        outcomes.append(await create_child(children[-1]) if not any(isinstance(o, ApiException) for o in outcomes) else outcomes[0])
+        # All children at once: one round trip. The Job controller retries pod creation until the
+        # ServiceAccount exists, and pods wait for the ConfigMap they mount, so order does not matter.
+        outcomes = await asyncio.gather(*(create_child(obj) for obj in children))
         job_name = ""
         for obj, outcome in zip(children, outcomes, strict=True):
             if isinstance(outcome, ApiException):
@@ -240,12 +242,14 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             await writer.patch(key, {"conditions": conditions})
         await post_event(tj, "Warning", "SpecChangeIgnored", message)
 
-    async def on_child(key: Key) -> None:
+    async def reconcile_key(key: Key) -> None:
         for body in trainingjobs.get(key):
-            try:
-                await reconcile(key, body)
-            except (ApiException, kopf.TemporaryError) as exc:
-                log.warning("reconcile of %s/%s after a child event failed: %s", key[0], key[1], exc)
+            await reconcile(key, body)
+
+    coalescer = Coalescer(reconcile_key)
+
+    async def on_child(key: Key) -> None:
+        coalescer.mark(key)
 
     @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", when=wanted, registry=registry)
     async def job_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
@@ -260,7 +264,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         await on_child(key)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="trainingjob-event", when=wanted, registry=registry)
-    def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+    async def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         key = (namespace, name)
         if type == "DELETED":
             trainingjobs.items.pop(key, None)
