@@ -410,7 +410,7 @@ def parse_infer_request(
             raise ProtocolError(400, f"input '{name}' is given twice")
         datatype = item.get("datatype")
         if datatype != spec.datatype:
-            if datatype not in DATATYPE_TO_NUMPY:
+            if type(datatype) is not str or datatype not in DATATYPE_TO_NUMPY:
                 raise ProtocolError(400, f"input '{name}': unsupported datatype {datatype!r}")
             raise ProtocolError(
                 400, f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}"
