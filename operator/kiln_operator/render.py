@@ -265,8 +265,18 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
     return out
 
 
-def build_modeldeployment_preview(md: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
-    """What a ModelDeployment renders to (its Deployment, Service and HPA)."""
-    from kiln_operator.serving import build_modeldeployment
+def build_modeldeployment_preview(md: dict[str, Any], settings: OperatorSettings,
+                                  trainingjobs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """What a ModelDeployment renders to (its Deployment, Service and HPA), without a cluster.
 
+    A model from a TrainingJob in the same files is previewed at that job's output location (where
+    the trainer writes model.onnx); any other TrainingJob's model is only known once it has succeeded.
+    """
+    from kiln_operator.serving import ModelRef, build_modeldeployment
+
+    tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
+    tj = (trainingjobs or {}).get(tj_name or "")
+    output = (((tj or {}).get("spec") or {}).get("output") or {}).get("uri")
+    if tj_name and output:
+        return build_modeldeployment(md, settings, ModelRef(output.rstrip("/") + "/model.onnx", "", tj_name))
     return build_modeldeployment(md, settings, model=None)

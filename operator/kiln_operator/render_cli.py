@@ -19,18 +19,18 @@ from kiln_operator.settings import OperatorSettings
 
 def render_documents(paths: list[str], settings: OperatorSettings, namespace: str | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for path in paths:
-        for m in load_file(path):
-            doc = dict(m.doc)
-            doc["metadata"] = {**doc["metadata"], "namespace": namespace or doc["metadata"].get("namespace") or "default"}
-            where = f"{path}: {m.kind}/{m.name}"
-            try:
-                if m.kind == "TrainingJob":
-                    out += build_trainingjob(doc, settings)
-                else:
-                    out += build_modeldeployment_preview(doc, settings)
-            except RenderError as exc:
-                raise ManifestError(f"{where}: {exc}") from exc
+    manifests = [m for path in paths for m in load_file(path)]
+    trainingjobs = {m.name: m.doc for m in manifests if m.kind == "TrainingJob"}
+    for m in manifests:
+        doc = dict(m.doc)
+        doc["metadata"] = {**doc["metadata"], "namespace": namespace or doc["metadata"].get("namespace") or "default"}
+        try:
+            if m.kind == "TrainingJob":
+                out += build_trainingjob(doc, settings)
+            else:
+                out += build_modeldeployment_preview(doc, settings, trainingjobs)
+        except RenderError as exc:
+            raise ManifestError(f"{m.source}: {m.kind}/{m.name}: {exc}") from exc
     return out
 
 

@@ -138,10 +138,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     name, namespace = meta["name"], meta.get("namespace") or "default"
     if model is None:
         tj = (spec.get("model") or {}).get("trainingJob", "")
-        uri = (spec.get("model") or {}).get("uri") or f"pvc://<output of TrainingJob {tj}>/model.onnx"
+        uri = (spec.get("model") or {}).get("uri") or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
         model = ModelRef(uri, (spec.get("model") or {}).get("sha256", ""), tj)
-        if uri.startswith("pvc://<"):
-            model = ModelRef(f"file:///{uri}", model.sha256, tj)
     path, fetch, volumes, mounts = _model_location(model)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}

@@ -192,3 +192,11 @@ def test_api_reference_is_up_to_date() -> None:
     assert proc.returncode == 0, proc.stdout
     text = (ROOT / "docs" / "api-reference.md").read_text()
     assert "| `spec.training.optimizer.name` | string |" in text and "exactly one of `trainingJob` / `uri`" in text
+
+
+def test_render_previews_the_model_of_a_trainingjob_in_the_same_file(kiln_cli: Any) -> None:
+    docs = list(yaml.safe_load_all(kiln_cli("render", "examples/cluster/digits.yaml", check=True).stdout))
+    strict(docs)
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job", "Deployment", "Service"]
+    args = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--model", "/kiln/pvc/kiln-models/digits/model.onnx"]
