@@ -292,6 +292,7 @@ TRAININGJOB_SPEC = obj(
                 ),
                 "parityTolerance": s("number", "Largest allowed max abs difference between Keras and ONNX Runtime outputs.", minimum=0, default=0.0001),
                 "formatTolerance": s("number", "Largest allowed drop of the held-out metric for a derived format (int8, tflite); a negative value turns the check off.", default=0.02),
+                "quantization": s("string", "How onnx-int8 is quantized: dynamic (int8 weights, activations quantized at run time), static (activations calibrated on training rows) or auto (static when the model has Conv2D layers, else dynamic).", enum=["auto", "dynamic", "static"], default="auto"),
             },
         ),
         "runPolicy": obj(

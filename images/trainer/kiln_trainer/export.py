@@ -1,4 +1,4 @@
-"""Export to ONNX (and the derived formats), then prove the export right: the parity check.
+"""Export to ONNX, then prove the export right: the parity check.
 
 Why parity: tf2onnx rewrites the graph; a silent numeric change would reach production unnoticed.
 Keras and ONNX Runtime run the same held-out raw rows (NaN included where imputation applies) and
@@ -8,7 +8,6 @@ the largest absolute difference must stay within `spec.output.parityTolerance`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +16,9 @@ import numpy as np
 
 from kiln_trainer.errors import SpecError, TrainerError
 from kiln_trainer.model import INPUT_NAME, OUTPUT_NAME
-from kiln_trainer.storage import sha256
+from kiln_trainer.storage import sha256  # noqa: F401  (re-exported: export.sha256)
 
 BATCH_DIM = "batch"
-FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "tflite": "model.tflite",
-         "tflite-int8": "model-int8.tflite"}
-_HIGHER_IS_BETTER = {"accuracy", "auc", "precision", "recall"}
 
 
 def _rename(graph: Any, old: str, new: str) -> None:
@@ -151,84 +147,3 @@ def evaluate(pred: np.ndarray, y: np.ndarray, names: list[str], loss: str) -> di
         m.update_state(y, pred)
         values[m.name] = float(m.result())
     return values
-
-
-def _tflite(model: keras.Model, input_shape: list[int], x_rep: np.ndarray | None, path: Path) -> None:
-    import tensorflow as tf
-
-    fn = tf.function(lambda x: model(x, training=False),
-                     input_signature=(tf.TensorSpec([None, *input_shape], tf.float32, name=INPUT_NAME),))
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
-    if x_rep is not None:
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        rows = x_rep[:200].astype("float32")
-        conv.representative_dataset = lambda: ([rows[i : i + 1]] for i in range(len(rows)))
-    path.write_bytes(conv.convert())
-
-
-def _tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
-    import tensorflow as tf
-
-    interp = tf.lite.Interpreter(model_path=str(path), num_threads=1)
-    inp = interp.get_input_details()[0]
-    interp.resize_tensor_input(inp["index"], [len(x), *x.shape[1:]])
-    interp.allocate_tensors()
-    interp.set_tensor(inp["index"], x.astype("float32"))
-    interp.invoke()
-    return interp.get_tensor(interp.get_output_details()[0]["index"])
-
-
-@dataclass
-class FormatResult:
-    """One exported file, as reported in `status.result.formats`."""
-
-    format: str
-    file: str
-    size: int
-    sha: str
-    metric: float | None
-    metric_name: str | None
-    delta: float | None
-
-    def to_json(self, uri: str) -> dict[str, Any]:
-        d: dict[str, Any] = {"format": self.format, "file": self.file, "uri": uri, "sizeBytes": self.size,
-                             "sha256": self.sha}
-        if self.metric is not None:
-            d.update(metric=self.metric, metricName=self.metric_name, delta=self.delta)
-        return d
-
-
-def derived_formats(model: keras.Model, input_shape: list[int], out: Path, formats: list[str],
-                    x_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, metric: str | None, loss: str,
-                    tolerance: float) -> list[FormatResult]:
-    """Write every requested format besides plain ONNX (already written) and measure each on held-out rows."""
-    results = []
-    keras_pred = np.asarray(model(x_val.astype("float32"), training=False))
-    base = evaluate(keras_pred, y_val, [metric], loss)[metric] if metric else None
-    for fmt in formats:
-        if fmt not in FILES:
-            raise SpecError(f"unknown format {fmt!r} (known: {', '.join(FILES)})", "spec.output.formats")
-        path = out / FILES[fmt]
-        try:
-            if fmt == "onnx-int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(str(out / FILES["onnx"]), str(path), weight_type=QuantType.QInt8)
-                pred = onnx_predict(path, x_val)
-            elif fmt.startswith("tflite"):
-                _tflite(model, input_shape, x_train if fmt == "tflite-int8" else None, path)
-                pred = _tflite_predict(path, x_val)
-            else:
-                pred = onnx_predict(path, x_val)
-        except Exception as exc:
-            raise TrainerError(f"{fmt} export failed: {type(exc).__name__}: {exc}", "spec.output.formats") from exc
-        value = delta = None
-        if metric and base is not None:
-            value = evaluate(pred, y_val, [metric], loss)[metric]
-            delta = value - base
-            worse = -delta if metric in _HIGHER_IS_BETTER else delta
-            if fmt != "onnx" and tolerance >= 0 and worse > tolerance:
-                raise SpecError(f"{fmt}: held-out {metric} {value:.4f} vs {base:.4f} for the float model "
-                                f"(allowed change {tolerance:g})", "spec.output.formatTolerance")
-        results.append(FormatResult(fmt, path.name, path.stat().st_size, sha256(path), value, metric, delta))
-    return results

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from kiln_trainer import checkpoint, data, distributed, export, optimizers, outputs, preprocess, storage
+from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
 from kiln_trainer.errors import DataError, SpecError
 from kiln_trainer.jobspec import Job
 from kiln_trainer.outputs import Output
-from kiln_trainer.progress import EpochLogger, ProgressFn, ProgressReporter, StatusPatcher
+from kiln_trainer.progress import EpochLogger, EpochSummaries, ProgressFn, ProgressReporter, StatusPatcher
 
 log = logging.getLogger("kiln_trainer")
 PARITY_ROWS = 1024
@@ -142,6 +143,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             if resumed is not None:
                 checkpoint.restore(models.training, resumed)
         start = resumed.epoch if resumed else 0
+        if resumed is None:  # a fresh run: curves of an earlier run in the same place would overlap
+            storage.rmtree_quiet(out.logs)
         if resumed:
             print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
 
@@ -156,7 +159,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
                                              resumed.history if resumed else {}, early)
         callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
-        callbacks += [EpochLogger(reporter), keras.callbacks.TensorBoard(str(out.logs), write_graph=False)]
+        callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
         class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
         batch = int(tr_spec.get("batchSize", 32))
         stopped = bool(resumed and resumed.stopped)
@@ -219,10 +222,8 @@ def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, 
     heldout = export.evaluate(onnx_pred, y_val, metric_names, loss) if metric_names else {}
     metrics = {k: float(v[-1]) for k, v in history.items()}
     metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
-    formats = [f for f in out_spec.get("formats", ["onnx"]) if f != "onnx"]
-    fmt_results = export.derived_formats(models.inference, input_shape, stage, ["onnx", *formats], x_tr, x_val,
-                                         y_val, metric_names[0] if metric_names else None, loss,
-                                         float(out_spec.get("formatTolerance", 0.02)))
+    fmt_results = formats_lib.export_formats(models.inference, spec, stage, x_tr, x_val, y_val,
+                                             metric_names[0] if metric_names else None, loss)
     models.inference.save(str(stage / "model.keras"))
     inputs, outs = export.tensor_info(onnx_path)
     result = {
