@@ -27,7 +27,12 @@ def test_digits_example_reaches_95_percent_through_onnx(tmp_path: Path, kiln_tra
     for name in ("model.onnx", "model.keras", "metrics.json", "history.json", "training-curves.png",
                  "result.json", "data-report.json"):
         assert (out / name).is_file(), name
-    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for split, tag in (("train", "epoch_loss"), ("validation", "epoch_accuracy")):
+        events = EventAccumulator(str(out / "logs" / split), size_guidance={"tensors": 0})
+        events.Reload()
+        assert len(events.Tensors(tag)) == run.result()["epochsRun"]
     assert not (out / "checkpoints").exists() and not (out / ".kiln-staging").exists()
 
     # Held-out accuracy measured independently, through the exported ONNX model on raw pixels.

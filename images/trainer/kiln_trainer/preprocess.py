@@ -74,9 +74,11 @@ def fit(x_train: np.ndarray, preprocessing: dict[str, Any]) -> PreprocessState:
     missing = preprocessing.get("missingValues", "drop")
     normalization = preprocessing.get("normalization", "none")
     channels = x_train.shape[-1]
+    impute = missing in ("mean", "median", "zero")
+    if not impute and normalization == "none":  # nothing to fit: skip the pass over the data
+        return PreprocessState(np.zeros(channels), np.zeros(channels), np.ones(channels), False, "none")
     flat = x_train.reshape(-1, channels).astype("float64")
     all_nan = np.isnan(flat).all(axis=0) if len(flat) else np.ones(channels, dtype=bool)
-    impute = missing in ("mean", "median", "zero")
     if missing == "mean":
         fill = np.nanmean(np.where(all_nan, 0.0, flat), axis=0)
     elif missing == "median":

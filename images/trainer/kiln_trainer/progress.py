@@ -163,6 +163,42 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
+class EpochSummaries(keras.callbacks.Callback):
+    """TensorBoard scalars once per epoch, in the layout Keras' TensorBoard callback uses
+    (`<logs>/train` and `<logs>/validation`, tags `epoch_<metric>`).
+
+    Why not keras.callbacks.TensorBoard: it runs Python on every batch (about 1 ms each here), which
+    cost 10-20% of the wall time of a small model; epoch-level curves are what `logs/` is for.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        self.writers: dict[str, Any] = {}
+
+    def _writer(self, split: str) -> Any:
+        import tensorflow as tf
+
+        if split not in self.writers:
+            self.writers[split] = tf.summary.create_file_writer(str(self.folder / split))
+        return self.writers[split]
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        import tensorflow as tf
+
+        for key, value in (logs or {}).items():
+            split, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+            with self._writer(split).as_default():
+                tf.summary.scalar(f"epoch_{name}", float(value), step=epoch)
+        for writer in self.writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
 def setup_logging() -> None:
     """Plain one-line log records on stderr (no progress bars, no carriage returns)."""
     root = logging.getLogger()
