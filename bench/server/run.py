@@ -497,6 +497,12 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
         "- 'req/s per server core' divides by the CPU time the server process actually got, which makes "
         "servers comparable when other processes took part of CPU 0 during a point."
     )
+    lines.append(
+        "- This machine is shared: other engineers' tests took 0.3-1.8 of its 2 cores during these points, so "
+        "runs differ by up to 2x. Kiln hands every ONNX Runtime call to an inference thread (the event loop "
+        "never blocks), which costs it more under CPU contention (each hand-off waits for the scheduler) "
+        "than MLServer/KServe running ONNX Runtime inline; the per-core column removes most of that effect."
+    )
     lines.append("")
     errors = sum(p.errors for p in points)
     lines.append(f"Errors (non-2xx or socket) over all points: {errors}.")
