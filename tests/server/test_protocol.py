@@ -111,3 +111,10 @@ def test_loader_survives_a_live_document() -> None:
     second = loader.load(_body("FP32", [4, 5, 6], [1, 3]))
     assert orjson.loads(_body("FP32", [4, 5, 6], [1, 3]))["inputs"][0]["shape"] == second["inputs"][0]["shape"]
     assert first["inputs"][0]["name"] == "x"
+
+
+def test_keys_with_escapes_fall_back_cleanly() -> None:
+    """simdjson cannot look up keys containing \\u0000; the loader must still decode the request (fuzz finding)."""
+    body = b'{"a\\u0000b": 1, "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3], "\\u0000": {}}]}'
+    req = parse_infer_request(body, None, {"x": SPECS["FP32"]}, OUT, 100)
+    np.testing.assert_array_equal(req.inputs["x"], np.array([[1, 2, 3]], dtype=np.float32))

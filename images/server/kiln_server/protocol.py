@@ -139,16 +139,21 @@ class JsonLoader:
             return orjson.loads(raw)
         if not isinstance(doc, _simdjson.Object):
             return orjson.loads(raw)
+        try:
+            return self._convert(doc)
+        except Exception:  # anything simdjson's object model trips on: decode it the plain way
+            return orjson.loads(raw)
+
+    @staticmethod
+    def _convert(doc: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key in doc.keys():  # noqa: SIM118 - simdjson.Object iterates differently
-            value = doc[key]
+        for key, value in doc.items():  # items(), not [key]: keys with escapes such as \u0000 fail lookups
             if key == "inputs" and isinstance(value, _simdjson.Array):
                 items: list[Any] = []
                 for item in value:
                     if isinstance(item, _simdjson.Object):
                         entry: dict[str, Any] = {}
-                        for ik in item.keys():  # noqa: SIM118
-                            iv = item[ik]
+                        for ik, iv in item.items():
                             entry[ik] = iv if ik == "data" and isinstance(iv, _simdjson.Array) else _plain(iv)
                         items.append(entry)
                     else:
