@@ -92,7 +92,7 @@ def _validator(kind: str) -> jsonschema.Draft4Validator:
 
 
 def _path(error: jsonschema.ValidationError) -> str:
-    parts = []
+    parts: list[str] = []
     for p in error.absolute_path:
         parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
     return "".join(parts) or "(root)"

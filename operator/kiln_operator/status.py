@@ -102,8 +102,8 @@ def pod_failure(pod: dict[str, Any], spec: dict[str, Any]) -> tuple[str, str] | 
         if summary and summary.get("error"):
             detail = str(summary["error"])
         else:
-            detail = (term.get("message") or term.get("reason") or "").strip().splitlines()[-1:] or [""]
-            detail = detail[0] if isinstance(detail, list) else detail
+            lines = str(term.get("message") or term.get("reason") or "").strip().splitlines()
+            detail = lines[-1] if lines else ""
         return "Error", f"container {cs.get('name')} exited with code {term.get('exitCode')}: {detail}".rstrip(": ")
     if st.get("phase") == "Failed":
         return "Error", st.get("message") or f"pod {pod['metadata']['name']} failed"

@@ -126,8 +126,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         await ticker.stop()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="modeldeployment-event", when=wanted, registry=registry)
-    async def md_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-        key = (namespace, name)
+    async def md_event(type: str, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", name)
         if type == "DELETED":
             mds.items.pop(key, None)
             writer.forget(key)
@@ -140,13 +140,13 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         return namespace, annotations.get(names.ANNOTATION_MODELDEPLOYMENT, "")
 
     @kopf.on.event("apps", "v1", "deployments", labels=selector, id="md-deployment-event", when=wanted, registry=registry)
-    async def deployment_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
-        key = child_key(namespace, annotations)
+    async def deployment_event(type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = child_key(namespace or "", annotations)
         deployments.update(type, key, _full(body))
         await safe_reconcile(key)
 
     @kopf.on.event("", "v1", "services", labels=selector, id="md-service-event", when=wanted, registry=registry)
-    async def service_event(type: str | None, namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> None:
+    async def service_event(type: str, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> None:
         wanted_label = labels.get(names.LABEL_MODELDEPLOYMENT)
         md_name = next((k for k in mds if k[0] == namespace and names.label_value(k[1]) == wanted_label), None)
         if md_name is None:
@@ -155,15 +155,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         await safe_reconcile(md_name)
 
     @kopf.on.event("", "v1", "pods", labels=selector, id="md-pod-event", when=wanted, registry=registry)
-    async def pod_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
-        key = child_key(namespace, annotations)
+    async def pod_event(type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = child_key(namespace or "", annotations)
         pods.update(type, key, {"metadata": copy.deepcopy(dict(body.get("metadata") or {})),
                                 "status": copy.deepcopy(dict(body.get("status") or {}))})
         await safe_reconcile(key)
 
     @kopf.on.event(GROUP, VERSION, "trainingjobs", id="md-trainingjob-event", when=wanted, registry=registry)
-    async def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-        key = (namespace, name)
+    async def trainingjob_event(type: str, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", name)
         if type == "DELETED":
             trainingjobs.items.pop(key, None)
         else:

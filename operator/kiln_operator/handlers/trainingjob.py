@@ -211,11 +211,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="children", when=wanted, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, id="children", when=wanted, registry=registry)
-    async def create_fn(namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-        await ensure_children((namespace, name), snapshot(body))
+    async def create_fn(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        await ensure_children((namespace or "", name), snapshot(body))
 
     @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", id="spec-change", when=wanted, registry=registry)
-    async def spec_changed(namespace: str, name: str, body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
+    async def spec_changed(namespace: str | None, name: str, body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
+        namespace = namespace or ""
         key = (namespace, name)
         tj = writer.view(key, snapshot(body))
         fields = sorted({"spec." + ".".join(str(p) for p in d[1]) if d[1] else "spec" for d in diff})
@@ -252,20 +253,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         coalescer.mark(key)
 
     @kopf.on.event("batch", "v1", "jobs", labels=selector, id="job-event", when=wanted, registry=registry)
-    async def job_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
-        key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
+    async def job_event(type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", annotations.get(names.ANNOTATION_TRAININGJOB, ""))
         jobs.update(type, key, slim_job(body))
         await on_child(key)
 
     @kopf.on.event("", "v1", "pods", labels=selector, id="pod-event", when=wanted, registry=registry)
-    async def pod_event(type: str | None, namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
-        key = (namespace, annotations.get(names.ANNOTATION_TRAININGJOB, ""))
+    async def pod_event(type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", annotations.get(names.ANNOTATION_TRAININGJOB, ""))
         pods.update(type, key, slim_pod(body))
         await on_child(key)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="trainingjob-event", when=wanted, registry=registry)
-    async def trainingjob_event(type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-        key = (namespace, name)
+    async def trainingjob_event(type: str, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", name)
         if type == "DELETED":
             trainingjobs.items.pop(key, None)
             writer.forget(key)
