@@ -5,7 +5,7 @@ gives median wall times and the ratio kiln/plain. What `kiln train` adds on top 
 cleaning and its report, per-epoch checkpoints, TensorBoard logs, progress lines, ONNX export with the
 parity check, model.keras, metrics/history JSON, the curves plot and the atomic commit of outputs.
 
-Usage: .venv/bin/python bench/train_overhead.py [--rows 20000] [--epochs 10] [--repeats 3] [--json FILE]
+Usage: .venv/bin/python bench/train_overhead.py [--rows 30000] [--epochs 10] [--repeats 3] [--json FILE]
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, dict[str, f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=20000)
+    p.add_argument("--rows", type=int, default=30000)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the report here")
