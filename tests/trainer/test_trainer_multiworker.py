@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
-from kiln_trainer.distributed import Cluster, tf_config_from_env
+from kiln_trainer.distributed import Cluster, setup, tf_config_from_env
 
 pytestmark = pytest.mark.training
 
@@ -34,6 +34,9 @@ def test_tf_config_from_the_operator_env() -> None:
                                        "task": {"type": "worker", "index": 1}}
     assert tf_config_from_env({"KILN_WORKER_HOSTS": "only-one:2222"}) is None
     assert Cluster(2, 0).chief and not Cluster(2, 1).chief and Cluster(3, 0, "chief").chief
+    assert setup({}) == Cluster(1, 0)
+    explicit = '{"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "task": {"type": "worker", "index": 1}}'
+    assert setup({"TF_CONFIG": explicit}) == Cluster(3, 1, "worker")
 
 
 @pytest.mark.slow

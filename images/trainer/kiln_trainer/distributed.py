@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +52,14 @@ def tf_config_from_env(env: dict[str, str]) -> dict[str, Any] | None:
     return {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
 
 
-def setup(env: dict[str, str] | None = None) -> Cluster:
+def setup(env: Mapping[str, str] | None = None) -> Cluster:
     """Set TF_CONFIG when the operator gave us worker hosts; describe this process's role."""
-    env = os.environ if env is None else env
-    if "TF_CONFIG" not in env:
-        built = tf_config_from_env(dict(env))
+    source: Mapping[str, str] = os.environ if env is None else env
+    raw = source.get("TF_CONFIG")
+    if not raw:
+        built = tf_config_from_env(dict(source))
         if built is not None:
-            os.environ["TF_CONFIG"] = json.dumps(built)
-    raw = os.environ.get("TF_CONFIG") if env is os.environ else env.get("TF_CONFIG")
+            raw = os.environ["TF_CONFIG"] = json.dumps(built)
     if not raw:
         return Cluster(workers=1, index=0)
     try:

@@ -155,7 +155,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.reporter.report(epoch + 1, dict(logs or {}))
 
 
-class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
     """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by a test runner)."""
 
     def emit(self, record: logging.LogRecord) -> None:
