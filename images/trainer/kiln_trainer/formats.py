@@ -216,6 +216,7 @@ def export_formats(model: keras.Model, spec: dict[str, Any], out: Path, x_train:
         path = out / FILES[fmt]
         try:
             if fmt == "onnx-int8":
+                assert rows is not None  # calibration rows exist whenever an int8 format is wanted
                 onnx_int8(out / FILES["onnx"], path, quantization_mode(spec), rows)
             elif fmt == "tflite":
                 tflite(model, input_shape, path, None)
