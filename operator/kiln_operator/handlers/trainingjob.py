@@ -168,11 +168,22 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             except ApiException as exc:
                 return exc
 
-        # All children at once: one round trip. The Job controller retries pod creation until the
-        # ServiceAccount exists, and pods wait for the ConfigMap they mount, so order does not matter.
-        outcomes = await asyncio.gather(*(create_child(obj) for obj in children))
+        # Two round trips. A RoleBinding may only be created once its Role exists (RBAC checks that the
+        # creator holds what the binding grants), and the Job goes last so its pods find their
+        # ServiceAccount and ConfigMap; everything else is independent and created together.
+        late = {"RoleBinding", "Job"}
+        first = [i for i, obj in enumerate(children) if obj["kind"] not in late]
+        second = [i for i, obj in enumerate(children) if obj["kind"] in late]
+        outcomes: list[tuple[dict[str, Any], bool] | ApiException] = [ApiException(status=0)] * len(children)
+        for stage in (first, second):
+            for i, outcome in zip(stage, await asyncio.gather(*(create_child(children[i]) for i in stage)), strict=True):
+                outcomes[i] = outcome
+            if any(isinstance(outcomes[i], ApiException) for i in stage):
+                break
         job_name = ""
         for obj, outcome in zip(children, outcomes, strict=True):
+            if isinstance(outcome, ApiException) and outcome.status == 0:
+                continue  # not attempted: an earlier stage failed and is reported below
             if isinstance(outcome, ApiException):
                 message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(outcome)}"
                 if outcome.status in (400, 422):
