@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "server"))
 
-from run import LUA, _children, build_mlp, json_body, start_kiln  # noqa: E402
+from run import LUA, _children, build_mlp, json_body, start_kiln
 
 
 def rss_mb(pid: int) -> float:

@@ -85,7 +85,7 @@ def render() -> str:
             lines += ["| Field | Type | Description | Constraints |", "|---|---|---|---|"]
             rows: list[str] = []
             _rows(node, part, rows)
-            lines += rows + [""]
+            lines += [*rows, ""]
     return "\n".join(lines)
 
 
