@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 
-from test_security_unit import restricted_violations  # noqa: E402
+from test_security_unit import restricted_violations
 
 pytestmark = [pytest.mark.helm]
 
