@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -112,14 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     settings.features = detect_features(settings)
     log.info("kiln operator starting: namespaces=%s server=%s features=%s", settings.namespaces or "all",
              settings.features.server_version, settings.features)
-    registry = build_registry(settings)
-    kopf.run(
-        registry=registry,
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        standalone=not settings.peering,
-        peering_name=settings.peering or None,
-        priority=settings.priority,
-        liveness_endpoint=settings.liveness or None,
-    )
-    return 0
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            kopf.run(
+                registry=build_registry(settings),
+                clusterwide=not settings.namespaces,
+                namespaces=settings.namespaces,
+                standalone=not settings.peering,
+                peering_name=settings.peering or None,
+                priority=settings.priority,
+                liveness_endpoint=settings.liveness or None,
+            )
+            return 0  # a signal stopped it
+        except Exception as exc:
+            # Kopf gives up when a watch fails hard, e.g. a CRD route answering 404 for a moment while a
+            # restarted API server re-registers custom resources. Start over instead of exiting: state
+            # lives in the cluster, and the caches refill from the first listing.
+            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            log.error("the operator stopped (%s: %s); starting again in %.0f s", type(exc).__name__, exc, delay)
+            time.sleep(delay)

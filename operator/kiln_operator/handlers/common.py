@@ -82,6 +82,11 @@ async def post_event(body: dict[str, Any], type_: str, reason: str, message: str
         log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 
 
+def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
+    """Whether `obj` has an ownerReference to the object with `uid` (a namesake from a deleted owner does not)."""
+    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
 def snapshot(body: Any) -> dict[str, Any]:
     """A plain, detached copy of a Kopf body for indexes."""
     return {

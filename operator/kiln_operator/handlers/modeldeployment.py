@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
 from kiln_operator import kube, names
-from kiln_operator.handlers.common import Cache, Key, StatusWriter, Ticker, log, post_event, snapshot
+from kiln_operator.handlers.common import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.render import RenderError
 from kiln_operator.serving import build_modeldeployment, derive_md_status, resolve_model, subset
 from kiln_operator.settings import OperatorSettings
@@ -26,10 +26,6 @@ PLURAL = "modeldeployments"
 
 def _full(body: Any) -> dict[str, Any]:
     return copy.deepcopy(dict(body))
-
-
-def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
-    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
@@ -47,9 +43,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         for child in children:
             kind = child["kind"]
             if kind == "Deployment":
-                live = next((d for d in deployments.get(key) if _owned_by(d, uid)), None)
+                live = next((d for d in deployments.get(key) if owned_by(d, uid)), None)
             elif kind == "Service":
-                live = next((s for s in services.get(key) if _owned_by(s, uid)), None)
+                live = next((s for s in services.get(key) if owned_by(s, uid)), None)
             else:
                 live = None if key not in hpas_applied else child
             if live is not None and subset(child, live):
@@ -97,7 +93,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                     render_error = str(exc)
                 else:
                     await apply_children(key, md, children)
-            deployment = next((d for d in deployments.get(key) if _owned_by(d, uid)), None)
+            deployment = next((d for d in deployments.get(key) if owned_by(d, uid)), None)
             server_pods = [p for p in pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
             derived = derive_md_status(md, resolution, deployment, server_pods, settings, render_error=render_error)
             await writer.patch(key, derived.status)

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
 from kiln_operator import kube, names
-from kiln_operator.handlers.common import Cache, Coalescer, Key, StatusWriter, Ticker, log, post_event, snapshot
+from kiln_operator.handlers.common import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.render import RenderError, build_trainingjob
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.status import HELD_BACK_MESSAGE, TERMINAL, derive, fmt_time, now_utc, set_condition
@@ -47,8 +47,13 @@ def slim_pod(body: Any) -> dict[str, Any]:
     }
 
 
-def _owned_by(obj: dict[str, Any], uid: str | None) -> bool:
-    return any(ref.get("uid") == uid for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+def _phase(pod: dict[str, Any]) -> str | None:
+    return (pod.get("status") or {}).get("phase")
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
@@ -101,16 +106,24 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         async with writer.locks[key]:
             tj = writer.view(key, body)
             uid = tj["metadata"].get("uid")
-            job = next((j for j in jobs.get(key) if _owned_by(j, uid)), None)
+            job = next((j for j in jobs.get(key) if owned_by(j, uid)), None)
             job_name = tj["status"].get("jobName")
             if job is None and job_name and tj["status"].get("phase") not in TERMINAL:
                 # The watch may simply not have delivered the new Job yet: ask before calling it deleted.
                 live = await asyncio.to_thread(kube.get, "batch/v1", "Job", key[0], job_name)
-                if live is not None and _owned_by(live, uid):
+                if live is not None and owned_by(live, uid):
                     job = slim_job(live)
                     jobs.update("ADDED", key, job)
             job_uid = job["metadata"]["uid"] if job else None
-            job_pods = [p for p in pods.get(key) if job_uid and _owned_by(p, job_uid)]
+            job_pods = [p for p in pods.get(key) if job_uid and owned_by(p, job_uid)]
+            if job and _finished(job) and not any(_phase(p) in ("Succeeded", "Failed") for p in job_pods):
+                # The Job says it finished but its finished pod has not reached the watch cache yet (an
+                # operator restart refills caches stream by stream): read the pods, for the real reason.
+                listed = await asyncio.to_thread(kube.list_objects, "v1", "Pod", key[0],
+                                                 f"{names.LABEL_TRAININGJOB}={names.label_value(key[1])}")
+                for pod in listed:
+                    pods.update("ADDED", key, slim_pod(pod))
+                job_pods = [p for p in pods.get(key) if owned_by(p, job_uid)]
             held_back = bool(((tj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) and not features.job_suspend \
                 and not tj["status"].get("jobName")
             derived = derive(tj, job, job_pods, held_back=held_back)
@@ -192,7 +205,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 await post_event(tj, "Warning", "CreateFailed", message)
                 raise kopf.TemporaryError(message, delay=5) from outcome
             existing, created = outcome
-            if not created and not _owned_by(existing, tj["metadata"].get("uid")):
+            if not created and not owned_by(existing, tj["metadata"].get("uid")):
                 # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
                 raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} belongs to another owner; waiting", delay=3)
             if obj["kind"] == "Job":
