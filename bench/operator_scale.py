@@ -44,6 +44,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
     """Record when each Job first appears (a watch, so no polling interval blurs the times)."""
     import kubernetes
@@ -59,14 +65,17 @@ def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
                 break
 
 
-def one_round(cp: ControlPlane, which: str, n: int, logdir: Path) -> dict[str, Any]:
+def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None) -> dict[str, Any]:
     ns = f"bench-{which}-{uuid.uuid4().hex[:5]}"
     kube.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
     if which == "kiln":
         argv = [sys.executable, "-m", "kiln.cli", "operator", "--namespace", ns, "--liveness", ""]
+        if os.environ.get("BENCH_PROFILE"):  # cProfile output of the operator (it runs one thread)
+            argv[1:1] = ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
     else:
         argv = [sys.executable, str(ROOT / "bench" / "floor_operator.py"), ns]
+    argv = [*(wrap or []), *argv]
     with open(logdir / f"{which}-{n}.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     time.sleep(4)  # let the operator list and watch an empty namespace (not part of the measurement)
@@ -82,6 +91,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path) -> dict[str, A
         kube.call("POST", kube.path("kiln.dev/v1alpha1", "TrainingJob", ns), {**TJ, "metadata": {"name": name}})
         created[name] = time.monotonic()
 
+    cpu0 = cpu_seconds(proc.pid)
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(make, range(n)))
@@ -91,19 +101,33 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path) -> dict[str, A
     total = max(seen.values()) - t0 if len(seen) == n else float("nan")
     lat = sorted(seen[k] - created[k] for k in created if k in seen)
     rss = peak_rss_mb(proc.pid)
+    events = kube.call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
+    failed_creates = sum(1 for e in events if e.get("reason") == "FailedCreate")
+    if os.environ.get("BENCH_EVENTS"):
+        from collections import Counter
+        print(Counter((e["involvedObject"]["kind"], e["reason"]) for e in events), flush=True)
+    cpu = cpu_seconds(proc.pid) - cpu0
     stop.set()
     proc.terminate()
     proc.wait(timeout=30)
     kube.call("DELETE", f"/api/v1/namespaces/{ns}")
+    # The next round starts on a quiet control plane: namespace deletion (and its garbage) is heavy.
+    gone = time.monotonic() + 300
+    while kube.get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
+        time.sleep(0.5)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
     return {"operator": which, "n": n, "jobs": len(seen), "p50_s": statistics.median(lat), "p95_s": q[18],
-            "all_jobs_s": total, "peak_rss_mb": rss}
+            "all_jobs_s": total, "peak_rss_mb": rss,
+            "cpu_s": cpu, "failed_pod_creates": failed_creates}
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="1,100,500")
     p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per size (the order of the two alternates)")
+    p.add_argument("--only", choices=["kiln", "floor"], help="run one operator (profiling; no ratios)")
+    p.add_argument("--wrap", default="", help="prefix for the operator command, e.g. 'py-spy record -o prof.svg --'")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     cp = ControlPlane(work / "cp").start()
@@ -113,22 +137,34 @@ def main() -> int:
         subprocess.run([kubectl, "--kubeconfig", str(cp.kubeconfig), "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
         time.sleep(2)
         rows = []
-        for i, n in enumerate(int(x) for x in args.sizes.split(",")):
+        plan = [int(x) for x in args.sizes.split(",") for _ in range(args.repeat)]
+        for i, n in enumerate(plan):
             order = ["kiln", "floor"] if i % 2 == 0 else ["floor", "kiln"]
-            for which in order:
-                row = one_round(cp, which, n, work)
+            for which in [args.only] if args.only else order:
+                row = one_round(cp, which, n, work, args.wrap.split() if args.wrap else None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        print("\n| TrainingJobs | operator | p50 create->Job (s) | p95 (s) | all Jobs (s) | peak RSS (MB) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| TrainingJobs | operator | p50 create->Job (s) | p95 (s) | all Jobs (s) | peak RSS (MB) | operator CPU (s) |")
+        print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['n']} | {r['operator']} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['all_jobs_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+            print(f"| {r['n']} | {r['operator']} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['all_jobs_s']:.2f} | {r['peak_rss_mb']:.0f} "
+                  f"| {r['cpu_s']:.1f} |")
+        if args.only:
+            return 0
         print("\n| TrainingJobs | kiln / floor, p50 | p95 | all Jobs |")
         print("|---|---|---|---|")
         for n in sorted({r["n"] for r in rows}):
-            k = next(r for r in rows if r["n"] == n and r["operator"] == "kiln")
-            f = next(r for r in rows if r["n"] == n and r["operator"] == "floor")
-            print(f"| {n} | {k['p50_s'] / f['p50_s']:.2f}x | {k['p95_s'] / f['p95_s']:.2f}x | {k['all_jobs_s'] / f['all_jobs_s']:.2f}x |")
+            # Round by round (each pair ran back to back), then the median over rounds.
+            kiln = [r for r in rows if r["n"] == n and r["operator"] == "kiln"]
+            floor = [r for r in rows if r["n"] == n and r["operator"] == "floor"]
+            ratios = {m: [k[m] / f[m] for k, f in zip(kiln, floor, strict=True)] for m in ("p50_s", "p95_s", "all_jobs_s")}
+            for m in ratios:
+                ratios[m].append(statistics.median(ratios[m]))
+            for i in range(len(kiln) + (1 if len(kiln) > 1 else 0)):
+                label = f"{n} (round {i + 1})" if i < len(kiln) else f"{n} (median)"
+                if len(kiln) == 1:
+                    label = str(n)
+                print(f"| {label} | {ratios['p50_s'][i]:.2f}x | {ratios['p95_s'][i]:.2f}x | {ratios['all_jobs_s'][i]:.2f}x |")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:

@@ -15,6 +15,8 @@ LABEL_TRAININGJOB = f"{GROUP}/trainingjob"
 LABEL_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
 ANNOTATION_TRAININGJOB = f"{GROUP}/trainingjob"
 ANNOTATION_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
+ANNOTATION_SPEC = f"{GROUP}/spec"
+"""On the trainer's pod template: the TrainingJob as the trainer reads it (downward API file)."""
 LABEL_CREATED_BY = f"{GROUP}/created-by-trainingjob"
 MAX_NAME = 63
 
@@ -52,10 +54,6 @@ def job_name(tj: str) -> str:
     # Pods of an Indexed Job are named `<job>-<index>-<random>` and their hostname `<job>-<index>`
     # must stay a DNS label: keep room for the suffixes.
     return child(tj, "train", 52)
-
-
-def spec_configmap(tj: str) -> str:
-    return child(tj, "spec")
 
 
 def trainer_account(tj: str) -> str:

@@ -42,6 +42,8 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 PVC_ROOT = "/kiln/pvc"
 SPEC_DIR = "/etc/kiln"
 SPEC_FILE = f"{SPEC_DIR}/trainingjob.yaml"
+MAX_SPEC_BYTES = 200 * 1024
+"""Kubernetes allows 256 KiB of annotations per object; the spec travels in one."""
 WORKER_PORT = 2222
 GPU_RESOURCE = "nvidia.com/gpu"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -74,10 +76,15 @@ def environment() -> jinja2.Environment:
     return env
 
 
+# libyaml when present: the pure-Python parser costs ~10 ms per TrainingJob, which adds up in a burst.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def render_template(name: str, **context: Any) -> list[dict[str, Any]]:
     """Render one template into its YAML documents."""
     text = environment().get_template(name).render(**context)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc]
 
 
 def owner_references(owner: dict[str, Any]) -> list[dict[str, Any]]:
@@ -215,18 +222,21 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
         "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", ""), "generation": meta.get("generation", 1)},
         "spec": spec,
     }
+    spec_document = yaml.dump(document, Dumper=_Dumper, sort_keys=False)
+    if len(spec_document) > MAX_SPEC_BYTES:
+        raise RenderError("spec", f"{len(spec_document)} bytes once serialized; at most {MAX_SPEC_BYTES} fit in the pod's annotations")
     return {
         "trainingjob": name,
         "namespace": namespace,
         "job": job,
         "service": service,
         "account": account,
-        "configmap": names.spec_configmap(name),
         "labels": labels,
         "job_labels": job_labels,
         "pod_labels": labels,
         "selector": {names.LABEL_TRAININGJOB: names.label_value(name)},
         "annotations": annotations,
+        "pod_annotations": {**annotations, names.ANNOTATION_SPEC: spec_document},
         "owner_references": owner_references({**tj, "kind": "TrainingJob"}),
         "run_policy": run_policy,
         "restart_policy": run_policy["restartPolicy"],
@@ -245,8 +255,12 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
         "volume_mounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}, *mounts],
-        "volumes": [{"name": "spec", "configMap": {"name": names.spec_configmap(name)}}, {"name": "tmp", "emptyDir": {}}, *volumes],
-        "spec_document": yaml.safe_dump(document, sort_keys=False),
+        # The spec reaches the pod through the downward API, from an annotation on the pod template:
+        # no ConfigMap to create per job, and the Job itself records the spec it runs with.
+        "volumes": [{"name": "spec", "downwardAPI": {"items": [{
+            "path": SPEC_FILE.rsplit("/", 1)[1],
+            "fieldRef": {"fieldPath": f"metadata.annotations['{names.ANNOTATION_SPEC}']"}}]}},
+            {"name": "tmp", "emptyDir": {}}, *volumes],
         "create_account": not spec.get("serviceAccountName"),
     }
 
@@ -258,7 +272,6 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
     out: list[dict[str, Any]] = []
     if ctx["create_account"]:
         out += render_template("trainingjob-rbac.yaml.j2", **ctx)
-    out += render_template("trainingjob-configmap.yaml.j2", **ctx)
     if ctx["workers"] > 1:
         out += render_template("trainingjob-service.yaml.j2", **ctx)
     out += render_template("trainingjob-job.yaml.j2", **ctx)

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from kubelet import eventually
 
 pytestmark = [pytest.mark.live, pytest.mark.training]
@@ -40,10 +39,14 @@ def test_trainer_patches_progress_with_its_own_token(api: Any, operator: Any, na
                              what="the trainer ServiceAccount's token")
     token = base64.b64decode(api.get("v1", "Secret", namespace, secret_name)["data"]["token"]).decode()
     (tmp_path / "token").write_text(token)
-    # Same document locally, with the data where the mounted PVC would be.
+    # The spec file exactly as the pod's downward-API volume shows it (the Job's pod-template
+    # annotation), with the data where the mounted PVC would be.
+    job = eventually(lambda: api.get("batch/v1", "Job", namespace, "progress-train"), what="the Job")
+    spec_file = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "spec")["downwardAPI"]["items"][0]
+    annotation = spec_file["fieldRef"]["fieldPath"].split("'")[1]
     (tmp_path / "pvc" / "data").mkdir(parents=True)
     (tmp_path / "data.csv").rename(tmp_path / "pvc" / "data" / "data.csv")
-    (tmp_path / "tj.yaml").write_text(yaml.safe_dump(doc))
+    (tmp_path / "tj.yaml").write_text(job["spec"]["template"]["metadata"]["annotations"][annotation])
     env = {**os.environ, "KILN_TRAININGJOB": "progress", "KILN_NAMESPACE": namespace, "KILN_API_SERVER": control_plane.server,
            "KILN_API_TOKEN_FILE": str(tmp_path / "token"), "KILN_API_INSECURE": "1", "KILN_PVC_ROOT": str(tmp_path / "pvc"),
            "KILN_TERMINATION_LOG": str(tmp_path / "termination-log")}

@@ -76,8 +76,21 @@ def test_trainingjob_children_are_valid_kubernetes(case: str) -> None:
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["KILN_SPEC"]["value"] == "/etc/kiln/trainingjob.yaml"
-    cm = by_kind(docs, "ConfigMap")
-    assert yaml.safe_load(cm["data"]["trainingjob.yaml"])["metadata"]["name"] == "demo"
+    # The spec reaches the trainer through the downward API: the file is the pod template's annotation.
+    volume = next(v for v in pod["volumes"] if v["name"] == "spec")
+    item = volume["downwardAPI"]["items"][0]
+    assert item["path"] == "trainingjob.yaml"
+    annotation = item["fieldRef"]["fieldPath"].split("'")[1]
+    document = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][annotation])
+    assert document["metadata"]["name"] == "demo" and document["spec"]["model"] == tj(**CASES["minimal"])["spec"]["model"]
+    assert annotation not in job["metadata"].get("annotations", {}), "only the pod template carries the spec"
+
+
+def test_spec_too_large_for_an_annotation_is_a_clear_error() -> None:
+    big = tj(**CASES["minimal"])
+    big["spec"]["env"] = [{"name": f"V{i}", "value": "x" * 1000} for i in range(250)]
+    with pytest.raises(RenderError, match=r"spec: .* bytes once serialized"):
+        build_trainingjob(big, NEW)
 
 
 def test_gpu_job_requests_gpus_and_tolerates_the_taint() -> None:
@@ -126,7 +139,7 @@ def test_values_cannot_break_out_of_the_yaml(evil: str) -> None:
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e.get("value") for e in c["env"]}["X"] == evil
     assert c["image"] == evil and c["command"][-1] == evil
-    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job"]
     assert set(c) == {"name", "image", "imagePullPolicy", "command", "env", "resources", "securityContext",
                       "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
 
@@ -197,6 +210,6 @@ def test_api_reference_is_up_to_date() -> None:
 def test_render_previews_the_model_of_a_trainingjob_in_the_same_file(kiln_cli: Any) -> None:
     docs = list(yaml.safe_load_all(kiln_cli("render", "examples/cluster/digits.yaml", check=True).stdout))
     strict(docs)
-    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job", "Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job", "Deployment", "Service"]
     args = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--model", "/kiln/pvc/kiln-models/digits/model.onnx"]

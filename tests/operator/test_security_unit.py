@@ -100,7 +100,7 @@ def test_rendered_values_stay_strings(name: str, value: str, arg: str, image: st
              scheduling={"nodeSelector": {"pool": label}})
     doc["metadata"]["name"] = name
     docs = build_trainingjob(doc, NEW)
-    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job"]
     job = docs[-1]
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
@@ -111,7 +111,7 @@ def test_rendered_values_stay_strings(name: str, value: str, arg: str, image: st
     assert set(job) == {"apiVersion", "kind", "metadata", "spec"}
     assert set(pod) == {"restartPolicy", "serviceAccountName", "automountServiceAccountToken", "enableServiceLinks",
                         "nodeSelector", "securityContext", "containers", "volumes"}
-    spec_doc = yaml.safe_load(docs[3]["data"]["trainingjob.yaml"])
+    spec_doc = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"]["kiln.dev/spec"])
     assert spec_doc["spec"]["env"][0]["value"] == value and spec_doc["spec"]["image"] == image
 
 

@@ -130,9 +130,9 @@ See docs/install.md for why each rule exists.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# Per-job spec ConfigMap and trainer ServiceAccount: created once (409 -> read back).
+# The trainer's per-job ServiceAccount: created once (409 -> read back).
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts"]
+  resources: ["serviceaccounts"]
   verbs: ["get", "create"]
 # Headless Service of multi-worker jobs (created once); model server Services (watched, server-side applied).
 - apiGroups: [""]

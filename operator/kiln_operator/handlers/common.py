@@ -12,11 +12,31 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln_operator import kube
+from kiln_operator import aiokube
 
 log = logging.getLogger("kiln.operator")
 
 Key = tuple[str, str]
+
+
+class Bookkeeping:
+    """A cap on concurrent status patches and events, so that in a burst Jobs are created first.
+
+    Why: the API server is the shared bottleneck when hundreds of TrainingJobs arrive at once. Creating
+    a user's Job is what starts their training; the status line and the event saying so can trail it
+    by a moment. Creates are not capped (the connection pool bounds them); bookkeeping shares a few
+    slots per event loop.
+    """
+
+    slots = 8
+    _limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+    @classmethod
+    def limit(cls) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if loop not in cls._limits:
+            cls._limits = {loop: asyncio.Semaphore(cls.slots)}  # a restarted operator runs a new loop
+        return cls._limits[loop]
 
 
 class StatusWriter:
@@ -35,9 +55,11 @@ class StatusWriter:
 
     def view(self, key: Key, body: dict[str, Any]) -> dict[str, Any]:
         """The object with our latest written status fields laid over the snapshot."""
+        # Shallow: snapshots and written values are private copies, and nothing here mutates them
+        # (status.py builds new dicts), so a deep copy per reconcile would only cost CPU.
         out = {k: v for k, v in body.items() if k != "status"}
-        status = copy.deepcopy(dict(body.get("status") or {}))
-        status.update(copy.deepcopy(self.written.get(key, {})))
+        status = dict(body.get("status") or {})
+        status.update(self.written.get(key, {}))
         out["status"] = status
         return out
 
@@ -45,7 +67,8 @@ class StatusWriter:
         if not status:
             return
         namespace, name = key
-        await asyncio.to_thread(kube.patch_status, self.api_version, self.kind, namespace, name, status)
+        async with Bookkeeping.limit():
+            await aiokube.patch_status(self.api_version, self.kind, namespace, name, status)
         self.written.setdefault(key, {}).update(copy.deepcopy(status))
 
     def forget(self, key: Key) -> None:
@@ -77,7 +100,8 @@ async def post_event(body: dict[str, Any], type_: str, reason: str, message: str
         "count": 1,
     }
     try:
-        await asyncio.to_thread(kube.call, "POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event)
+        async with Bookkeeping.limit():
+            await aiokube.call("POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event)
     except Exception as exc:  # events are best effort; never fail a reconcile for one
         log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 
@@ -92,7 +116,8 @@ def snapshot(body: Any) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": copy.deepcopy(dict(body.get("metadata") or {})),
+        # managedFields is most of a body's size and never read here.
+        "metadata": copy.deepcopy({k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}),
         "spec": copy.deepcopy(dict(body.get("spec") or {})),
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }

@@ -7,7 +7,6 @@ Like TrainingJobs, no finalizer: children go by ownerReference garbage collectio
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -15,7 +14,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
-from kiln_operator import kube, names
+from kiln_operator import aiokube, kube, names
 from kiln_operator.handlers.common import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.render import RenderError
 from kiln_operator.serving import build_modeldeployment, derive_md_status, resolve_model, subset
@@ -52,12 +51,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 continue
             try:
                 if live is None or kind == "HorizontalPodAutoscaler":
-                    result = await asyncio.to_thread(kube.apply, child, settings.field_manager)
+                    result = await aiokube.apply(child, settings.field_manager)
                 else:
                     # Put a hand edit back. Server-side apply would merge list entries it does not own
                     # (a hand-added Service port); a merge patch replaces those lists with exactly Kiln's.
                     meta = {k: child["metadata"][k] for k in ("labels", "annotations") if k in child["metadata"]}
-                    result = await asyncio.to_thread(kube.patch, child["apiVersion"], kind, key[0], child["metadata"]["name"],
+                    result = await aiokube.patch(child["apiVersion"], kind, key[0], child["metadata"]["name"],
                                                      {"metadata": meta, "spec": child["spec"]})
             except ApiException as exc:
                 message = f"could not apply {kind} {child['metadata']['name']}: {kube.error_message(exc)}"
@@ -74,7 +73,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             elif live is not None:
                 log.info("put back %s %s/%s (it differed from what Kiln renders)", kind, key[0], child["metadata"]["name"])
         if key in hpas_applied and not any(c["kind"] == "HorizontalPodAutoscaler" for c in children):
-            await asyncio.to_thread(kube.delete, "autoscaling/v2", "HorizontalPodAutoscaler", key[0],
+            await aiokube.delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0],
                                     names.server_deployment(key[1]))
             hpas_applied.discard(key)
 
