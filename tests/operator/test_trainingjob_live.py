@@ -259,7 +259,9 @@ def test_delete_cascades_to_every_child(api: Any, operator: Any, namespace: str)
     sel = "kiln.dev/trainingjob=bye"
     for kind in kinds:
         assert api.list_objects(*kind, namespace, sel), kind
-    assert not tj(api, namespace, "bye")["metadata"].get("finalizers")
+    meta = tj(api, namespace, "bye")["metadata"]
+    assert not meta.get("finalizers")
+    assert not [k for k in meta.get("annotations") or {} if "kiln.dev" in k or "kopf" in k], "no bookkeeping patches on the resource"
     api.delete(API, "TrainingJob", namespace, "bye")
     eventually(lambda: tj(api, namespace, "bye") is None, what="TrainingJob gone")
     for kind in kinds:
