@@ -146,14 +146,19 @@ class JsonLoader:
 
     @staticmethod
     def _convert(doc: Any) -> dict[str, Any]:
+        # keys() + lookups, not items(): items() converts every value to Python objects, the tensor
+        # data included, which is the one thing worth keeping lazy. A key simdjson cannot look up
+        # again (escapes such as \u0000) raises KeyError, and the caller decodes with orjson.
         out: dict[str, Any] = {}
-        for key, value in doc.items():  # items(), not [key]: keys with escapes such as \u0000 fail lookups
+        for key in list(doc.keys()):
+            value = doc[key]
             if key == "inputs" and isinstance(value, _simdjson.Array):
                 items: list[Any] = []
                 for item in value:
                     if isinstance(item, _simdjson.Object):
                         entry: dict[str, Any] = {}
-                        for ik, iv in item.items():
+                        for ik in list(item.keys()):
+                            iv = item[ik]
                             entry[ik] = iv if ik == "data" and isinstance(iv, _simdjson.Array) else _plain(iv)
                         items.append(entry)
                     else:
