@@ -50,6 +50,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_cores(interval: float = 1.0) -> float:
+    """Cores in use machine-wide over `interval` (from /proc/stat)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+    b0, t0 = sample()
+    time.sleep(interval)
+    b1, t1 = sample()
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def wait_quiet(limit: float = 0.3, timeout: float = 90.0) -> float:
+    """Wait until the machine is idle (the previous round's deletions digested); the busy level reached.
+
+    Without this the first operator of each pair ran while etcd and the garbage collector were still
+    busy with the previous round's namespace, and was 1.5-2x slower for it.
+    """
+    deadline = time.monotonic() + timeout
+    busy = busy_cores()
+    while busy > limit and time.monotonic() < deadline:
+        busy = busy_cores()
+    return busy
+
+
 def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
     """Record when each Job first appears (a watch, so no polling interval blurs the times)."""
     import kubernetes
@@ -66,6 +91,7 @@ def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
 
 
 def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None) -> dict[str, Any]:
+    idle = wait_quiet()
     ns = f"bench-{which}-{uuid.uuid4().hex[:5]}"
     kube.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
@@ -118,7 +144,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
     return {"operator": which, "n": n, "jobs": len(seen), "p50_s": statistics.median(lat), "p95_s": q[18],
             "all_jobs_s": total, "peak_rss_mb": rss,
-            "cpu_s": cpu, "failed_pod_creates": failed_creates}
+            "cpu_s": cpu, "failed_pod_creates": failed_creates, "busy_cores_before": round(idle, 2)}
 
 
 def main() -> int:

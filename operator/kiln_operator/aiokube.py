@@ -85,8 +85,9 @@ def _resource(url: str) -> str:
 
 
 async def call(method: str, url: str, body: Any = None, query: list[tuple[str, str]] | None = None,
-               content_type: str = "application/json") -> Any:
-    """One API call returning the decoded JSON body; raises ApiException on HTTP errors."""
+               content_type: str = "application/json", decode: bool = True) -> Any:
+    """One API call returning the decoded JSON body ({} with `decode=False`: the caller ignores it, and
+    decoding a full object per write is CPU a burst cannot spare); raises ApiException on HTTP errors."""
     host = kube.client().configuration.host
     data = json.dumps(body) if body is not None else None
     calls[f"{method} {_resource(url)}"] += 1
@@ -99,7 +100,7 @@ async def call(method: str, url: str, body: Any = None, query: list[tuple[str, s
                     _auth["until"] = 0.0  # a rotated token: read it again next time
                 if not 200 <= resp.status < 300:
                     raise ApiException(status=resp.status, reason=resp.reason, body=raw.decode("utf-8", "replace"))
-                return json.loads(raw) if raw else {}
+                return json.loads(raw) if raw and decode else {}
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             _auth["until"] = 0.0
             if attempt == RETRIES:
@@ -123,11 +124,12 @@ async def list_objects(api_version: str, kind: str, namespace: str | None, selec
     return list((await call("GET", kube.path(api_version, kind, namespace), query=query)).get("items") or [])
 
 
-async def create(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Create `obj`; if it exists already, return the existing one. (object, created)."""
+async def create(obj: dict[str, Any], decode: bool = True) -> tuple[dict[str, Any], bool]:
+    """Create `obj`; if it exists already, return the existing one. (object, created); with `decode=False`
+    the object is only returned when it already existed (what idempotent creation needs to check)."""
     ns = obj["metadata"].get("namespace")
     try:
-        return await call("POST", kube.path(obj["apiVersion"], obj["kind"], ns), obj), True
+        return await call("POST", kube.path(obj["apiVersion"], obj["kind"], ns), obj, decode=decode), True
     except ApiException as exc:
         if exc.status != 409:
             raise
@@ -148,7 +150,7 @@ async def apply(obj: dict[str, Any], field_manager: str = "kiln", force: bool = 
 async def patch_status(api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
     """Merge-patch the status subresource (fields not named are left alone, e.g. the trainer's progress)."""
     return await call("PATCH", kube.path(api_version, kind, namespace, name, "status"), {"status": status},
-                      content_type="application/merge-patch+json")
+                      content_type="application/merge-patch+json", decode=False)
 
 
 async def patch(api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:

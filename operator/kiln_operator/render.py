@@ -82,8 +82,14 @@ _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def render_template(name: str, **context: Any) -> list[dict[str, Any]]:
-    """Render one template into its YAML documents."""
+    """Render one template into its documents: `*.yaml.j2` (YAML stream) or `*.json.j2` (an object or a list)."""
     text = environment().get_template(name).render(**context)
+    if name.endswith(".json.j2"):
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:  # a template bug, never user input (values enter through tojson)
+            raise RuntimeError(f"template {name} rendered invalid JSON: {exc}") from exc
+        return [doc for doc in (loaded if isinstance(loaded, list) else [loaded]) if doc]
     return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc]
 
 
@@ -271,10 +277,10 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
     ctx = trainingjob_context(tj, settings)
     out: list[dict[str, Any]] = []
     if ctx["create_account"]:
-        out += render_template("trainingjob-rbac.yaml.j2", **ctx)
+        out += render_template("trainingjob-rbac.json.j2", **ctx)
     if ctx["workers"] > 1:
         out += render_template("trainingjob-service.yaml.j2", **ctx)
-    out += render_template("trainingjob-job.yaml.j2", **ctx)
+    out += render_template("trainingjob-job.json.j2", **ctx)
     return out
 
 

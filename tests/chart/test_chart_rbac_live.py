@@ -220,6 +220,10 @@ def test_removing_a_rule_breaks_the_scenario(install: Install, api: Any, name: s
     found = eventually(lambda: evidence in inst.log().replace('\\"', '"') or evidence in inst.events(), 15,
                        what=f"'{evidence}' in the operator log or events")
     assert found
+    if scenario == "train":
+        # No training runs without the trainer's identity: a Job made alongside a failed Role is deleted.
+        eventually(lambda: not [j for j in api.list_objects("batch/v1", "Job", inst.workload, "kiln.dev/trainingjob=nope")
+                                if not j["metadata"].get("deletionTimestamp")], 15, what="no live Job for 'nope'")
 
 
 def test_trainer_may_patch_only_its_own_status(install: Install, api: Any, kubectl: Any, tools: Path, control_plane: Any) -> None:

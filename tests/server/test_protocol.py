@@ -118,3 +118,21 @@ def test_keys_with_escapes_fall_back_cleanly() -> None:
     body = b'{"a\\u0000b": 1, "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3], "\\u0000": {}}]}'
     req = parse_infer_request(body, None, {"x": SPECS["FP32"]}, OUT, 100)
     np.testing.assert_array_equal(req.inputs["x"], np.array([[1, 2, 3]], dtype=np.float32))
+
+
+@pytest.mark.skipif(protocol._simdjson is None, reason="pysimdjson not installed")
+def test_tensor_data_stays_lazy_for_the_typed_buffer_path() -> None:
+    # Regression: iterating simdjson objects with items() converted the data to Python floats, which
+    # silently bypassed the typed-buffer path (same results, a third of the speed).
+    body = json.dumps({"id": "x", "parameters": {"a": 1}, "inputs": [
+        {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5, 1.5, 2.5, 3.5]}]}).encode()
+    loader = JsonLoader()
+    doc = loader.load(body)
+    assert isinstance(doc["inputs"][0]["data"], protocol._simdjson.Array)
+    assert doc["id"] == "x" and doc["parameters"] == {"a": 1} and doc["inputs"][0]["shape"] == [1, 4]
+    del doc
+    spec = {"input": TensorSpec("input", "FP32", [-1, 4])}
+    req = parse_infer_request(body, None, spec, {}, 10_000, loader)
+    np.testing.assert_array_equal(req.inputs["input"], np.array([[0.5, 1.5, 2.5, 3.5]], dtype=np.float32))
+    # A key simdjson cannot look up again (an escape) still decodes, through orjson.
+    assert loader.load(b'{"a\\u0000b": 1, "inputs": []}') == {"a\x00b": 1, "inputs": []}

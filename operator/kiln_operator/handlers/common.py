@@ -19,25 +19,24 @@ log = logging.getLogger("kiln.operator")
 Key = tuple[str, str]
 
 
-class Bookkeeping:
-    """A cap on concurrent status patches and events, so that in a burst Jobs are created first.
+class LoopLimit:
+    """A semaphore per event loop (a restarted operator runs Kopf on a new loop)."""
 
-    Why: the API server is the shared bottleneck when hundreds of TrainingJobs arrive at once. Creating
-    a user's Job is what starts their training; the status line and the event saying so can trail it
-    by a moment. Creates are not capped (the connection pool bounds them); bookkeeping shares a few
-    slots per event loop.
-    """
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
-    slots = 8
-    _limits: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-
-    @classmethod
-    def limit(cls) -> asyncio.Semaphore:
+    def __call__(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
-        if loop not in cls._limits:
-            cls._limits = {loop: asyncio.Semaphore(cls.slots)}  # a restarted operator runs a new loop
-        return cls._limits[loop]
+        if loop not in self._limits:
+            self._limits = {loop: asyncio.Semaphore(self.slots)}
+        return self._limits[loop]
 
+
+BOOKKEEPING = LoopLimit(8)
+"""Concurrent status patches and events. In a burst the API server is the shared bottleneck, and
+creating a user's Job is what starts their training; the status line and the event saying so can
+trail it by a moment, so they share a few slots while creates do not."""
 
 class StatusWriter:
     """Patches `status` and remembers what it wrote, so a stale watch snapshot is not re-patched.
@@ -67,7 +66,7 @@ class StatusWriter:
         if not status:
             return
         namespace, name = key
-        async with Bookkeeping.limit():
+        async with BOOKKEEPING():
             await aiokube.patch_status(self.api_version, self.kind, namespace, name, status)
         self.written.setdefault(key, {}).update(copy.deepcopy(status))
 
@@ -100,8 +99,8 @@ async def post_event(body: dict[str, Any], type_: str, reason: str, message: str
         "count": 1,
     }
     try:
-        async with Bookkeeping.limit():
-            await aiokube.call("POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event)
+        async with BOOKKEEPING():
+            await aiokube.call("POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event, decode=False)
     except Exception as exc:  # events are best effort; never fail a reconcile for one
         log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 
