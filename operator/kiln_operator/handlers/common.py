@@ -33,10 +33,10 @@ class LoopLimit:
         return self._limits[loop]
 
 
-BOOKKEEPING = LoopLimit(8)
+BOOKKEEPING = LoopLimit(4)
 """Concurrent status patches and events. In a burst the API server is the shared bottleneck, and
 creating a user's Job is what starts their training; the status line and the event saying so can
-trail it by a moment, so they share a few slots while creates do not."""
+trail it by a moment, so they share a few slots while creates do not (4 measured better than 8)."""
 
 class StatusWriter:
     """Patches `status` and remembers what it wrote, so a stale watch snapshot is not re-patched.
