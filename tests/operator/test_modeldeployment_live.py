@@ -169,8 +169,12 @@ def test_progress_deadline_exceeded_fails(api: Any, operator: Any, namespace: st
     assert init["command"] == ["python", "-m", "kiln_server.fetch", "s3://bucket/model.onnx", "/models/model.onnx", "--sha256", "b" * 64]
     pod = kubelet.wait_pods(namespace, MD_SELECTOR.format(name="stuck"))[0]
     kubelet.waiting(pod, "ImagePullBackOff", 'Back-off pulling image "kiln-server:test"')
-    st = wait_md(api, namespace, "stuck", "Failed", "ProgressDeadlineExceeded", timeout=60)["status"]
-    assert "ImagePullBackOff" in st["message"]
+    wait_md(api, namespace, "stuck", "Failed", "ProgressDeadlineExceeded", timeout=60)
+    # The Deployment's deadline (1 s) can reach the operator before the pod's waiting state does; the
+    # status then gains the pod's reason with the pod event.
+    st = eventually(lambda: (lambda s: s if "ImagePullBackOff" in s.get("message", "") else None)(md(api, namespace, "stuck")["status"]),
+                    what="the pod's reason in the failure message")
+    assert st["reason"] == "ProgressDeadlineExceeded" and st["phase"] == "Failed"
 
 
 def test_autoscaling_degrades_without_hpa_v2(api: Any, operator: Any, namespace: str) -> None:
