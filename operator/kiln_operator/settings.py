@@ -56,7 +56,7 @@ class OperatorSettings:
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
     max_workers: int = 50
-    """Threads for blocking API calls."""
+    """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)
 
     def handles(self, namespace: str | None) -> bool:
