@@ -79,7 +79,7 @@ def _resource(url: str) -> str:
     parts = url.split("?")[0].strip("/").split("/")
     parts = parts[1:] if parts[0] == "api" else parts[2:]  # drop the group/version prefix
     parts = parts[1:]  # the version
-    if len(parts) >= 2 and parts[0] == "namespaces" and len(parts) > 2:
+    if len(parts) > 2 and parts[0] == "namespaces":
         parts = parts[2:]
     return "/".join([parts[0], *parts[2:]]) if parts else url
 

@@ -140,7 +140,7 @@ def _lagging(condition: dict[str, Any], now: datetime) -> bool:
     return since is not None and (now - since).total_seconds() < LAG_SECONDS
 
 
-def _phase(pod: dict[str, Any]) -> str | None:
+def pod_phase(pod: dict[str, Any]) -> str | None:
     return (pod.get("status") or {}).get("phase")
 
 
@@ -149,6 +149,11 @@ def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
         if c.get("type") == type_ and c.get("status") == "True":
             return c
     return None
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    """Whether the Job has completed or failed for good."""
+    return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
 
 
 def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime | None = None,
@@ -181,7 +186,7 @@ def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, 
             return Derived()
     elif (complete := _job_condition(job, "Complete")) is not None:
         result = _result_from(pods)
-        if result is None and _lagging(complete, now) and not any(_phase(p) == "Succeeded" for p in pods):
+        if result is None and _lagging(complete, now) and not any(pod_phase(p) == "Succeeded" for p in pods):
             return Derived()  # the pod watch has not caught up with the Job yet: its summary is coming
         phase, reason = "Succeeded", "Succeeded"
         message = "training finished" if result else "training finished but the trainer reported no result summary"

@@ -27,7 +27,7 @@ from kiln_operator import aiokube, kube, names
 from kiln_operator.handlers.common import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.render import RenderError, build_trainingjob
 from kiln_operator.settings import OperatorSettings
-from kiln_operator.status import HELD_BACK_MESSAGE, TERMINAL, derive, fmt_time, now_utc, set_condition
+from kiln_operator.status import HELD_BACK_MESSAGE, TERMINAL, derive, fmt_time, job_finished, now_utc, pod_phase, set_condition
 
 PLURAL = "trainingjobs"
 
@@ -78,15 +78,6 @@ def slim_pod(body: Any) -> dict[str, Any]:
                      "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or []))},
         "status": copy.deepcopy(dict(body.get("status") or {})),
     }
-
-
-def _phase(pod: dict[str, Any]) -> str | None:
-    return (pod.get("status") or {}).get("phase")
-
-
-def _finished(job: dict[str, Any]) -> bool:
-    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +163,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 tj = writer.view(key, body)
             job_uid = job["metadata"]["uid"] if job else None
             job_pods = [p for p in pods.get(key) if job_uid and owned_by(p, job_uid)]
-            if job and _finished(job) and not any(_phase(p) in ("Succeeded", "Failed") for p in job_pods):
+            if job and job_finished(job) and not any(pod_phase(p) in ("Succeeded", "Failed") for p in job_pods):
                 # The Job says it finished but its finished pod has not reached the watch cache yet (an
                 # operator restart refills caches stream by stream): read the pods, for the real reason.
                 listed = await aiokube.list_objects("v1", "Pod", key[0],
