@@ -109,8 +109,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     """When each TrainingJob was last reconciled: the periodic resync skips those seen recently."""
     created: dict[Key, float] = {}
     """When this process created each TrainingJob's Job: until its watch event arrives, it is not 'missing'."""
-    cautious: set[Key] = set()
-    """TrainingJobs whose ServiceAccount or Role failed once: their Job waits for both from then on."""
 
     async def reconcile_all() -> None:
         horizon = time.monotonic() - settings.reconcile_interval
@@ -227,14 +225,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 return exc
 
         # Two round trips. A RoleBinding may only be created once its Role exists (RBAC checks that the
-        # creator holds what the binding grants). The Job goes in the first round trip with the
-        # ServiceAccount and Role: under a burst each round trip costs seconds, and the Job
-        # controller makes pods only after seeing the Job (by then the ServiceAccount sent alongside
-        # exists; if a pod ever races ahead, the Job controller retries it). If the ServiceAccount or
-        # Role fails, the new Job is deleted again, and this TrainingJob is retried the cautious way
-        # (Job only after its identity exists): no training runs without its identity.
-        cautious_now = key in cautious
-        late = {"RoleBinding", "Job"} if cautious_now else {"RoleBinding"}
+        # creator holds what the binding grants), and the Job goes second so that its pods find their
+        # ServiceAccount and no training starts when the trainer's identity could not be made. (Creating
+        # the Job in the first round trip was faster under a burst, but an operator killed between the
+        # two requests left a Job whose pods failed for want of their ServiceAccount, and the Job
+        # controller's backoff then delayed them for minutes.)
+        late = {"RoleBinding", "Job"}
         first = [i for i, obj in enumerate(children) if obj["kind"] not in late]
         second = [i for i, obj in enumerate(children) if obj["kind"] in late]
         outcomes: list[tuple[dict[str, Any], bool] | ApiException] = [ApiException(status=0)] * len(children)
@@ -243,13 +239,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
                 outcomes[i] = outcome
             if any(isinstance(outcomes[i], ApiException) for i in stage):
                 break
-        failed_identity = any(isinstance(outcome, ApiException) and outcome.status != 0 and obj["kind"] != "Job"
-                              for obj, outcome in zip(children, outcomes, strict=True))
-        if failed_identity and not cautious_now:
-            cautious.add(key)
-            for obj, outcome in zip(children, outcomes, strict=True):
-                if obj["kind"] == "Job" and isinstance(outcome, tuple) and outcome[1]:
-                    await aiokube.delete("batch/v1", "Job", key[0], obj["metadata"]["name"])
         job_name = ""
         job_created = False
         for obj, outcome in zip(children, outcomes, strict=True):
@@ -348,7 +337,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
             writer.forget(key)
             reconciled.pop(key, None)
             created.pop(key, None)
-            cautious.discard(key)
             return
         trainingjobs.items[key] = {"": snapshot(body)}
         try:
