@@ -7,6 +7,8 @@ CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 DEST="$CACHE/tools"
 if [[ -x "$DEST/kubectl" && -x "$DEST/helm" ]]; then echo "$DEST"; exit 0; fi
 PY="${PYTHON:-python3}"
+# The download runs in a temporary folder: a relative interpreter path must not break there.
+if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.tools.lock"; flock 9
 if [[ -x "$DEST/kubectl" && -x "$DEST/helm" ]]; then echo "$DEST"; exit 0; fi
