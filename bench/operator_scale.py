@@ -2,8 +2,9 @@
 
 Both operators run in the same run against the same real control plane (tests/testenv.py), each on a
 namespace of its own, alternating which goes first. Measured per TrainingJob: time from the create
-call returning to the Job appearing in a watch; per round: time until every TrainingJob has its Job,
-and the operator's peak RSS (VmHWM).
+call returning to the Job appearing in a watch, and to the Job's first Pod appearing (the Job controller
+made it: training can start); per round: time until every TrainingJob has its Job and its Pod, the
+operator's peak RSS (VmHWM) and CPU, and pod creations the API server refused (FailedCreate events).
 
 Run: .venv/bin/python bench/operator_scale.py [--sizes 1,100,500] [--out docs/...]
 """
@@ -35,6 +36,10 @@ TJ = {
     "spec": {"dataset": {"uri": "pvc://data/d.csv"}, "output": {"uri": "pvc://models/m"},
              "model": {"inputShape": [4], "layers": [{"type": "Dense", "units": 3}]}},
 }
+
+
+METRICS = ("p50_s", "p95_s", "all_jobs_s", "pod_p50_s", "pod_p95_s", "all_pods_s")
+"""Compared kiln / floor: create -> Job (the issue's measure) and create -> first Pod (when training can start)."""
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -90,6 +95,22 @@ def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
                 break
 
 
+def watch_pods(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
+    """Record when each Job's first Pod appears: when training can really start (the Job controller made it)."""
+    import kubernetes
+
+    w = kubernetes.watch.Watch()
+    core = kubernetes.client.CoreV1Api(kube.client())
+    while not stop.is_set():
+        for ev in w.stream(core.list_namespaced_pod, ns, timeout_seconds=5):
+            job = (ev["object"].metadata.labels or {}).get("job-name", "")
+            if job:
+                seen.setdefault(job[: -len("-train")], time.monotonic())
+            if stop.is_set():
+                w.stop()
+                break
+
+
 def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None) -> dict[str, Any]:
     idle = wait_quiet()
     ns = f"bench-{which}-{uuid.uuid4().hex[:5]}"
@@ -109,6 +130,9 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     stop = threading.Event()
     watcher = threading.Thread(target=watch_jobs, args=(ns, seen, stop), daemon=True)
     watcher.start()
+    pods_seen: dict[str, float] = {}
+    pod_watcher = threading.Thread(target=watch_pods, args=(ns, pods_seen, stop), daemon=True)
+    pod_watcher.start()
     time.sleep(0.5)
     created: dict[str, float] = {}
 
@@ -126,6 +150,10 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
         time.sleep(0.05)
     total = max(seen.values()) - t0 if len(seen) == n else float("nan")
     lat = sorted(seen[k] - created[k] for k in created if k in seen)
+    while len(pods_seen) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pod_total = max(pods_seen.values()) - t0 if len(pods_seen) == n else float("nan")
+    pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen)
     rss = peak_rss_mb(proc.pid)
     events = kube.call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
     failed_creates = sum(1 for e in events if e.get("reason") == "FailedCreate")
@@ -142,8 +170,10 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     while kube.get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
         time.sleep(0.5)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
+    pq = statistics.quantiles(pod_lat, n=20) if len(pod_lat) >= 2 else [pod_lat[0]] * 19
     return {"operator": which, "n": n, "jobs": len(seen), "p50_s": statistics.median(lat), "p95_s": q[18],
-            "all_jobs_s": total, "peak_rss_mb": rss,
+            "all_jobs_s": total, "pod_p50_s": statistics.median(pod_lat), "pod_p95_s": pq[18], "all_pods_s": pod_total,
+            "peak_rss_mb": rss,
             "cpu_s": cpu, "failed_pod_creates": failed_creates, "busy_cores_before": round(idle, 2)}
 
 
@@ -170,27 +200,29 @@ def main() -> int:
                 row = one_round(cp, which, n, work, args.wrap.split() if args.wrap else None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        print("\n| TrainingJobs | operator | p50 create->Job (s) | p95 (s) | all Jobs (s) | peak RSS (MB) | operator CPU (s) |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| TrainingJobs | operator | p50 create->Job (s) | p95 (s) | all Jobs (s) | p50 create->Pod (s) | p95 (s) "
+              "| all Pods (s) | peak RSS (MB) | operator CPU (s) | failed pod creates |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['n']} | {r['operator']} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['all_jobs_s']:.2f} | {r['peak_rss_mb']:.0f} "
-                  f"| {r['cpu_s']:.1f} |")
+            print(f"| {r['n']} | {r['operator']} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['all_jobs_s']:.2f} "
+                  f"| {r['pod_p50_s']:.3f} | {r['pod_p95_s']:.3f} | {r['all_pods_s']:.2f} | {r['peak_rss_mb']:.0f} "
+                  f"| {r['cpu_s']:.1f} | {r['failed_pod_creates']} |")
         if args.only:
             return 0
-        print("\n| TrainingJobs | kiln / floor, p50 | p95 | all Jobs |")
-        print("|---|---|---|---|")
+        print("\n| TrainingJobs | kiln / floor, p50 | p95 | all Jobs | Pod p50 | Pod p95 | all Pods |")
+        print("|---|---|---|---|---|---|---|")
         for n in sorted({r["n"] for r in rows}):
             # Round by round (each pair ran back to back), then the median over rounds.
             kiln = [r for r in rows if r["n"] == n and r["operator"] == "kiln"]
             floor = [r for r in rows if r["n"] == n and r["operator"] == "floor"]
-            ratios = {m: [k[m] / f[m] for k, f in zip(kiln, floor, strict=True)] for m in ("p50_s", "p95_s", "all_jobs_s")}
+            ratios = {m: [k[m] / f[m] for k, f in zip(kiln, floor, strict=True)] for m in METRICS}
             for m in ratios:
                 ratios[m].append(statistics.median(ratios[m]))
             for i in range(len(kiln) + (1 if len(kiln) > 1 else 0)):
                 label = f"{n} (round {i + 1})" if i < len(kiln) else f"{n} (median)"
                 if len(kiln) == 1:
                     label = str(n)
-                print(f"| {label} | {ratios['p50_s'][i]:.2f}x | {ratios['p95_s'][i]:.2f}x | {ratios['all_jobs_s'][i]:.2f}x |")
+                print(f"| {label} | " + " | ".join(f"{ratios[m][i]:.2f}x" for m in METRICS) + " |")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
