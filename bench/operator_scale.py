@@ -111,7 +111,8 @@ def watch_pods(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
                 break
 
 
-def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None) -> dict[str, Any]:
+def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None,
+              pods: bool = True) -> dict[str, Any]:
     idle = wait_quiet()
     ns = f"bench-{which}-{uuid.uuid4().hex[:5]}"
     kube.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
@@ -150,7 +151,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
         time.sleep(0.05)
     total = max(seen.values()) - t0 if len(seen) == n else float("nan")
     lat = sorted(seen[k] - created[k] for k in created if k in seen)
-    while len(pods_seen) < n and time.monotonic() < deadline:
+    while pods and len(pods_seen) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     pod_total = max(pods_seen.values()) - t0 if len(pods_seen) == n else float("nan")
     pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen)
@@ -170,6 +171,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     while kube.get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
         time.sleep(0.5)
     q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
+    pod_lat = pod_lat if pods and pod_lat else [float("nan")]
     pq = statistics.quantiles(pod_lat, n=20) if len(pod_lat) >= 2 else [pod_lat[0]] * 19
     return {"operator": which, "n": n, "jobs": len(seen), "p50_s": statistics.median(lat), "p95_s": q[18],
             "all_jobs_s": total, "pod_p50_s": statistics.median(pod_lat), "pod_p95_s": pq[18], "all_pods_s": pod_total,
@@ -183,6 +185,7 @@ def main() -> int:
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--repeat", type=int, default=1, help="rounds per size (the order of the two alternates)")
     p.add_argument("--only", choices=["kiln", "floor"], help="run one operator (profiling; no ratios)")
+    p.add_argument("--no-pods", action="store_true", help="end each round once every Job exists (quicker; no Pod times)")
     p.add_argument("--wrap", default="", help="prefix for the operator command, e.g. 'py-spy record -o prof.svg --'")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
@@ -197,7 +200,7 @@ def main() -> int:
         for i, n in enumerate(plan):
             order = ["kiln", "floor"] if i % 2 == 0 else ["floor", "kiln"]
             for which in [args.only] if args.only else order:
-                row = one_round(cp, which, n, work, args.wrap.split() if args.wrap else None)
+                row = one_round(cp, which, n, work, args.wrap.split() if args.wrap else None, pods=not args.no_pods)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         print("\n| TrainingJobs | operator | p50 create->Job (s) | p95 (s) | all Jobs (s) | p50 create->Pod (s) | p95 (s) "
