@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -134,18 +133,6 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    doc = run.DOC
-    current = doc.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _m: text + "\n", current, count=1)
-    else:  # right after the model server section
-        nxt = re.search(r"^## (?!Model server)", current, re.M)
-        updated = current[: nxt.start()] + text + "\n" + current[nxt.start():] if nxt else current.rstrip("\n") + "\n\n" + text
-    doc.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="64,256,512,1024,2048")
@@ -157,7 +144,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.render_only:
         saved = json.loads((HERE / "batching_sweep.json").read_text())
-        write_section(render(saved["rows"], saved["meta"]))
+        run.write_section(render(saved["rows"], saved["meta"]), SECTION)
         return 0
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     work = Path(tempfile.mkdtemp(prefix="kiln-sweep-"))
@@ -181,7 +168,7 @@ def main() -> int:
     text = render(rows, meta)
     print(text)
     if not args.no_doc:
-        write_section(text)
+        run.write_section(text, SECTION)
     return 0
 
 

@@ -527,11 +527,11 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) only the '## Model server' section of docs/benchmarks.md."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) only one section of docs/benchmarks.md: by default '## Model server'."""
     DOC.parent.mkdir(parents=True, exist_ok=True)
     current = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.M | re.S)
     if pattern.search(current):
         updated = pattern.sub(lambda _m: text + "\n", current, count=1)
     else:
