@@ -22,6 +22,6 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   touch "$stamp"
 fi
 if [[ "${1:-}" == "--test" ]]; then
-  PYTHON="$PWD/.venv/bin/python" bash scripts/tools.sh >/dev/null
+  PYTHON=.venv/bin/python bash scripts/tools.sh >/dev/null
   bash scripts/controlplane.sh >/dev/null
 fi
