@@ -80,35 +80,35 @@ def wait_quiet(limit: float = 0.3, timeout: float = 90.0) -> float:
     return busy
 
 
-def watch_jobs(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
-    """Record when each Job first appears (a watch, so no polling interval blurs the times)."""
+def watch_first(ns: str, kind: str, seen: dict[str, float], stop: threading.Event) -> None:
+    """Record when each TrainingJob's Job (kind "Job") or the Job's first Pod (kind "Pod") first appears.
+
+    A watch, so no polling interval blurs the times. Jobs are named `<tj>-train`, and the Job
+    controller labels its Pods `job-name=<tj>-train`.
+    """
     import kubernetes
 
     w = kubernetes.watch.Watch()
-    batch = kubernetes.client.BatchV1Api(kube.client())
+    api = kube.client()
+    list_fn = (kubernetes.client.BatchV1Api(api).list_namespaced_job if kind == "Job"
+               else kubernetes.client.CoreV1Api(api).list_namespaced_pod)
     while not stop.is_set():
-        for ev in w.stream(batch.list_namespaced_job, ns, timeout_seconds=5):
-            name = ev["object"].metadata.name
-            seen.setdefault(name[: -len("-train")], time.monotonic())
-            if stop.is_set():
-                w.stop()
-                break
-
-
-def watch_pods(ns: str, seen: dict[str, float], stop: threading.Event) -> None:
-    """Record when each Job's first Pod appears: when training can really start (the Job controller made it)."""
-    import kubernetes
-
-    w = kubernetes.watch.Watch()
-    core = kubernetes.client.CoreV1Api(kube.client())
-    while not stop.is_set():
-        for ev in w.stream(core.list_namespaced_pod, ns, timeout_seconds=5):
-            job = (ev["object"].metadata.labels or {}).get("job-name", "")
+        for ev in w.stream(list_fn, ns, timeout_seconds=5):
+            meta = ev["object"].metadata
+            job = meta.name if kind == "Job" else (meta.labels or {}).get("job-name", "")
             if job:
                 seen.setdefault(job[: -len("-train")], time.monotonic())
             if stop.is_set():
                 w.stop()
                 break
+
+
+def quantiles(lat: list[float]) -> tuple[float, float]:
+    """(p50, p95) of latencies; NaN when there are none (a round that did not wait for Pods)."""
+    if not lat:
+        return float("nan"), float("nan")
+    q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
+    return statistics.median(lat), q[18]
 
 
 def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str] | None = None,
@@ -129,11 +129,9 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     time.sleep(4)  # let the operator list and watch an empty namespace (not part of the measurement)
     seen: dict[str, float] = {}
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_jobs, args=(ns, seen, stop), daemon=True)
-    watcher.start()
     pods_seen: dict[str, float] = {}
-    pod_watcher = threading.Thread(target=watch_pods, args=(ns, pods_seen, stop), daemon=True)
-    pod_watcher.start()
+    for kind, into in (("Job", seen), ("Pod", pods_seen)):
+        threading.Thread(target=watch_first, args=(ns, kind, into, stop), daemon=True).start()
     time.sleep(0.5)
     created: dict[str, float] = {}
 
@@ -154,7 +152,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     while pods and len(pods_seen) < n and time.monotonic() < deadline:
         time.sleep(0.05)
     pod_total = max(pods_seen.values()) - t0 if len(pods_seen) == n else float("nan")
-    pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen)
+    pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen) if pods else []
     rss = peak_rss_mb(proc.pid)
     events = kube.call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
     failed_creates = sum(1 for e in events if e.get("reason") == "FailedCreate")
@@ -170,11 +168,10 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     gone = time.monotonic() + 300
     while kube.get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
         time.sleep(0.5)
-    q = statistics.quantiles(lat, n=20) if len(lat) >= 2 else [lat[0]] * 19
-    pod_lat = pod_lat if pods and pod_lat else [float("nan")]
-    pq = statistics.quantiles(pod_lat, n=20) if len(pod_lat) >= 2 else [pod_lat[0]] * 19
-    return {"operator": which, "n": n, "jobs": len(seen), "p50_s": statistics.median(lat), "p95_s": q[18],
-            "all_jobs_s": total, "pod_p50_s": statistics.median(pod_lat), "pod_p95_s": pq[18], "all_pods_s": pod_total,
+    p50, p95 = quantiles(lat)
+    pod_p50, pod_p95 = quantiles(pod_lat)
+    return {"operator": which, "n": n, "jobs": len(seen), "p50_s": p50, "p95_s": p95,
+            "all_jobs_s": total, "pod_p50_s": pod_p50, "pod_p95_s": pod_p95, "all_pods_s": pod_total,
             "peak_rss_mb": rss,
             "cpu_s": cpu, "failed_pod_creates": failed_creates, "busy_cores_before": round(idle, 2)}
 

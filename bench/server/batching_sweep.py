@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -46,23 +45,9 @@ BATCHING = ("--max-batch-size", "64", "--max-latency-ms", "2")
 def ort_costs(model: Path, seconds: float = 2.0) -> tuple[float, float]:
     """(us per 1-row call, us per row of a 64-row call) for ONNX Runtime alone, one intra-op thread
     as the server runs it."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    out = []
-    for rows in (1, 64):
-        x = rng.standard_normal((rows, 1000)).astype(np.float32)
-        for _ in range(50):
-            sess.run(None, {"input": x})
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            sess.run(None, {"input": x})
-            n += 1
-        out.append((time.perf_counter() - t0) / n * 1e6 / rows)
-    return out[0], out[1]
+    one = run.raw_ort_floor(model, seconds, rows=1, intra_op_threads=1)
+    batch = run.raw_ort_floor(model, seconds, rows=64, intra_op_threads=1)
+    return 1e6 / one, 1e6 / batch / 64
 
 
 def measure(width: int, work: Path, seconds: float, pin: bool) -> dict[str, Any]:
@@ -162,8 +147,7 @@ def main() -> int:
         mid["rounds_gain"] = [round(x["gain"], 2) for x in rounds[w]]
         rows.append(mid)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
-            "rounds": args.rounds, "command": " ".join([".venv/bin/python bench/server/batching_sweep.py", *sys.argv[1:]]),
-            "median_gain": statistics.median(r["gain"] for r in rows)}
+            "rounds": args.rounds, "command": " ".join([".venv/bin/python bench/server/batching_sweep.py", *sys.argv[1:]])}
     (HERE / "batching_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows, "all": rounds}, indent=1))
     text = render(rows, meta)
     print(text)

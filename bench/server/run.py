@@ -338,12 +338,17 @@ def check_answer(server: Server, body: bytes, expected: np.ndarray) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def raw_ort_floor(model: Path, seconds: float = 3.0) -> float:
-    """Runs per second of ONNX Runtime alone, batch 1, in this process: no HTTP, no JSON."""
+def raw_ort_floor(model: Path, seconds: float = 3.0, rows: int = 1, intra_op_threads: int = 0) -> float:
+    """Runs per second of ONNX Runtime alone (`rows` rows per call), in this process: no HTTP, no JSON.
+
+    `intra_op_threads` 0 is ONNX Runtime's default; 1 is how a server pinned to one CPU runs it.
+    """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).standard_normal((1, 1000)).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((rows, 1000)).astype(np.float32)
     for _ in range(200):
         sess.run(None, {"input": x})
     n = 0
