@@ -614,7 +614,7 @@ def main() -> int:
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
         "unknown CPU",
     )
-    meta: dict[str, Any] = {
+    meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model,
