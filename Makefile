@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   set up, then train and serve the quickstart on this machine (no cluster)
-#   make test   set up (venv, kubectl/helm, control plane), then run every test tier
-.PHONY: demo test unit live lint crds
+#   make test   set up (venv, kubectl/helm, control plane), then run every test tier; the e2e tier last,
+#               on a real node (scripts/images.sh + scripts/cluster.sh, started and stopped by the tier)
+.PHONY: demo test unit live e2e lint crds
 
 PYTEST = .venv/bin/pytest
 
@@ -11,13 +12,16 @@ demo:
 
 test:
 	bash scripts/setup.sh --test
-	$(PYTEST) -q -p no:cacheprovider
+	$(PYTEST) -q -p no:cacheprovider -m "not e2e"
+	$(PYTEST) -q -p no:cacheprovider -m e2e
 
 # One tier at a time while developing.
 unit:
 	$(PYTEST) -q -m unit
 live:
 	$(PYTEST) -q -m live
+e2e:
+	$(PYTEST) -q -m e2e
 
 lint:
 	.venv/bin/ruff check .

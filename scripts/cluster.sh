@@ -35,6 +35,7 @@ NODE_NAME=kiln-node
 STATE="$RUN_DIR/state"
 LOGS="$RUN_DIR/logs"
 CONF="$RUN_DIR/conf"
+DNS_DIR=/run/kiln-cluster-dns               # the Service hosts file dnsmasq answers from (see start_dns)
 KUBECONFIG_FILE="$RUN_DIR/kubeconfig"
 CTR=(ctr --address "$CTR_SOCK" -n k8s.io)
 # Paths kubelet 1.20, containerd and libcni write to whatever their flags say: removed by `down` if new.
@@ -264,7 +265,7 @@ start_control_plane() {
   wait_until 90 "kube-apiserver /readyz" sh -c "curl -sfk -m 2 -H 'Authorization: Bearer $(sed -n 1p "$c/tokens.csv" | cut -d, -f1)' https://$NODE_IP:$API_PORT/readyz | grep -qx ok"
   if ! alive kube-controller-manager; then
     spawn kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$KUBECONFIG_FILE" \
-      --controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token,deployment,replicaset,endpoint,endpointslice,nodelifecycle,podgc,ttl,persistentvolume-binder,clusterrole-aggregation,horizontalpodautoscaling \
+      --controllers=garbagecollector,namespace,job,serviceaccount,serviceaccount-token,deployment,replicaset,endpoint,endpointslice,nodelifecycle,podgc,ttl,persistentvolume-binder,pvc-protection,pv-protection,clusterrole-aggregation,horizontalpodautoscaling \
       --service-account-private-key-file="$c/sa.key" --root-ca-file="$STATE/apiserver-certs/apiserver.crt" \
       --leader-elect=false --port=0 --secure-port=0 --use-service-account-credentials=false \
       --node-monitor-grace-period=40s --v=1
@@ -278,12 +279,13 @@ start_control_plane() {
 start_dns() {
   # Debian has no CoreDNS: dnsmasq on the node IP answers from a hosts file a watcher rewrites from the
   # Service list (SIGHUP reloads it). --no-resolv and no upstream: it never forwards a query.
-  local d="$STATE/dns"
-  mkdir -p "$d"; [[ -f "$d/hosts" ]] || : >"$d/hosts"
+  # dnsmasq drops to `nobody` and re-reads the hosts file as that user: it lives outside $HOME (0700 here).
+  local d="$DNS_DIR"
+  mkdir -p "$d"; chmod 755 "$d"; [[ -f "$d/hosts" ]] || : >"$d/hosts"
   if ! alive dnsmasq; then
     spawn dnsmasq "$NODE_ROOT/usr/sbin/dnsmasq" --keep-in-foreground --log-facility=- --no-resolv --no-hosts --no-poll \
       --addn-hosts="$d/hosts" --listen-address="$NODE_IP" --bind-interfaces --port=53 \
-      --local=/cluster.local/ --domain-needed --bogus-priv --user=nobody --pid-file="$d/dnsmasq.pid"
+      --local=/cluster.local/ --domain-needed --bogus-priv --user=nobody --pid-file=
   fi
   if ! alive dns-watch; then
     spawn dns-watch bash -c '
@@ -427,7 +429,7 @@ down() {
     local d
     for d in "${FIXED_PATHS[@]}"; do grep -qx "existed $d" "$STATE/host.orig" || rm -rf "$d"; done
   fi
-  rm -rf "$RUN_DIR"
+  rm -rf "$RUN_DIR" "$DNS_DIR"
   log "down: the cluster is stopped and the host restored"
 }
 

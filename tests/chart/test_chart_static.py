@@ -295,7 +295,7 @@ def test_chart_metadata() -> None:
 
 def test_operator_dockerfile() -> None:
     text = (ROOT / "images" / "operator" / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.\d+-slim", text, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim", text, re.M) and "FROM ${PYTHON_IMAGE}" in text
     assert ".[operator]" in text and "[trainer" not in text and "[server" not in text
     assert re.search(r"^USER 65532(:65532)?$", text, re.M)
     assert 'ENTRYPOINT ["kiln", "operator"]' in text
