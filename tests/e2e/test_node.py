@@ -347,6 +347,7 @@ def test_operator_pod_deleted_mid_training_converges(kube: Kube, namespace: str,
                               and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))],
                      180, "a replacement operator pod Ready")
     assert len(new) == 1
+    restricted(new[0])  # the chart's operator pod runs under the same profile as the pods it renders
     status = wait_finished(kube, namespace, "survivor", 600)
     assert status["phase"] == "Succeeded", status
     after = kube.items("jobs", namespace, "kiln.dev/trainingjob=survivor")
