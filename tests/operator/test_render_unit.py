@@ -213,3 +213,14 @@ def test_render_previews_the_model_of_a_trainingjob_in_the_same_file(kiln_cli: A
     assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job", "Deployment", "Service"]
     args = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--model", "/kiln/pvc/kiln-models/digits/model.onnx"]
+
+
+def test_server_pods_get_time_to_leave_the_service_and_drain() -> None:
+    """preStop keeps a terminating pod serving while kube-proxy drops it; the grace period covers that and the drain."""
+    from kiln_server.settings import Settings
+
+    pod = build_modeldeployment(md(), NEW, ModelRef("pvc://models/demo/model.onnx"))[0]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 3
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + Settings(model="m.onnx").graceful_timeout_s
