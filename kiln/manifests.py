@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,15 @@ class Manifest:
 
 
 def load_file(path: str | Path, *, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Manifest]:
-    """All Kiln documents in a YAML file, validated; other kinds are an error unless skipped by `kinds`."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    """All Kiln documents in a YAML file (`-`: standard input), validated; other kinds are an error unless skipped by `kinds`."""
+    if str(path) == "-":  # `kustomize build | kiln render -`
+        path, text = Path("<stdin>"), sys.stdin.read()
+    else:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:

@@ -196,8 +196,12 @@ def test_kiln_render_prints_the_gpu_job(kiln_cli: Any) -> None:
     strict(docs)
     job = by_kind(docs, "Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # `-` is standard input: a valid document renders, an invalid one is refused naming what is missing.
+    good = kiln_cli("render", "-", input=(ROOT / "examples" / "gpu-trainingjob.yaml").read_text(), check=True).stdout
+    assert list(yaml.safe_load_all(good)) == docs
     bad = kiln_cli("render", "-", input=json.dumps({"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob"}))
-    assert bad.returncode != 0
+    assert bad.returncode == 1 and "<stdin>" in bad.stderr and "cannot read" not in bad.stderr, bad.stderr
+    assert "metadata" in bad.stderr or "spec" in bad.stderr, bad.stderr
 
 
 def test_api_reference_is_up_to_date() -> None:
