@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import manifest, subprocess_env, write_manifest
 
-pytestmark = [pytest.mark.training, pytest.mark.unit]
+pytestmark = pytest.mark.training  # runs the trainer's wrapper as a process
 
 SCRIPT = """
 import json, os, sys

@@ -10,7 +10,7 @@ from conftest import manifest, write_csv
 from kiln_trainer import data
 from kiln_trainer.errors import DataError, SpecError
 
-pytestmark = [pytest.mark.unit, pytest.mark.training]
+pytestmark = pytest.mark.unit  # loading and cleaning only: no TensorFlow training, no processes
 
 
 def spec(**dataset: object) -> dict:

@@ -14,7 +14,6 @@ import pytest
 from conftest import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
 from kiln_trainer.distributed import Cluster, setup, tf_config_from_env
 
-pytestmark = pytest.mark.training
 
 
 def _free_ports(n: int) -> list[int]:
@@ -39,6 +38,7 @@ def test_tf_config_from_the_operator_env() -> None:
     assert setup({"TF_CONFIG": explicit}) == Cluster(3, 1, "worker")
 
 
+@pytest.mark.training
 @pytest.mark.slow
 def test_two_workers_train_one_model(tmp_path: Path) -> None:
     x, y = blobs(n=240)
