@@ -82,7 +82,8 @@ def has_change_handlers(registry: kopf.OperatorRegistry) -> bool:
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """A registry with Kiln's handlers and the Kopf settings they rely on."""
-    from kiln_operator.handlers import modeldeployment, trainingjob
+    from kiln_operator.modeldeployment import controller as modeldeployment
+    from kiln_operator.trainingjob import controller as trainingjob
 
     registry = kopf.OperatorRegistry()
 

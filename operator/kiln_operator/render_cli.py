@@ -13,8 +13,10 @@ import yaml
 
 from kiln.manifests import load_file
 from kiln.schema import ManifestError
-from kiln_operator.render import RenderError, build_modeldeployment_preview, build_trainingjob
+from kiln_operator.modeldeployment.render import build_modeldeployment_preview
 from kiln_operator.settings import OperatorSettings
+from kiln_operator.templating import RenderError
+from kiln_operator.trainingjob.render import build_trainingjob
 
 
 def render_documents(paths: list[str], settings: OperatorSettings, namespace: str | None = None) -> list[dict[str, Any]]:

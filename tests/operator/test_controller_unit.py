@@ -5,9 +5,9 @@ from __future__ import annotations
 import kopf
 import pytest
 import yaml
-from kiln_operator.handlers.trainingjob import changed_fields, recorded_spec, slim_job
 from kiln_operator.main import NoDiffBase, build_registry, has_change_handlers
 from kiln_operator.settings import OperatorSettings
+from kiln_operator.trainingjob.controller import changed_fields, recorded_spec, slim_job
 
 pytestmark = [pytest.mark.unit]
 

@@ -12,9 +12,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from kiln_operator.render import RenderError, build_trainingjob
-from kiln_operator.serving import ModelRef, build_modeldeployment
+from kiln_operator.modeldeployment.render import ModelRef, build_modeldeployment
 from kiln_operator.settings import Features, OperatorSettings
+from kiln_operator.templating import RenderError
+from kiln_operator.trainingjob.render import build_trainingjob
 
 from kiln.manifests import load_file
 from kiln.schema import ManifestError, validate
@@ -228,3 +229,9 @@ def test_server_pods_get_time_to_leave_the_service_and_drain() -> None:
     sleep = c["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep" and int(sleep[1]) >= 3
     assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + Settings(model="m.onnx").graceful_timeout_s
+
+
+def test_render_golden_files_are_up_to_date() -> None:
+    """tests/golden/render/ holds what every example renders to: a rendering change is a reviewable diff."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_golden.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

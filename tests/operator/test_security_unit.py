@@ -9,9 +9,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kiln_operator.render import build_trainingjob
-from kiln_operator.serving import ModelRef, build_modeldeployment
+from kiln_operator.modeldeployment.render import ModelRef, build_modeldeployment
 from kiln_operator.settings import Features, OperatorSettings
+from kiln_operator.trainingjob.render import build_trainingjob
 
 from kiln.schema import validate
 

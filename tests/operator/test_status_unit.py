@@ -6,9 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from kiln_operator.serving import ModelRef, Resolution, derive_md_status, resolve_model, subset
+from kiln_operator.conditions import fmt_time, set_condition
+from kiln_operator.modeldeployment.render import ModelRef, Resolution, resolve_model
+from kiln_operator.modeldeployment.status import derive_md_status
+from kiln_operator.runtime import subset
 from kiln_operator.settings import Features, OperatorSettings
-from kiln_operator.status import derive, fmt_time, set_condition
+from kiln_operator.trainingjob.status import derive
 
 pytestmark = [pytest.mark.unit]
 

@@ -1,4 +1,5 @@
-"""Shared handler machinery: per-object locks, status patching that remembers what it wrote, events."""
+"""Shared controller machinery: watch caches, per-object locks, status patching that remembers what it
+wrote, events, the periodic resync, and the drift test for children."""
 
 from __future__ import annotations
 
@@ -230,3 +231,18 @@ class Coalescer:
             if task is not None:
                 task.cancel()
         self.task = None
+
+
+def subset(want: Any, have: Any) -> bool:
+    """True when every field Kiln sets in `want` has the same value in the live object `have`.
+
+    The API server adds defaults, so live objects are supersets; a field that differs means a hand
+    edit (drift) to put back.
+    """
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(subset(w, h) for w, h in zip(want, have, strict=True))
+    if (isinstance(want, (int, float)) and isinstance(have, str)) or (isinstance(want, str) and isinstance(have, (int, float))):
+        return str(want) == str(have)
+    return bool(want == have)

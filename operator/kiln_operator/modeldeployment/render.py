@@ -1,36 +1,30 @@
-"""ModelDeployment logic, pure: which model to serve, what to render for it, and what status follows.
-
-The handler (handlers/modeldeployment.py) only feeds these functions from watch caches and applies
-what they return, so every rule here is unit-tested without a cluster.
+"""What a ModelDeployment renders to, pure: which model to serve (`resolve_model`) and the server's
+Deployment, Service and HPA for it (`build_modeldeployment`, also behind `kiln render`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from kiln_operator import names
-from kiln_operator.render import (
+from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
     POD_SECURITY_CONTEXT,
     PVC_ROOT,
-    RenderError,
     owner_references,
     parse_pvc,
-    render_template,
     resources,
     tolerations,
 )
 from kiln_operator.settings import OperatorSettings
-from kiln_operator.status import now_utc, set_condition, termination_summary
+from kiln_operator.templating import RenderError, render_template
 
 SERVER_PORT = 8080
 FETCH_DIR = "/models"
 ANNOTATION_SHA = "kiln.dev/model-sha256"
 ANNOTATION_URI = "kiln.dev/model-uri"
-POD_START_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError"}
 
 
 @dataclass(frozen=True)
@@ -197,124 +191,16 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     return out
 
 
-@dataclass
-class MDDerived:
-    status: dict[str, Any] = field(default_factory=dict)
-    event: tuple[str, str, str] | None = None
+def build_modeldeployment_preview(md: dict[str, Any], settings: OperatorSettings,
+                                  trainingjobs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """What a ModelDeployment renders to (its Deployment, Service and HPA), without a cluster.
 
-
-def _deployment_condition(dep: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in (dep.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
-
-
-def _pod_problem(pods: list[dict[str, Any]], gpus: int) -> tuple[str, str] | None:
-    """The most telling reason a server pod is not ready, from container and scheduling states."""
-    for pod in pods:
-        st = pod.get("status") or {}
-        pname = pod["metadata"]["name"]
-        for cs in list(st.get("initContainerStatuses") or []) + list(st.get("containerStatuses") or []):
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
-            if waiting.get("reason") in POD_START_FAILURES:
-                return waiting["reason"], f"pod {pname}: {waiting.get('message') or cs.get('image')}"
-            if cs.get("name") == "fetch-model" and term and int(term.get("exitCode", 0)) != 0:
-                detail = (termination_summary(term.get("message")) or {}).get("error") or term.get("message") or ""
-                return "ModelFetchFailed", f"pod {pname}: fetching the model failed: {detail}".strip()
-            if waiting.get("reason") == "CrashLoopBackOff" or (term and int(term.get("exitCode", 0)) != 0):
-                detail = (termination_summary(term.get("message")) or {}).get("error") or term.get("message") or term.get("reason") or ""
-                return "CrashLoopBackOff", (f"pod {pname}: server keeps exiting (restarts {cs.get('restartCount', 0)}, "
-                                            f"exit code {term.get('exitCode', '?')}): {detail}").strip()
-        for cond in st.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-                text = cond.get("message") or ""
-                return ("WaitingForGPU" if gpus > 0 or "nvidia.com/gpu" in text else "Unschedulable"), f"pod {pname}: {text}"
-    return None
-
-
-def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,
-                     pods: list[dict[str, Any]], settings: OperatorSettings, now: datetime | None = None,
-                     render_error: str = "") -> MDDerived:
-    """The status a ModelDeployment should have, from its model resolution and its Deployment."""
-    now = now or now_utc()
-    spec = md.get("spec") or {}
-    old = md.get("status") or {}
-    gen = (md.get("metadata") or {}).get("generation")
-    conds = list(old.get("conditions") or [])
-    new: dict[str, Any] = {"observedGeneration": gen}
-    model = resolution.model
-
-    if render_error:
-        phase, reason, message = "Failed", "InvalidSpec", render_error
-        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
-    elif model is None:
-        phase = "Failed" if resolution.failed else "WaitingForModel"
-        reason, message = resolution.reason, resolution.message
-        conds = set_condition(conds, "ModelReady", "False", reason, message, now, gen)
-        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
-    else:
-        conds = set_condition(conds, "ModelReady", "True", resolution.reason or "ModelResolved",
-                              resolution.message or f"model {model.uri}", now, gen)
-        dep_status = (deployment or {}).get("status") or {}
-        want = (deployment or {}).get("spec", {}).get("replicas", 1)
-        ready = int(dep_status.get("readyReplicas") or 0)
-        updated = int(dep_status.get("updatedReplicas") or 0)
-        total = int(dep_status.get("replicas") or 0)
-        available = _deployment_condition(deployment or {}, "Available")
-        progressing = _deployment_condition(deployment or {}, "Progressing")
-        observed = int(dep_status.get("observedGeneration") or 0) >= int((deployment or {}).get("metadata", {}).get("generation") or 0)
-        rolled_out = deployment is not None and observed and updated >= want and total == updated and ready >= want
-        new["replicas"] = total
-        new["readyReplicas"] = ready
-        new["url"] = service_url(md)
-        problem = _pod_problem(pods, int((spec.get("resources") or {}).get("gpus") or 0))
-        if progressing and progressing.get("status") == "False":
-            phase, reason = "Failed", progressing.get("reason") or "ProgressDeadlineExceeded"
-            message = progressing.get("message") or "the rollout made no progress"
-            if problem:
-                message += f"; {problem[0]}: {problem[1]}"
-        elif rolled_out and available and available.get("status") == "True" and (ready > 0 or want == 0):
-            phase, reason, message = "Ready", "Ready", f"{ready}/{want} replicas ready, serving {model.uri}"
-            new["model"] = model.as_status()
-        else:
-            phase = "Deploying"
-            if problem:
-                reason, message = problem
-            else:
-                reason = "RollingOut" if old.get("model") and old["model"] != model.as_status() else "Deploying"
-                message = f"{ready}/{want} replicas ready, {updated} updated; rolling out {model.uri}"
-        predictor_ok = phase == "Ready"
-        conds = set_condition(conds, "PredictorReady", "True" if predictor_ok else "False", reason, message, now, gen)
-        conds = set_condition(conds, "Ready", "True" if predictor_ok else "False", reason, message, now, gen)
-        if spec.get("autoscaling"):
-            if settings.features.hpa_v2:
-                conds = set_condition(conds, "AutoscalerReady", "True", "HorizontalPodAutoscaler",
-                                      f"HPA {names.server_deployment(md['metadata']['name'])} scales on CPU", now, gen)
-            else:
-                conds = set_condition(conds, "AutoscalerReady", "False", "AutoscalingUnavailable",
-                                      f"autoscaling/v2 is not served by this API server ({settings.features.server_version}); "
-                                      f"running spec.autoscaling.minReplicas={spec['autoscaling'].get('minReplicas', 1)} replicas",
-                                      now, gen)
-    new.update(phase=phase, reason=reason, message=message[:2048], conditions=conds)
-    changed = {k: v for k, v in new.items() if old.get(k) != v}
-    event = None
-    if (phase, reason) != (old.get("phase"), old.get("reason")):
-        kind = "Warning" if phase == "Failed" or reason in POD_START_FAILURES | {"CrashLoopBackOff", "ModelFetchFailed"} else "Normal"
-        event = (kind, reason or phase, f"{phase}: {message}")
-    return MDDerived(changed, event)
-
-
-def subset(want: Any, have: Any) -> bool:
-    """True when every field Kiln sets in `want` has the same value in the live object `have`.
-
-    The API server adds defaults, so live objects are supersets; a field that differs means a hand
-    edit (drift) to put back.
+    A model from a TrainingJob in the same files is previewed at that job's output location (where
+    the trainer writes model.onnx); any other TrainingJob's model is only known once it has succeeded.
     """
-    if isinstance(want, dict):
-        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
-    if isinstance(want, list):
-        return isinstance(have, list) and len(want) == len(have) and all(subset(w, h) for w, h in zip(want, have, strict=True))
-    if (isinstance(want, (int, float)) and isinstance(have, str)) or (isinstance(want, str) and isinstance(have, (int, float))):
-        return str(want) == str(have)
-    return bool(want == have)
-
-
+    tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
+    tj = (trainingjobs or {}).get(tj_name or "")
+    output = (((tj or {}).get("spec") or {}).get("output") or {}).get("uri")
+    if tj_name and output:
+        return build_modeldeployment(md, settings, ModelRef(output.rstrip("/") + "/model.onnx", "", tj_name))
+    return build_modeldeployment(md, settings, model=None)

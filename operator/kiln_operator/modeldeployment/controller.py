@@ -1,0 +1,193 @@
+"""ModelDeployment controller: serves a model (from a TrainingJob or a URI) as Deployment + Service (+ HPA).
+
+Children are kept by server-side apply with Kiln's field manager: whenever a watched child differs
+from what Kiln renders (a hand edit), it is applied again. Status follows the Deployment and its Pods.
+Like TrainingJobs, no finalizer: children go by ownerReference garbage collection.
+
+`ModelDeploymentController` holds the watch caches and its methods are the handlers; `register`
+attaches them to a Kopf registry.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kiln import API_VERSION, GROUP, VERSION
+from kiln_operator import aiokube, kube, names
+from kiln_operator.modeldeployment.render import build_modeldeployment, resolve_model
+from kiln_operator.modeldeployment.status import derive_md_status
+from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
+from kiln_operator.settings import OperatorSettings
+from kiln_operator.templating import RenderError
+
+PLURAL = "modeldeployments"
+
+
+def _full(body: Any) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
+
+
+class ModelDeploymentController:
+    """The ModelDeployment handlers and the state they share (one instance per operator)."""
+
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.writer = StatusWriter(API_VERSION, "ModelDeployment")
+        self.mds, self.deployments, self.services, self.pods, self.trainingjobs = Cache(), Cache(), Cache(), Cache(), Cache()
+        self.hpas_applied: set[Key] = set()
+        self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
+
+    def wanted(self, namespace: str | None, **_: Any) -> bool:
+        return self.settings.handles(namespace)
+
+    # -------------------------------------------------------------------------------- lifecycle
+    async def start_resync(self, **_: Any) -> None:
+        self.ticker.start()
+
+    async def stop_resync(self, **_: Any) -> None:
+        await self.ticker.stop()
+
+    async def reconcile_all(self) -> None:
+        for key in self.mds:
+            await self.safe_reconcile(key)
+
+    async def safe_reconcile(self, key: Key) -> None:
+        for body in self.mds.get(key):
+            try:
+                await self.reconcile(key, body)
+            except (ApiException, kopf.TemporaryError) as exc:
+                log.warning("reconcile of ModelDeployment %s/%s failed: %s", key[0], key[1], exc)
+
+    # -------------------------------------------------------------------------------- reconcile
+    async def reconcile(self, key: Key, body: dict[str, Any]) -> None:
+        async with self.writer.locks[key]:
+            md = self.writer.view(key, body)
+            uid = md["metadata"].get("uid")
+            tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
+            tj = next(iter(self.trainingjobs.get((key[0], tj_name))), None) if tj_name else None
+            resolution = resolve_model(md, tj)
+            render_error = ""
+            if resolution.model is not None:
+                try:
+                    children = build_modeldeployment(md, self.settings, resolution.model)
+                except RenderError as exc:
+                    render_error = str(exc)
+                else:
+                    await self.apply_children(key, md, children)
+            deployment = next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
+            server_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
+            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error)
+            await self.writer.patch(key, derived.status)
+            if derived.event:
+                await post_event(md, *derived.event)
+
+    def _live(self, key: Key, child: dict[str, Any], uid: str | None) -> dict[str, Any] | None:
+        """The live copy of a child from the watch caches (an applied HPA counts as itself: it is not watched)."""
+        kind = child["kind"]
+        if kind == "Deployment":
+            return next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
+        if kind == "Service":
+            return next((s for s in self.services.get(key) if owned_by(s, uid)), None)
+        return None if key not in self.hpas_applied else child
+
+    async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
+        uid = md["metadata"].get("uid")
+        for child in children:
+            live = self._live(key, child, uid)
+            if live is not None and subset(child, live):
+                continue
+            await self._apply(key, md, child, live)
+        if key in self.hpas_applied and not any(c["kind"] == "HorizontalPodAutoscaler" for c in children):
+            await aiokube.delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
+            self.hpas_applied.discard(key)
+
+    async def _apply(self, key: Key, md: dict[str, Any], child: dict[str, Any], live: dict[str, Any] | None) -> None:
+        kind = child["kind"]
+        try:
+            if live is None or kind == "HorizontalPodAutoscaler":
+                result = await aiokube.apply(child, self.settings.field_manager)
+            else:
+                # Put a hand edit back. Server-side apply would merge list entries it does not own
+                # (a hand-added Service port); a merge patch replaces those lists with exactly Kiln's.
+                meta = {k: child["metadata"][k] for k in ("labels", "annotations") if k in child["metadata"]}
+                result = await aiokube.patch(child["apiVersion"], kind, key[0], child["metadata"]["name"],
+                                             {"metadata": meta, "spec": child["spec"]})
+        except ApiException as exc:
+            message = f"could not apply {kind} {child['metadata']['name']}: {kube.error_message(exc)}"
+            await post_event(md, "Warning", "ApplyFailed", message)
+            raise kopf.TemporaryError(message, delay=5) from exc
+        if kind == "Deployment":
+            self.deployments.update("MODIFIED", key, result)
+        elif kind == "Service":
+            self.services.update("MODIFIED", key, result)
+        else:
+            self.hpas_applied.add(key)
+        if live is None and kind != "HorizontalPodAutoscaler":
+            await post_event(md, "Normal", "Created", f"applied {kind} {child['metadata']['name']}")
+        elif live is not None:
+            log.info("put back %s %s/%s (it differed from what Kiln renders)", kind, key[0], child["metadata"]["name"])
+
+    # -------------------------------------------------------------------------------- watch events
+    async def md_event(self, type: str, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", name)
+        if type == "DELETED":
+            self.mds.items.pop(key, None)
+            self.writer.forget(key)
+            self.hpas_applied.discard(key)
+            return
+        self.mds.items[key] = {"": snapshot(body)}
+        await self.safe_reconcile(key)
+
+    @staticmethod
+    def child_key(namespace: str, annotations: Any) -> Key:
+        return namespace, annotations.get(names.ANNOTATION_MODELDEPLOYMENT, "")
+
+    async def deployment_event(self, type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body,
+                               **_: Any) -> None:
+        key = self.child_key(namespace or "", annotations)
+        self.deployments.update(type, key, _full(body))
+        await self.safe_reconcile(key)
+
+    async def service_event(self, type: str, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> None:
+        wanted_label = labels.get(names.LABEL_MODELDEPLOYMENT)
+        md_name = next((k for k in self.mds if k[0] == namespace and names.label_value(k[1]) == wanted_label), None)
+        if md_name is None:
+            return
+        self.services.update(type, md_name, _full(body))
+        await self.safe_reconcile(md_name)
+
+    async def pod_event(self, type: str, namespace: str | None, annotations: kopf.Annotations, body: kopf.Body, **_: Any) -> None:
+        key = self.child_key(namespace or "", annotations)
+        self.pods.update(type, key, {"metadata": copy.deepcopy(dict(body.get("metadata") or {})),
+                                     "status": copy.deepcopy(dict(body.get("status") or {}))})
+        await self.safe_reconcile(key)
+
+    async def trainingjob_event(self, type: str, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        key = (namespace or "", name)
+        if type == "DELETED":
+            self.trainingjobs.items.pop(key, None)
+        else:
+            self.trainingjobs.items[key] = {"": snapshot(body)}
+        for md_key in list(self.mds):
+            md = next(iter(self.mds.get(md_key)), None)
+            if md_key[0] == namespace and md and ((md.get("spec") or {}).get("model") or {}).get("trainingJob") == name:
+                await self.safe_reconcile(md_key)
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> ModelDeploymentController:
+    """Attach a ModelDeployment controller's handlers to `registry`."""
+    c = ModelDeploymentController(settings)
+    selector = {names.LABEL_MODELDEPLOYMENT: kopf.PRESENT}
+    kopf.on.startup(id="modeldeployment-resync", registry=registry)(c.start_resync)
+    kopf.on.cleanup(id="modeldeployment-resync-stop", registry=registry)(c.stop_resync)
+    kopf.on.event(GROUP, VERSION, PLURAL, id="modeldeployment-event", when=c.wanted, registry=registry)(c.md_event)
+    kopf.on.event("apps", "v1", "deployments", labels=selector, id="md-deployment-event", when=c.wanted,
+                  registry=registry)(c.deployment_event)
+    kopf.on.event("", "v1", "services", labels=selector, id="md-service-event", when=c.wanted, registry=registry)(c.service_event)
+    kopf.on.event("", "v1", "pods", labels=selector, id="md-pod-event", when=c.wanted, registry=registry)(c.pod_event)
+    kopf.on.event(GROUP, VERSION, "trainingjobs", id="md-trainingjob-event", when=c.wanted, registry=registry)(c.trainingjob_event)
+    return c

@@ -1,0 +1,122 @@
+"""Pure derivation of a ModelDeployment's status from its model resolution, Deployment and Pods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kiln_operator import names
+from kiln_operator.conditions import now_utc, set_condition
+from kiln_operator.modeldeployment.render import ModelRef, Resolution, service_url
+from kiln_operator.podstatus import START_FAILURES, problems, termination_summary, waits_for_gpu
+from kiln_operator.settings import OperatorSettings
+
+WARNING_REASONS = START_FAILURES | {"CrashLoopBackOff", "ModelFetchFailed"}
+
+Outcome = tuple[str, str, str]
+"""(phase, reason, message)."""
+
+
+@dataclass
+class MDDerived:
+    status: dict[str, Any] = field(default_factory=dict)
+    event: tuple[str, str, str] | None = None
+
+
+def _deployment_condition(dep: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in (dep.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
+
+
+def _pod_problem(pods: list[dict[str, Any]], gpus: int) -> tuple[str, str] | None:
+    """The most telling reason a server pod is not ready, from container and scheduling states."""
+    for pod in pods:
+        for p in problems(pod):
+            if p.reason in START_FAILURES:
+                return p.reason, f"pod {p.pod}: {p.detail}"
+            if p.container == "fetch-model" and p.term and int(p.term.get("exitCode", 0)) != 0:
+                detail = (termination_summary(p.term.get("message")) or {}).get("error") or p.term.get("message") or ""
+                return "ModelFetchFailed", f"pod {p.pod}: fetching the model failed: {detail}".strip()
+            if p.reason in ("CrashLoopBackOff", "Exited"):
+                return "CrashLoopBackOff", (f"pod {p.pod}: server keeps exiting (restarts {p.restarts}, "
+                                            f"exit code {p.exit_code}): {p.detail}").strip()
+            if p.reason == "Unschedulable":
+                return ("WaitingForGPU" if waits_for_gpu(p, gpus) else "Unschedulable"), f"pod {p.pod}: {p.detail}"
+    return None
+
+
+def _rollout(md: dict[str, Any], model: ModelRef, deployment: dict[str, Any] | None, pods: list[dict[str, Any]],
+             new: dict[str, Any]) -> Outcome:
+    """Where serving `model` stands: Ready, Deploying (with the pods' problem) or Failed (no progress)."""
+    spec, old = md.get("spec") or {}, md.get("status") or {}
+    dep_status = (deployment or {}).get("status") or {}
+    want = (deployment or {}).get("spec", {}).get("replicas", 1)
+    ready = int(dep_status.get("readyReplicas") or 0)
+    updated = int(dep_status.get("updatedReplicas") or 0)
+    total = int(dep_status.get("replicas") or 0)
+    available = _deployment_condition(deployment or {}, "Available")
+    progressing = _deployment_condition(deployment or {}, "Progressing")
+    observed = int(dep_status.get("observedGeneration") or 0) >= int((deployment or {}).get("metadata", {}).get("generation") or 0)
+    rolled_out = deployment is not None and observed and updated >= want and total == updated and ready >= want
+    new.update(replicas=total, readyReplicas=ready, url=service_url(md))
+    problem = _pod_problem(pods, int((spec.get("resources") or {}).get("gpus") or 0))
+    if progressing and progressing.get("status") == "False":
+        message = progressing.get("message") or "the rollout made no progress"
+        if problem:
+            message += f"; {problem[0]}: {problem[1]}"
+        return "Failed", progressing.get("reason") or "ProgressDeadlineExceeded", message
+    if rolled_out and available and available.get("status") == "True" and (ready > 0 or want == 0):
+        new["model"] = model.as_status()
+        return "Ready", "Ready", f"{ready}/{want} replicas ready, serving {model.uri}"
+    if problem:
+        return "Deploying", problem[0], problem[1]
+    reason = "RollingOut" if old.get("model") and old["model"] != model.as_status() else "Deploying"
+    return "Deploying", reason, f"{ready}/{want} replicas ready, {updated} updated; rolling out {model.uri}"
+
+
+def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds: list[dict[str, Any]], now: datetime,
+                          gen: int | None) -> list[dict[str, Any]]:
+    spec = md.get("spec") or {}
+    if not spec.get("autoscaling"):
+        return conds
+    if settings.features.hpa_v2:
+        return set_condition(conds, "AutoscalerReady", "True", "HorizontalPodAutoscaler",
+                             f"HPA {names.server_deployment(md['metadata']['name'])} scales on CPU", now, gen)
+    return set_condition(conds, "AutoscalerReady", "False", "AutoscalingUnavailable",
+                         f"autoscaling/v2 is not served by this API server ({settings.features.server_version}); "
+                         f"running spec.autoscaling.minReplicas={spec['autoscaling'].get('minReplicas', 1)} replicas", now, gen)
+
+
+def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,
+                     pods: list[dict[str, Any]], settings: OperatorSettings, now: datetime | None = None,
+                     render_error: str = "") -> MDDerived:
+    """The status a ModelDeployment should have, from its model resolution and its Deployment."""
+    now = now or now_utc()
+    old = md.get("status") or {}
+    gen = (md.get("metadata") or {}).get("generation")
+    conds = list(old.get("conditions") or [])
+    new: dict[str, Any] = {"observedGeneration": gen}
+    model = resolution.model
+    if render_error:
+        phase, reason, message = "Failed", "InvalidSpec", render_error
+        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
+    elif model is None:
+        phase = "Failed" if resolution.failed else "WaitingForModel"
+        reason, message = resolution.reason, resolution.message
+        conds = set_condition(conds, "ModelReady", "False", reason, message, now, gen)
+        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
+    else:
+        conds = set_condition(conds, "ModelReady", "True", resolution.reason or "ModelResolved",
+                              resolution.message or f"model {model.uri}", now, gen)
+        phase, reason, message = _rollout(md, model, deployment, pods, new)
+        ready = "True" if phase == "Ready" else "False"
+        conds = set_condition(conds, "PredictorReady", ready, reason, message, now, gen)
+        conds = set_condition(conds, "Ready", ready, reason, message, now, gen)
+        conds = _autoscaler_condition(md, settings, conds, now, gen)
+    new.update(phase=phase, reason=reason, message=message[:2048], conditions=conds)
+    changed = {k: v for k, v in new.items() if old.get(k) != v}
+    event = None
+    if (phase, reason) != (old.get("phase"), old.get("reason")):
+        kind = "Warning" if phase == "Failed" or reason in WARNING_REASONS else "Normal"
+        event = (kind, reason or phase, f"{phase}: {message}")
+    return MDDerived(changed, event)

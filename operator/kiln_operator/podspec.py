@@ -1,0 +1,89 @@
+"""The parts of a pod spec both resources render the same way: security contexts, resources,
+tolerations, owner references and PersistentVolumeClaim URIs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from kiln import API_VERSION
+from kiln_operator.templating import RenderError
+
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+"""Pod level of the Kubernetes "restricted" Pod Security Standard."""
+
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""Container level of the "restricted" standard, plus a read-only root filesystem."""
+
+PVC_ROOT = "/kiln/pvc"
+"""Where `pvc://CLAIM/PATH` claims are mounted in every pod: PVC_ROOT/CLAIM/PATH."""
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def owner_references(owner: dict[str, Any]) -> list[dict[str, Any]]:
+    """Children are owned by their Kiln resource: garbage collection deletes them with it."""
+    meta = owner["metadata"]
+    return [{
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta.get("uid", "00000000-0000-0000-0000-000000000000"),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }]
+
+
+def parse_pvc(uri: str, field: str) -> tuple[str, str] | None:
+    """`pvc://claim/path` -> (claim, path); None for other schemes."""
+    if not uri.startswith("pvc://"):
+        return None
+    rest = uri[len("pvc://"):]
+    claim, _, path = rest.partition("/")
+    if not claim:
+        raise RenderError(field, f"{uri!r} has no claim name (pvc://CLAIM/PATH)")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", claim):
+        raise RenderError(field, f"{claim!r} is not a valid PersistentVolumeClaim name")
+    if ".." in path.split("/"):
+        raise RenderError(field, f"{uri!r}: '..' may not leave the claim")
+    return claim, path
+
+
+def resources(spec: dict[str, Any]) -> dict[str, Any]:
+    """Requests equal limits for cpu and memory (predictable placement); GPUs as limits."""
+    res = spec.get("resources") or {}
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    for key in ("cpu", "memory"):
+        if res.get(key) is not None:
+            limits[key] = requests[key] = str(res[key])
+    if int(res.get("gpus") or 0) > 0:
+        limits[GPU_RESOURCE] = int(res["gpus"])
+    out: dict[str, Any] = {}
+    if limits:
+        out["limits"] = limits
+    if requests:
+        out["requests"] = requests
+    return out
+
+
+def tolerations(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The user's tolerations, plus the GPU taint's when GPUs are requested."""
+    out = copy.deepcopy((spec.get("scheduling") or {}).get("tolerations") or [])
+    if int((spec.get("resources") or {}).get("gpus") or 0) > 0 and not any(
+        t.get("key") == GPU_RESOURCE for t in out
+    ):
+        out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return out

@@ -1,0 +1,190 @@
+"""Pure builders of a TrainingJob's children: the trainer's ServiceAccount, Role and RoleBinding, the
+workers' Service, the Job, and the ModelDeployment that `spec.deploy` asks for.
+
+Why pure: `kiln render` (the GitOps preview), the unit tests and the controller call the very same
+functions, so what a user previews is what the operator creates.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from kiln import API_VERSION
+from kiln_operator import names
+from kiln_operator.podspec import (
+    CONTAINER_SECURITY_CONTEXT,
+    POD_SECURITY_CONTEXT,
+    PVC_ROOT,
+    owner_references,
+    parse_pvc,
+    resources,
+    tolerations,
+)
+from kiln_operator.settings import Features, OperatorSettings
+from kiln_operator.templating import Dumper, RenderError, render_template
+
+SPEC_DIR = "/etc/kiln"
+SPEC_FILE = f"{SPEC_DIR}/trainingjob.yaml"
+MAX_SPEC_BYTES = 200 * 1024
+"""Kubernetes allows 256 KiB of annotations per object; the spec travels in one."""
+WORKER_PORT = 2222
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+TRAINER_COMMAND = ["kiln", "train", "--in-cluster"]
+BYO_COMMAND = ["python", "-m", "kiln_trainer.byo", "--"]
+
+
+def _storage(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Volumes and mounts for the dataset/output PVCs, and the local output folder."""
+    dataset_uri = (spec.get("dataset") or {}).get("uri", "")
+    output_uri = (spec.get("output") or {}).get("uri", "")
+    claims: dict[str, bool] = {}  # claim -> writable
+    data_pvc = parse_pvc(dataset_uri, "spec.dataset.uri") if dataset_uri else None
+    out_pvc = parse_pvc(output_uri, "spec.output.uri") if output_uri else None
+    if data_pvc:
+        claims[data_pvc[0]] = False
+    if out_pvc:
+        claims[out_pvc[0]] = True
+    volumes, mounts = [], []
+    for i, (claim, writable) in enumerate(sorted(claims.items())):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
+    output_dir = f"{PVC_ROOT}/{out_pvc[0]}/{out_pvc[1]}".rstrip("/") if out_pvc else "/tmp/kiln-output"
+    return volumes, mounts, output_dir
+
+
+def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
+    """What the schema cannot say but a cluster needs; raises RenderError naming the field."""
+    spec = tj.get("spec") or {}
+    output_uri = (spec.get("output") or {}).get("uri")
+    if not spec.get("command"):
+        for key in ("dataset", "model"):
+            if not spec.get(key):
+                raise RenderError(f"spec.{key}", "required for the built-in trainer (or set spec.command)")
+        if not output_uri:
+            raise RenderError("spec.output.uri", "required in a cluster: pvc://CLAIM/PATH or s3://BUCKET/PREFIX")
+    if output_uri and output_uri.split("://")[0] not in ("pvc", "s3") :
+        raise RenderError("spec.output.uri", f"{output_uri!r}: a cluster needs pvc:// or s3:// (the pod's filesystem is temporary)")
+    if int(spec.get("workers") or 1) > 1 and not features.indexed_jobs:
+        version = features.server_version or "older"
+        raise RenderError("spec.workers", f"more than 1 worker needs Indexed Jobs (Kubernetes 1.21+); the API server is {version}")
+
+
+def _env(spec: dict[str, Any], name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
+    """The trainer's environment: HOME/TMPDIR on the writable /tmp, the user's env, then Kiln's contract."""
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
+    env += copy.deepcopy(spec.get("env") or [])
+    env += [
+        {"name": "KILN_SPEC", "value": SPEC_FILE},
+        {"name": "KILN_TRAININGJOB", "value": name},
+        {"name": "KILN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "KILN_OUTPUT_URI", "value": (spec.get("output") or {}).get("uri", "")},
+        {"name": "KILN_OUTPUT_DIR", "value": output_dir},
+        {"name": "KILN_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "KILN_TERMINATION_LOG", "value": "/dev/termination-log"},
+    ]
+    workers = int(spec.get("workers") or 1)
+    if workers > 1:
+        job, service = names.job_name(name), names.workers_service(name)
+        hosts = ",".join(f"{job}-{i}.{service}.{namespace}.svc:{WORKER_PORT}" for i in range(workers))
+        env += [
+            {"name": "KILN_WORKER_HOSTS", "value": hosts},
+            {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        ]
+    return env
+
+
+def _spec_document(tj: dict[str, Any], spec: dict[str, Any], name: str, namespace: str) -> str:
+    """The TrainingJob as the trainer reads it (from the pod's annotation, through the downward API)."""
+    meta = tj["metadata"]
+    document = {
+        "apiVersion": tj.get("apiVersion", API_VERSION),
+        "kind": "TrainingJob",
+        "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", ""), "generation": meta.get("generation", 1)},
+        "spec": spec,
+    }
+    text: str = yaml.dump(document, Dumper=Dumper, sort_keys=False)
+    if len(text) > MAX_SPEC_BYTES:
+        raise RenderError("spec", f"{len(text)} bytes once serialized; at most {MAX_SPEC_BYTES} fit in the pod's annotations")
+    return text
+
+
+def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+    """Everything the TrainingJob templates need, computed once."""
+    spec = copy.deepcopy(tj.get("spec") or {})
+    name, namespace = tj["metadata"]["name"], tj["metadata"].get("namespace") or "default"
+    run_policy = {"backoffLimit": 0, "restartPolicy": "Never", "suspend": False, **(spec.get("runPolicy") or {})}
+    scheduling = {"nodeSelector": {}, "priorityClassName": "", "queueName": "", **(spec.get("scheduling") or {})}
+    volumes, mounts, output_dir = _storage(spec)
+    labels = {**names.standard_labels(name, "trainer", "kiln-trainer"), names.LABEL_TRAININGJOB: names.label_value(name)}
+    job_labels = {**labels, KUEUE_LABEL: scheduling["queueName"]} if scheduling.get("queueName") else dict(labels)
+    annotations = {names.ANNOTATION_TRAININGJOB: name}
+    return {
+        "trainingjob": name,
+        "namespace": namespace,
+        "job": names.job_name(name),
+        "service": names.workers_service(name),
+        "account": spec.get("serviceAccountName") or names.trainer_account(name),
+        "labels": labels,
+        "job_labels": job_labels,
+        "pod_labels": labels,
+        "selector": {names.LABEL_TRAININGJOB: names.label_value(name)},
+        "annotations": annotations,
+        "pod_annotations": {**annotations, names.ANNOTATION_SPEC: _spec_document(tj, spec, name, namespace)},
+        "owner_references": owner_references({**tj, "kind": "TrainingJob"}),
+        "run_policy": run_policy,
+        "restart_policy": run_policy["restartPolicy"],
+        "suspend": bool(run_policy.get("suspend")) or bool(scheduling.get("queueName")),
+        "workers": int(spec.get("workers") or 1),
+        "worker_port": WORKER_PORT,
+        "scheduling": scheduling,
+        "tolerations": tolerations(spec),
+        "image": spec.get("image") or settings.trainer_image,
+        "image_pull_policy": spec.get("imagePullPolicy") or settings.image_pull_policy,
+        "image_pull_secrets": spec.get("imagePullSecrets") or [],
+        "command": BYO_COMMAND + list(spec["command"]) if spec.get("command") else list(TRAINER_COMMAND),
+        "args": list(spec.get("args") or []),
+        "env": _env(spec, name, namespace, output_dir),
+        "resources": resources(spec),
+        "pod_security_context": POD_SECURITY_CONTEXT,
+        "container_security_context": CONTAINER_SECURITY_CONTEXT,
+        "volume_mounts": [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}, *mounts],
+        # The spec reaches the pod through the downward API, from an annotation on the pod template:
+        # no ConfigMap to create per job, and the Job itself records the spec it runs with.
+        "volumes": [{"name": "spec", "downwardAPI": {"items": [{
+            "path": SPEC_FILE.rsplit("/", 1)[1],
+            "fieldRef": {"fieldPath": f"metadata.annotations['{names.ANNOTATION_SPEC}']"}}]}},
+            {"name": "tmp", "emptyDir": {}}, *volumes],
+        "create_account": not spec.get("serviceAccountName"),
+    }
+
+
+def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """All children of a TrainingJob, in creation order (the Job last, once what it mounts exists)."""
+    check_trainingjob(tj, settings.features)
+    ctx = trainingjob_context(tj, settings)
+    out: list[dict[str, Any]] = []
+    if ctx["create_account"]:
+        out += render_template("trainingjob-rbac.json.j2", **ctx)
+    if ctx["workers"] > 1:
+        out += render_template("trainingjob-service.yaml.j2", **ctx)
+    out += render_template("trainingjob-job.json.j2", **ctx)
+    return out
+
+
+def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
+    """The ModelDeployment that `spec.deploy` asks for (not owned by the TrainingJob: see docs)."""
+    deploy = copy.deepcopy(tj["spec"]["deploy"])
+    md_name = deploy.pop("name", None) or tj["metadata"]["name"]
+    model = {"trainingJob": tj["metadata"]["name"], "format": (deploy.pop("model", None) or {}).get("format", "onnx")}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "ModelDeployment",
+        "metadata": {"name": md_name, "namespace": tj["metadata"]["namespace"],
+                     "labels": {names.LABEL_CREATED_BY: names.label_value(tj["metadata"]["name"]),
+                                "app.kubernetes.io/managed-by": "kiln-operator"}},
+        "spec": {**deploy, "model": model},
+    }
