@@ -97,9 +97,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
     cluster = cluster or distributed.setup()
     strategy = strategy or distributed.strategy(cluster)
-    ds_spec, model_spec = spec["dataset"], spec["model"]
     tr_spec = spec.get("training", {})
-    input_shape = [int(d) for d in model_spec["inputShape"]]
     epochs = int(tr_spec.get("epochs", 10))
     loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
     metric_names = list(tr_spec.get("metrics", ["accuracy"]))
@@ -116,63 +114,22 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         keras.utils.set_random_seed(seed)
         if tr_spec.get("seed") is not None:
             tf.config.experimental.enable_op_determinism()
-
-        data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
-        fetched = storage.fetch(data_loc, "spec.dataset.uri")
-        try:
-            ds = data.load(fetched, ds_spec["uri"], spec)
-        finally:
-            if data_loc.is_remote:  # the downloaded copy in $TMPDIR
-                storage.rmtree_quiet(fetched.parent)
-        print(ds.report.line(), flush=True)
+        ds = _load_dataset(job)
         timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
-        x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(ds_spec.get("validationSplit", 0.2)), seed)
-
-        pp_spec = ds_spec.get("preprocessing", {})
+        x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(spec["dataset"].get("validationSplit", 0.2)), seed)
         state = (preprocess.PreprocessState.from_json(resumed.preprocess) if resumed
-                 else preprocess.fit(x_tr, pp_spec))
-        with strategy.scope():
-            models = model_lib.build(input_shape, model_spec["layers"], preprocess.layer(state, input_shape[-1]),
-                                     preprocess.augmentation(pp_spec, input_shape, seed))
-            out_dim = int(models.inference.output_shape[-1])
-            last = len(model_spec["layers"]) - 1
-            y_tr = _labels(y_tr_raw, loss, out_dim, last)
-            y_val = _labels(y_val_raw, loss, out_dim, last)
-            models.training.compile(optimizer=optimizers.build(tr_spec.get("optimizer", {})), loss=loss,
-                                    metrics=export.metric_objects(metric_names, loss))
-            if resumed is not None:
-                checkpoint.restore(models.training, resumed)
+                 else preprocess.fit(x_tr, spec["dataset"].get("preprocessing", {})))
+        models, y_tr, y_val = _compile(spec, strategy, state, y_tr_raw, y_val_raw, seed, metric_names, resumed)
         start = resumed.epoch if resumed else 0
         if resumed is None:  # a fresh run: curves of an earlier run in the same place would overlap
             storage.rmtree_quiet(out.logs)
         if resumed:
             print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
-
         reporter = ProgressReporter(epochs, StatusPatcher.from_env(), progress, cluster.chief,
                                     prefix="" if cluster.chief else f"[worker {cluster.index}] ")
-        early = None
-        if tr_spec.get("earlyStopping"):
-            es = tr_spec["earlyStopping"]
-            early = checkpoint.ResumableEarlyStopping(
-                resumed.early_stopping if resumed else None, monitor=es.get("monitor", "val_loss"),
-                patience=int(es.get("patience", 3)), min_delta=float(es.get("minDelta", 0)))
-        ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
-                                             resumed.history if resumed else {}, early)
-        callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
-        callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
-        class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
-        batch = int(tr_spec.get("batchSize", 32))
-        stopped = bool(resumed and resumed.stopped)
-        if start < epochs and not stopped:
-            if cluster.multi_worker:
-                distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
-                train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
-                val_data = _distributed_data(tf, x_val, y_val, batch, None)
-                models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
-                                    class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
-            else:
-                models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
-                                    batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
+        callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, state, reporter)
+        if start < epochs and not (resumed and resumed.stopped):
+            _fit(tf, models, cluster, strategy, (x_tr, y_tr), (x_val, y_val), tr_spec, loss, seed, start, callbacks)
         timings["fit"], clock = time.perf_counter() - clock, time.perf_counter()
         history = ckpt.history
         done = len(next(iter(history.values()), []))
@@ -184,17 +141,92 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
         out.commit()
         timings["export"] = time.perf_counter() - clock
-        storage.rmtree_quiet(out.checkpoints)
-        if out.scratch:  # remote output built in a temp folder: uploaded, no longer needed
-            storage.rmtree_quiet(out.dir)
-        reporter.epochs = done
-        reporter.report(done, {k: v[-1] for k, v in history.items()}, log_line=False)
-        print(f"model: {result['modelUri']} (parity max abs diff {result['parityMaxAbsDiff']:.3g})", flush=True)
-        print("timings: " + " ".join(f"{k}={v:.1f}s" for k, v in timings.items()), flush=True)
+        _finish(out, reporter, history, done, result, timings)
         return result
     except BaseException:
         out.abort()
         raise
+
+
+def _load_dataset(job: Job) -> data.Dataset:
+    """The cleaned dataset (a remote one is fetched into $TMPDIR and removed once loaded)."""
+    ds_spec = job.spec["dataset"]
+    data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
+    fetched = storage.fetch(data_loc, "spec.dataset.uri")
+    try:
+        ds = data.load(fetched, ds_spec["uri"], job.spec)
+    finally:
+        if data_loc.is_remote:  # the downloaded copy in $TMPDIR
+            storage.rmtree_quiet(fetched.parent)
+    print(ds.report.line(), flush=True)
+    return ds
+
+
+def _compile(spec: dict[str, Any], strategy: Any, state: preprocess.PreprocessState, y_tr_raw: np.ndarray,
+             y_val_raw: np.ndarray, seed: int, metric_names: list[str], resumed: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The training and inference models (preprocessing inside), compiled, restored from a checkpoint if resuming."""
+    model_spec, tr_spec = spec["model"], spec.get("training", {})
+    loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
+    input_shape = [int(d) for d in model_spec["inputShape"]]
+    pp_spec = spec["dataset"].get("preprocessing", {})
+    with strategy.scope():
+        models = model_lib.build(input_shape, model_spec["layers"], preprocess.layer(state, input_shape[-1]),
+                                 preprocess.augmentation(pp_spec, input_shape, seed))
+        out_dim = int(models.inference.output_shape[-1])
+        last = len(model_spec["layers"]) - 1
+        y_tr = _labels(y_tr_raw, loss, out_dim, last)
+        y_val = _labels(y_val_raw, loss, out_dim, last)
+        models.training.compile(optimizer=optimizers.build(tr_spec.get("optimizer", {})), loss=loss,
+                                metrics=export.metric_objects(metric_names, loss))
+        if resumed is not None:
+            checkpoint.restore(models.training, resumed)
+    return models, y_tr, y_val
+
+
+def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, seed: int,
+               state: preprocess.PreprocessState, reporter: ProgressReporter) -> tuple[list[Any], Any]:
+    """Early stopping and checkpoints (both resumable), the per-epoch log/progress, TensorBoard summaries."""
+    early = None
+    if tr_spec.get("earlyStopping"):
+        es = tr_spec["earlyStopping"]
+        early = checkpoint.ResumableEarlyStopping(
+            resumed.early_stopping if resumed else None, monitor=es.get("monitor", "val_loss"),
+            patience=int(es.get("patience", 3)), min_delta=float(es.get("minDelta", 0)))
+    ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
+                                         resumed.history if resumed else {}, early)
+    callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
+    callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
+    return callbacks, ckpt
+
+
+def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train_xy: tuple[np.ndarray, np.ndarray],
+         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: dict[str, Any], loss: str, seed: int, start: int,
+         callbacks: list[Any]) -> None:
+    (x_tr, y_tr), (x_val, y_val) = train_xy, val_xy
+    epochs = int(tr_spec.get("epochs", 10))
+    class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
+    batch = int(tr_spec.get("batchSize", 32))
+    if cluster.multi_worker:
+        distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
+        train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
+        val_data = _distributed_data(tf, x_val, y_val, batch, None)
+        models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
+                            class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
+    else:
+        models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
+                            batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
+
+
+def _finish(out: Output, reporter: ProgressReporter, history: dict[str, Any], done: int, result: dict[str, Any],
+            timings: dict[str, float]) -> None:
+    """Drop what a finished run no longer needs, report 100 %, and log where the model is."""
+    storage.rmtree_quiet(out.checkpoints)
+    if out.scratch:  # remote output built in a temp folder: uploaded, no longer needed
+        storage.rmtree_quiet(out.dir)
+    reporter.epochs = done
+    reporter.report(done, {k: v[-1] for k, v in history.items()}, log_line=False)
+    print(f"model: {result['modelUri']} (parity max abs diff {result['parityMaxAbsDiff']:.3g})", flush=True)
+    print("timings: " + " ".join(f"{k}={v:.1f}s" for k, v in timings.items()), flush=True)
 
 
 def _distributed_data(tf: Any, x: np.ndarray, y: np.ndarray, batch: int, seed: int | None) -> Any:
