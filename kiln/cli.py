@@ -44,7 +44,7 @@ def _train(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> int:
     from kiln_server.__main__ import main
 
-    return main(argv)
+    return int(main(argv))
 
 
 def _run(argv: list[str]) -> int:

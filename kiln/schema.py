@@ -42,12 +42,14 @@ def crd(kind: str) -> dict[str, Any]:
     if kind not in KINDS:
         raise ManifestError(f"unknown kind {kind!r}: Kiln knows {', '.join(KINDS)}")
     text = resources.files("kiln.crds").joinpath(KINDS[kind]).read_text()
-    return yaml.safe_load(text)
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
 
 
 def openapi_schema(kind: str) -> dict[str, Any]:
     """The openAPIV3Schema of the served version."""
-    return crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema: dict[str, Any] = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
 
 
 def _to_jsonschema(node: Any) -> Any:
@@ -104,8 +106,8 @@ def _message(error: jsonschema.ValidationError) -> str:
         word = "exactly one" if error.validator == "oneOf" else "at least one"
         return f"needs {word} of: {', '.join(options)}"
     if error.validator == "additionalProperties":
-        return error.message.replace("Additional properties are not allowed", "unknown field")
-    return error.message
+        return str(error.message).replace("Additional properties are not allowed", "unknown field")
+    return str(error.message)
 
 
 def errors(doc: dict[str, Any]) -> list[FieldError]:

@@ -27,9 +27,10 @@ def examples() -> list[Path]:
 
 def render(example: Path) -> str:
     """The multi-document YAML `kiln render` prints for `example`, or a comment with its refusal."""
-    from kiln.schema import ManifestError
     from kiln_operator.render_cli import render_documents
     from kiln_operator.settings import OperatorSettings
+
+    from kiln.schema import ManifestError
 
     settings = OperatorSettings()
     settings.trainer_image, settings.server_image = TRAINER, SERVER

@@ -26,7 +26,8 @@ from kiln_trainer.jobspec import Job
 def _result_schema() -> dict[str, Any]:
     from kiln.schema import openapi_schema
 
-    return openapi_schema("TrainingJob")["properties"]["status"]["properties"]["result"]
+    schema: dict[str, Any] = openapi_schema("TrainingJob")["properties"]["status"]["properties"]["result"]
+    return schema
 
 
 def validate_result(path: Path, out_dir: Path, loc: storage.Location) -> dict[str, Any]:

@@ -144,7 +144,8 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def _label_missing(y: np.ndarray) -> np.ndarray:
     if y.dtype.kind in "fc":
-        return np.isnan(y).reshape(len(y), -1).any(axis=1)
+        missing: np.ndarray = np.isnan(y).reshape(len(y), -1).any(axis=1)
+        return missing
     if y.dtype.kind == "O":
         return np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in y], dtype=bool)
     return np.zeros(len(y), dtype=bool)

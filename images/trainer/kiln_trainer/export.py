@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln_trainer.errors import SpecError, TrainerError
 from kiln_trainer.model import INPUT_NAME, OUTPUT_NAME
-from kiln_trainer.storage import sha256  # noqa: F401  (re-exported: export.sha256)
+from kiln_trainer.storage import sha256 as sha256  # re-exported: export.sha256
 
 BATCH_DIM = "batch"
 
@@ -84,7 +84,8 @@ def onnx_session(path: Path) -> Any:
 def onnx_predict(path: Path, x: np.ndarray) -> np.ndarray:
     """Run an ONNX file on raw rows."""
     sess = onnx_session(path)
-    return sess.run(None, {sess.get_inputs()[0].name: x.astype("float32")})[0]
+    out: np.ndarray = sess.run(None, {sess.get_inputs()[0].name: x.astype("float32")})[0]
+    return out
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -65,7 +65,7 @@ def quantization_mode(spec: dict[str, Any]) -> str:
     calibration and suits MatMul models; ONNX Runtime's dynamic Conv path is slow and less
     accurate, so Conv models get static quantization calibrated on training rows.
     """
-    mode = spec.get("output", {}).get("quantization", "auto")
+    mode = str(spec.get("output", {}).get("quantization", "auto"))
     if mode in ("dynamic", "static"):
         return mode
     convs = any(layer.get("type") == "Conv2D" for layer in spec.get("model", {}).get("layers", []))

@@ -30,7 +30,8 @@ class Job:
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.doc["spec"]
+        spec: dict[str, Any] = self.doc["spec"]
+        return spec
 
     @property
     def name(self) -> str:

@@ -70,7 +70,8 @@ def _labels(y: np.ndarray, loss: str, out_dim: int, last_layer: int) -> np.ndarr
         if len(y) and (yi.min() < 0 or yi.max() >= out_dim):
             raise SpecError(f"labels 0..{int(yi.max())} do not fit the last layer's {out_dim} units",
                             f"spec.model.layers[{last_layer}].units")
-        return np.eye(out_dim, dtype="float32")[yi]
+        onehot: np.ndarray = np.eye(out_dim, dtype="float32")[yi]
+        return onehot
     y = y.astype("float32")
     if y.ndim == 1 and out_dim == 1:
         y = y.reshape(-1, 1)

@@ -113,7 +113,7 @@ def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[d
 
 
 def model_name(md: dict[str, Any]) -> str:
-    return (md.get("spec") or {}).get("modelName") or md["metadata"]["name"]
+    return str((md.get("spec") or {}).get("modelName") or md["metadata"]["name"])
 
 
 def service_url(md: dict[str, Any]) -> str:

@@ -93,10 +93,8 @@ def _lagging(condition: dict[str, Any], now: datetime) -> bool:
 
 
 def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    for c in (job.get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_ and c.get("status") == "True":
-            return c
-    return None
+    conditions: list[dict[str, Any]] = (job.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
 
 
 def job_finished(job: dict[str, Any]) -> bool:
