@@ -6,7 +6,7 @@ call returning to the Job appearing in a watch, and to the Job's first Pod appea
 made it: training can start); per round: time until every TrainingJob has its Job and its Pod, the
 operator's peak RSS (VmHWM) and CPU, and pod creations the API server refused (FailedCreate events).
 
-Run: .venv/bin/python bench/operator_scale.py [--sizes 1,100,500] [--out docs/...]
+Run: .venv/bin/python bench/operator_scale.py [--sizes 1,100,500] [--repeat 3] [--json bench/results/operator_scale.json]
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="1,100,500")
-    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--json", help="write results as JSON here (the committed ones are in bench/results/)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per size (the order of the two alternates)")
     p.add_argument("--only", choices=["kiln", "floor"], help="run one operator (profiling; no ratios)")
     p.add_argument("--no-pods", action="store_true", help="end each round once every Job exists (quicker; no Pod times)")

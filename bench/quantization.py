@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--single", type=int, default=2000, help="one-row calls per round and format")
     p.add_argument("--batches", type=int, default=300, help="batch-64 calls per round and format")
     p.add_argument("--write-docs", action="store_true", help=f"write the '{SECTION}' section of docs/benchmarks.md")
-    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--json", help="also write the numbers here (e.g. bench/results/quantization.json)")
     a = p.parse_args()
     import onnxruntime as ort
 

@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=30000)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="also write the report here")
+    p.add_argument("--json", help="also write the report here (e.g. bench/results/train_overhead.json)")
     a = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))

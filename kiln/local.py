@@ -1,8 +1,13 @@
 """`kiln run FILE`: the cluster-free mode. Does on this machine what the operator does in a cluster.
 
 TrainingJobs in FILE are trained with the same trainer the training pods run; ModelDeployments (and
-TrainingJobs with `spec.deploy`) are served with the same server the Deployments run, on 127.0.0.1.
-Same manifests, same schema, same code: only the scheduler is missing.
+TrainingJobs with `spec.deploy`) are served with the same server the Deployments run, on 127.0.0.1,
+with the same `kiln serve` arguments (kiln.serverargs). Same manifests, same schema, same code: only
+the scheduler is missing.
+
+The cluster's manifests run as they are: `pvc://CLAIM/PATH` is the folder `<--pvc-root>/CLAIM/PATH`,
+documents of other API groups (PersistentVolumeClaims, ...) are skipped, and the fields only a cluster
+acts on (resources, scheduling, replicas, ...) are named in one warning line.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,10 +33,25 @@ import numpy as np
 
 from kiln.manifests import Manifest, load_file
 from kiln.schema import ManifestError
+from kiln.serverargs import serve_args
+
+LOCAL_FIELDS = {
+    "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command"},
+    "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds"},
+}
+"""The spec fields `kiln run` acts on (TrainingJob `command` is refused); any other field the user set is named."""
+LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds"}
+"""The same for a TrainingJob's `spec.deploy`."""
+REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://", "gs://")
+"""Model URIs `kiln serve` downloads itself (into the run's folder)."""
 
 
 class LocalError(RuntimeError):
-    """A user-facing failure of the local run (printed without a traceback)."""
+    """A user-facing failure of the local run (printed without a traceback; `code` is the exit status)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -40,12 +61,13 @@ class Trained:
     doc: dict[str, Any]
     result: dict[str, Any]
     output: Path
+    pvc_root: Path
 
 
 @dataclass
 class Served:
     name: str
-    model_path: Path
+    model: str
     url: str
     process: subprocess.Popen[bytes]
     trained: Trained | None = None
@@ -77,31 +99,79 @@ class ProgressBar:
             self.stream.flush()
 
 
-def _local_path(uri: str, base: Path) -> Path:
+def _local_path(uri: str, base: Path, pvc_root: Path) -> Path:
+    """The local path of a file://, pvc:// or plain URI (pvc://CLAIM/PATH is PVC_ROOT/CLAIM/PATH)."""
+    if uri.startswith("pvc://"):
+        claim, _, rest = uri[len("pvc://"):].partition("/")
+        if not claim or ".." in rest.split("/"):
+            raise LocalError(f"{uri!r}: expected pvc://CLAIM/PATH inside the claim")
+        return pvc_root / claim / rest
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:
-        raise LocalError(f"{uri!r} is not a local path; the local mode reads file:// and plain paths")
+        raise LocalError(f"{uri!r} is not a local path; the local mode reads file://, pvc:// and plain paths")
     path = Path(uri)
     return path if path.is_absolute() else (base / path)
 
 
-def output_dir(m: Manifest, override: str | None) -> Path:
-    """Where a TrainingJob's outputs go locally: --output/NAME, else spec.output.uri, else ./kiln-output/NAME."""
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith(("file://", "pvc://"))
+
+
+def output_dir(m: Manifest, override: str | None, pvc_root: Path) -> Path:
+    """Where a TrainingJob's outputs go locally: --output/NAME, else spec.output.uri (file, path or pvc://),
+    else ./kiln-output/NAME."""
     if override:
         return Path(override) / m.name
     uri = ((m.doc.get("spec") or {}).get("output") or {}).get("uri")
-    if uri and ("://" not in uri or uri.startswith("file://")):
-        return _local_path(uri, m.base_dir)
+    if uri and _is_local(uri):
+        return _local_path(uri, m.base_dir, pvc_root)
     return Path.cwd() / "kiln-output" / m.name
 
 
-def train(m: Manifest, out: Path, stream: TextIO) -> Trained:
+def cluster_only(manifests: list[Manifest], outputs: dict[str, Path]) -> list[str]:
+    """`Kind/name spec.field, ...` for every field set in a document that only a cluster acts on."""
+    out = []
+    for m in manifests:
+        spec = m.raw.get("spec") or {}
+        fields = [f"spec.{k}" for k in spec if k not in LOCAL_FIELDS[m.kind]]
+        if m.kind == "TrainingJob":
+            fields += [f"spec.deploy.{k}" for k in spec.get("deploy") or {} if k not in LOCAL_DEPLOY_FIELDS]
+            uri = (spec.get("output") or {}).get("uri")
+            if uri and not _is_local(uri) and m.name in outputs:
+                fields.append(f"spec.output.uri (written to {outputs[m.name]})")
+        if fields:
+            out.append(f"{m.kind}/{m.name} {', '.join(fields)}")
+    return out
+
+
+@contextlib.contextmanager
+def _pvc_root_env(pvc_root: Path) -> Iterator[None]:
+    """The trainer resolves pvc:// under $KILN_PVC_ROOT (the pod's mount root in a cluster)."""
+    old = os.environ.get("KILN_PVC_ROOT")
+    os.environ["KILN_PVC_ROOT"] = str(pvc_root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KILN_PVC_ROOT", None)
+        else:
+            os.environ["KILN_PVC_ROOT"] = old
+
+
+def train(m: Manifest, out: Path, stream: TextIO, pvc_root: Path) -> Trained:
     """Train one TrainingJob in this process with the built-in trainer."""
     doc = json.loads(json.dumps(m.doc))
     spec = doc["spec"]
+    where = f"{m.source}: TrainingJob/{m.name}"
     if spec.get("command"):
-        raise LocalError(f"{m.source}: TrainingJob/{m.name}: spec.command (bring your own code) runs only in a cluster")
+        raise LocalError(f"{where}: spec.command (bring your own code) runs only in a cluster")
+    data_uri = (spec.get("dataset") or {}).get("uri") or ""
+    if data_uri.startswith("pvc://"):
+        path = _local_path(data_uri, m.base_dir, pvc_root)
+        if not path.exists():
+            raise LocalError(f"{where}: spec.dataset.uri: {data_uri} is {path} on this machine, which does not exist "
+                             f"(copy the data there, or point --pvc-root at the folder holding {data_uri[6:].split('/')[0]}/)")
     training = spec.setdefault("training", {})
     # A fixed seed makes the held-out split reproducible, so --once can check the served model on it.
     training.setdefault("seed", 0)
@@ -111,12 +181,18 @@ def train(m: Manifest, out: Path, stream: TextIO) -> Trained:
     bar = ProgressBar(m.name, stream)
     if bar.tty:  # the bar replaces the trainer's per-epoch log lines
         logging.getLogger("kiln_trainer.progress").setLevel(logging.WARNING)
-    result = train_doc(doc, m.base_dir, output=str(out), progress=bar)
+    from kiln_trainer.errors import TrainerError
+
+    try:
+        with _pvc_root_env(pvc_root):
+            result = train_doc(doc, m.base_dir, output=str(out), progress=bar)
+    except TrainerError as exc:
+        raise LocalError(f"{where}: {exc}", code=exc.exit_code) from exc
     metrics = result.get("metrics") or {}
     shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, (int, float)))
     stream.write(f"trained {m.name}: {shown}\n  model: {result.get('modelUri')} (parity max abs diff "
                  f"{result.get('parityMaxAbsDiff')})\n")
-    return Trained(m.name, m, doc, result, out)
+    return Trained(m.name, m, doc, result, out, pvc_root)
 
 
 def free_port() -> int:
@@ -125,13 +201,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(name: str, model: Path, port: int, spec: dict[str, Any], log: Path, timeout: float = 120) -> Served:
+def server_command(name: str, model: str, port: int, spec: dict[str, Any], sha256: str, cache_dir: Path) -> list[str]:
+    """`kiln serve` for one ModelDeployment spec on 127.0.0.1: the operator's arguments (kiln.serverargs)."""
+    argv = [sys.executable, "-m", "kiln.cli", "serve",
+            *serve_args(spec, model=model, name=name, host="127.0.0.1", port=port, sha256=sha256)]
+    if model.startswith(REMOTE_MODEL_SCHEMES):
+        argv += ["--cache-dir", str(cache_dir)]
+    return argv
+
+
+def serve(name: str, model: str, port: int, spec: dict[str, Any], log: Path, sha256: str = "", timeout: float = 120) -> Served:
     """Start `kiln serve` on 127.0.0.1 and wait until the model is ready."""
-    argv = [sys.executable, "-m", "kiln.cli", "serve", "--model", str(model), "--name", name,
-            "--host", "127.0.0.1", "--port", str(port)]
-    batching = spec.get("batching") or {}
-    if batching:
-        argv += ["--max-batch-size", str(batching.get("maxBatchSize", 32)), "--max-latency-ms", str(batching.get("maxLatencyMs", 5))]
+    argv = server_command(name, model, port, spec, sha256, log.parent / "models")
     with open(log, "ab") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=f, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -168,7 +249,7 @@ def heldout(t: Trained) -> tuple[np.ndarray, np.ndarray]:
     from kiln_trainer.trainer import split_indices
 
     spec = t.doc["spec"]
-    path = _local_path(spec["dataset"]["uri"], t.manifest.base_dir)
+    path = _local_path(spec["dataset"]["uri"], t.manifest.base_dir, t.pvc_root)
     ds = data.load(path, str(path), spec)
     _, va = split_indices(len(ds.x), float(spec["dataset"].get("validationSplit", 0.2)), int(spec["training"]["seed"]))
     return ds.x[va], ds.y[va]
@@ -215,46 +296,79 @@ def curl_example(s: Served) -> str:
     return f"curl -s {s.url}/v2/models/{s.name}/infer -H 'Content-Type: application/json' -d '{body}'"
 
 
+@dataclass
+class Wanted:
+    """A model server to start: for a ModelDeployment, or for a TrainingJob's `spec.deploy`."""
+
+    name: str
+    spec: dict[str, Any]
+    trained: Trained | None
+    model: str
+    sha256: str
+    timeout: float
+
+
+def _startup_timeout(raw_spec: dict[str, Any]) -> float:
+    """`startupTimeoutSeconds` when the user set it (the CRD default, 600 s, is for a pod's image pull too)."""
+    return float(raw_spec.get("startupTimeoutSeconds") or 120)
+
+
 def run(path: str, *, once: bool, port: int | None, output: str | None, stream: TextIO = sys.stdout,
-        min_score: float | None = None) -> int:
-    manifests = load_file(path)
+        min_score: float | None = None, pvc_root: str | None = None, warn: TextIO | None = None) -> int:
+    foreign: list[str] = []
+    manifests = load_file(path, foreign=foreign)
     workdir = Path(output or (Path.cwd() / "kiln-output"))
     workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(pvc_root or (Path.cwd() / "pvc")).resolve()
+    outputs = {m.name: output_dir(m, output, root) for m in manifests if m.kind == "TrainingJob"}
+    ignored = cluster_only(manifests, outputs) + [f"{d} (not a Kiln kind)" for d in foreign]
+    if ignored:
+        warn = warn or sys.stderr
+        warn.write(f"kiln run: warning: cluster-only, ignored here: {'; '.join(ignored)}\n")
+        warn.flush()
     trained: dict[str, Trained] = {}
     for m in manifests:
         if m.kind == "TrainingJob":
-            trained[m.name] = train(m, output_dir(m, output), stream)
-    wanted: list[tuple[str, dict[str, Any], Trained | None, Path]] = []
+            trained[m.name] = train(m, outputs[m.name], stream, root)
+    wanted: list[Wanted] = []
     for m in manifests:
         if m.kind == "ModelDeployment":
             spec = m.doc["spec"]
             name = spec.get("modelName") or m.name
             ref = spec["model"]
+            timeout = _startup_timeout(m.raw.get("spec") or {})
             if ref.get("trainingJob"):
                 t = trained.get(ref["trainingJob"])
                 if t is None:
                     raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref['trainingJob']!r} "
                                      f"is not a TrainingJob in this file")
-                wanted.append((name, spec, t, _model_file(t, ref.get("format", "onnx"))))
+                wanted.append(Wanted(name, spec, t, *_model_file(t, ref.get("format", "onnx")), timeout))
+            elif ref["uri"].startswith(REMOTE_MODEL_SCHEMES):
+                wanted.append(Wanted(name, spec, None, ref["uri"], ref.get("sha256", ""), timeout))
             else:
-                wanted.append((name, spec, None, _local_path(ref["uri"], m.base_dir)))
+                try:
+                    model = _local_path(ref["uri"], m.base_dir, root)
+                except LocalError as exc:
+                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.uri: {exc}") from exc
+                wanted.append(Wanted(name, spec, None, str(model), ref.get("sha256", ""), timeout))
     for t in trained.values():
         deploy = t.doc["spec"].get("deploy")
-        if deploy is not None and not any(w[2] is t for w in wanted):
-            wanted.append((deploy.get("modelName") or deploy.get("name") or t.name, deploy, t,
-                           _model_file(t, (deploy.get("model") or {}).get("format", "onnx"))))
+        if deploy is not None and not any(w.trained is t for w in wanted):
+            raw_deploy = (t.manifest.raw.get("spec") or {}).get("deploy") or {}
+            wanted.append(Wanted(deploy.get("modelName") or deploy.get("name") or t.name, deploy, t,
+                                 *_model_file(t, (deploy.get("model") or {}).get("format", "onnx")), _startup_timeout(raw_deploy)))
     if not wanted:
         stream.write("nothing to serve (no ModelDeployment and no spec.deploy in the file)\n")
         return 0
     servers: list[Served] = []
     code = 0
     try:
-        for i, (name, spec, t, model) in enumerate(wanted):
+        for i, w in enumerate(wanted):
             p = port + i if port else free_port()
-            s = serve(name, model, p, spec, workdir / f"{name}-server.log")
-            s.trained = t
+            s = serve(w.name, w.model, p, w.spec, workdir / f"{w.name}-server.log", sha256=w.sha256, timeout=w.timeout)
+            s.trained = w.trained
             servers.append(s)
-            stream.write(f"serving {name} at {s.url}/v2/models/{name} (V2; V1 at {s.url}/v1/models/{name})\n")
+            stream.write(f"serving {w.name} at {s.url}/v2/models/{w.name} (V2; V1 at {s.url}/v1/models/{w.name})\n")
             stream.write(f"  try: {curl_example(s)}\n")
         if once:
             for s in servers:
@@ -280,28 +394,35 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
                     s.process.kill()
 
 
-def _model_file(t: Trained, fmt: str) -> Path:
+def _model_file(t: Trained, fmt: str) -> tuple[str, str]:
+    """(local path, sha256) of the model a TrainingJob produced in format `fmt` (as the operator resolves it)."""
     if fmt == "onnx":
-        uri = t.result.get("modelUri") or ""
+        uri, sha = t.result.get("modelUri") or "", t.result.get("onnxSha256") or ""
     else:
         entry = next((f for f in t.result.get("formats") or [] if f.get("format") == fmt), None)
         if entry is None:
             raise LocalError(f"TrainingJob/{t.name} produced no {fmt!r} model: add it to spec.output.formats")
-        uri = entry.get("uri") or ""
-    return _local_path(uri, t.manifest.base_dir)
+        uri, sha = entry.get("uri") or "", entry.get("sha256") or ""
+    return str(_local_path(uri, t.manifest.base_dir, t.pvc_root)), sha
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kiln run", description="Train and serve the manifests in FILE on this machine, no cluster.")
-    p.add_argument("file", help="YAML with TrainingJob and ModelDeployment documents")
+    p.add_argument("file", help="YAML with TrainingJob and ModelDeployment documents (the cluster's manifests run too)")
     p.add_argument("--once", action="store_true", help="check the served model on held-out rows, then exit")
     p.add_argument("--port", type=int, help="first server port (default: free ports)")
     p.add_argument("--output", help="folder for outputs and logs (default ./kiln-output)")
     p.add_argument("--min-accuracy", type=float, help="with --once: exit 1 when the served accuracy is lower")
+    p.add_argument("--pvc-root", help="folder standing in for the cluster's claims: pvc://CLAIM/PATH is PVC_ROOT/CLAIM/PATH "
+                                      "(default ./pvc)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        return run(args.file, once=args.once, port=args.port, output=args.output, min_score=args.min_accuracy)
-    except (ManifestError, LocalError) as exc:
+        return run(args.file, once=args.once, port=args.port, output=args.output, min_score=args.min_accuracy,
+                   pvc_root=args.pvc_root)
+    except ManifestError as exc:
         print(f"kiln run: {exc}", file=sys.stderr)
         return 2
+    except LocalError as exc:
+        print(f"kiln run: {exc}", file=sys.stderr)
+        return exc.code

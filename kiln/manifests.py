@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kiln import GROUP
 from kiln.schema import KINDS, ManifestError, validate
 
 
@@ -19,6 +20,8 @@ class Manifest:
     doc: dict[str, Any]
     source: Path
     index: int
+    raw: dict[str, Any] = field(default_factory=dict)
+    """The document as written, before the CRD defaults: which fields the user set."""
 
     @property
     def kind(self) -> str:
@@ -34,8 +37,12 @@ class Manifest:
         return self.source.resolve().parent
 
 
-def load_file(path: str | Path, *, kinds: tuple[str, ...] = tuple(KINDS)) -> list[Manifest]:
-    """All Kiln documents in a YAML file (`-`: standard input), validated; other kinds are an error unless skipped by `kinds`."""
+def load_file(path: str | Path, *, kinds: tuple[str, ...] = tuple(KINDS), foreign: list[str] | None = None) -> list[Manifest]:
+    """All Kiln documents in a YAML file (`-`: standard input), validated; other kinds are an error unless skipped by `kinds`.
+
+    With a `foreign` list, documents of other API groups (a PersistentVolumeClaim, a Namespace, ...) are
+    skipped instead and named there as `Kind/name`; an unknown kind in Kiln's group stays an error.
+    """
     if str(path) == "-":  # `kustomize build | kiln render -`
         path, text = Path("<stdin>"), sys.stdin.read()
     else:
@@ -55,7 +62,12 @@ def load_file(path: str | Path, *, kinds: tuple[str, ...] = tuple(KINDS)) -> lis
         where = f"{path} document {i + 1}"
         if isinstance(doc, dict) and doc.get("kind") in KINDS and doc["kind"] not in kinds:
             continue
-        out.append(Manifest(validate(doc, where), path, i))
+        if foreign is not None and isinstance(doc, dict) and isinstance(doc.get("apiVersion"), str) \
+                and doc["apiVersion"].split("/")[0] != GROUP:
+            meta = doc.get("metadata")
+            foreign.append(f"{doc.get('kind')}/{meta.get('name') if isinstance(meta, dict) else None}")
+            continue
+        out.append(Manifest(validate(doc, where), path, i, raw=doc))
     if not out:
         raise ManifestError(f"{path}: no {' or '.join(kinds)} documents found")
     return out

@@ -14,7 +14,7 @@ width, at concurrency 64 with batch-1 JSON requests:
   also merges per-call work around ONNX Runtime, thread hand-offs and output allocation, so a
   measured gain can pass the estimate by a little.)
 
-Server pinned to CPU 0, wrk to CPU 1 (as bench/server/run.py). Writes bench/server/batching_sweep.json
+Server pinned to CPU 0, wrk to CPU 1 (as bench/server/run.py). Writes bench/results/batching_sweep.json
 and rewrites only the "## Dynamic batching and model size" section of docs/benchmarks.md.
 
     .venv/bin/python bench/server/batching_sweep.py [--widths 64,256,512,1024,2048] [--seconds 8] [--rounds 3]
@@ -113,7 +113,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "dominates either, which is what a large lead over MLServer and KServe rests on (their request handling costs "
         "several times Kiln's, see the table above); one model cannot show both.",
         "",
-        f"Command: `{meta['command']}`",
+        f"Command: `{meta['command']}` (raw numbers: `bench/results/batching_sweep.json`)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -125,10 +125,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--no-doc", action="store_true")
-    ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/server/batching_sweep.json")
+    ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/results/batching_sweep.json")
     args = ap.parse_args()
     if args.render_only:
-        saved = json.loads((HERE / "batching_sweep.json").read_text())
+        saved = json.loads((run.RESULTS / "batching_sweep.json").read_text())
         run.write_section(render(saved["rows"], saved["meta"]), SECTION)
         return 0
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
@@ -148,7 +148,8 @@ def main() -> int:
         rows.append(mid)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
             "rounds": args.rounds, "command": " ".join([".venv/bin/python bench/server/batching_sweep.py", *sys.argv[1:]])}
-    (HERE / "batching_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows, "all": rounds}, indent=1))
+    run.RESULTS.mkdir(exist_ok=True)
+    (run.RESULTS / "batching_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows, "all": rounds}, indent=1))
     text = render(rows, meta)
     print(text)
     if not args.no_doc:

@@ -11,7 +11,7 @@ the machine has 2+ CPUs) the server and everything it starts run on CPU 0 and wr
     .venv/bin/python bench/server/run.py             # ~3 minutes; updates docs/benchmarks.md
 
 Results: a table in the "## Model server" section of docs/benchmarks.md (only that section is
-rewritten) and the raw numbers in bench/server/results.json.
+rewritten) and the raw numbers in bench/results/server.json.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 ENVS = Path(os.environ.get("KILN_BENCH_ENVS", "~/.cache/kiln/bench")).expanduser()
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "bench" / "results"
+"""Every bench's raw numbers, committed next to each other."""
 SECTION = "## Model server"
 WIDE = 2048  # hidden width of the "wide" MLP used to show batching where compute dominates
 
@@ -529,6 +531,8 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
     lines.append(command)
     lines.append("```")
     lines.append("")
+    lines.append("Raw numbers: `bench/results/server.json`.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -569,10 +573,10 @@ def main() -> int:
     ap.add_argument("--only", default="kiln,mlserver,kserve", help="servers to run, comma-separated")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/benchmarks.md")
-    ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/server/results.json")
+    ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/results/server.json")
     args = ap.parse_args()
     if args.render_only:
-        saved = json.loads((HERE / "results.json").read_text())
+        saved = json.loads((RESULTS / "server.json").read_text())
         names = {f for f in Point.__dataclass_fields__}
         pts = [Point(**{k: v for k, v in p.items() if k in names}) for p in saved["points"]]
         meta = saved["meta"]
@@ -683,7 +687,8 @@ def main() -> int:
     text = render(summary, floor, meta, command, raw)
     print()
     print(text)
-    (HERE / "results.json").write_text(
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "server.json").write_text(
         json.dumps(
             {
                 "meta": meta,

@@ -1,7 +1,9 @@
 """Thin, blocking Kubernetes API helpers over the official client's ApiClient.
 
-Why not the typed APIs: Kiln handles its objects as plain dicts (rendered from templates), and needs the
-same create/get/patch/apply calls for a dozen kinds, server-side apply included.
+The handlers make their API calls through `aiokube`; this module holds what both share (credentials
+from `configure`, resource paths, `error_message`) and the blocking calls the operator makes at
+startup (`server_version`, `api_versions`), which the tests and the benches use as their client too.
+Why not the typed APIs: Kiln handles its objects as plain dicts (rendered from templates).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from kubernetes.client.exceptions import ApiException
 from kiln import GROUP, VERSION
 
 PLURALS: dict[tuple[str, str], str] = {
-    ("v1", "ConfigMap"): "configmaps",
     ("v1", "Service"): "services",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "Secret"): "secrets",
@@ -108,34 +109,6 @@ def get(api_version: str, kind: str, namespace: str | None, name: str) -> dict[s
 def list_objects(api_version: str, kind: str, namespace: str | None, selector: str | None = None) -> list[dict[str, Any]]:
     query = [("labelSelector", selector)] if selector else []
     return list(call("GET", path(api_version, kind, namespace), query=query).get("items") or [])
-
-
-def create(obj: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Create `obj`; if it exists already, return the existing one. (object, created)."""
-    ns = obj["metadata"].get("namespace")
-    try:
-        return call("POST", path(obj["apiVersion"], obj["kind"], ns), obj), True
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    existing = get(obj["apiVersion"], obj["kind"], ns, obj["metadata"]["name"])
-    if existing is None:  # deleted between the two calls: let the caller retry
-        raise ApiException(status=409, reason=f"{obj['kind']} {obj['metadata']['name']} is being deleted")
-    return existing, False
-
-
-def apply(obj: dict[str, Any], field_manager: str = "kiln", force: bool = True) -> dict[str, Any]:
-    """Server-side apply: Kiln owns the fields it sets; hand edits to them are put back."""
-    ns = obj["metadata"].get("namespace")
-    query = [("fieldManager", field_manager), ("force", "true" if force else "false")]
-    return call("PATCH", path(obj["apiVersion"], obj["kind"], ns, obj["metadata"]["name"]), obj, query,
-                content_type="application/apply-patch+yaml")
-
-
-def patch_status(api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
-    """Merge-patch the status subresource (fields not named are left alone, e.g. the trainer's progress)."""
-    return call("PATCH", path(api_version, kind, namespace, name, "status"), {"status": status},
-                content_type="application/merge-patch+json")
 
 
 def patch(api_version: str, kind: str, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART, set_args
+from support.chart import CHART, set_args
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +17,16 @@ from typing import Any
 import kubelet
 import pytest
 import yaml
-from chartlib import CHART, ROOT, session_conftest, set_args
 from kubelet import eventually
+from support.chart import CHART, ROOT, set_args
+from support.cluster import KILN, OperatorProcess, make_namespace
+
+# The TrainingJob/ModelDeployment live scenarios are reused from tests/operator.
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+
 from test_modeldeployment_live import ready_pods, wait_md
 from test_trainingjob_live import API, SUMMARY, create, manifest, one_pod, wait_phase
 from testenv import free_port
-
-_session = session_conftest()
-KILN: list[str] = _session.KILN
-OperatorProcess = _session.OperatorProcess
-make_namespace = _session.make_namespace
 
 pytestmark = [pytest.mark.helm, pytest.mark.live, pytest.mark.rbac]
 

@@ -11,7 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import CHART, ROOT
+from support.chart import CHART, ROOT
 
 pytestmark = [pytest.mark.helm]
 

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-
-from .conftest import IMAGES, RELEASE_NS, ROOT, TOOLS, UID, Kube, Volumes, eventually
+from support.node import IMAGES, RELEASE_NS, ROOT, TOOLS, UID, Kube, Volumes, eventually
 
 DIGITS_CSV = ROOT / "examples" / "digits" / "digits.csv"
 CLUSTER_QUICKSTART = ROOT / "examples" / "cluster" / "digits.yaml"

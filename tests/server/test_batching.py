@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import Server, start_server
+from support.server import Server, start_server
 
 pytestmark = pytest.mark.server
 

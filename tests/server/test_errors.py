@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import models
 import pytest
 import requests
-from conftest import Server, start_server
+from support import models
+from support.server import Server, start_server
 
 pytestmark = pytest.mark.server
 

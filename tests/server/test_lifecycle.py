@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 import requests
-from conftest import Server, ort_session, start_server, wait_until
+from support import models
+from support.server import Server, ort_session, start_server, wait_until
 
 pytestmark = pytest.mark.server
 

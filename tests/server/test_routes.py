@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Server, ort_session
+from support.server import Server, ort_session
 
 pytestmark = pytest.mark.server
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
-from conftest import Server, ort_session
+from support.server import Server, ort_session
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.server

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import manifest, subprocess_env, write_manifest
+from support.trainer import manifest, subprocess_env, write_manifest
 
 pytestmark = pytest.mark.training  # runs the trainer's wrapper as a process
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import manifest, write_csv
 from kiln_trainer import data
 from kiln_trainer.errors import DataError, SpecError
+from support.trainer import manifest, write_csv
 
 pytestmark = pytest.mark.unit  # loading and cleaning only: no TensorFlow training, no processes
 

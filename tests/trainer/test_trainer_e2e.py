@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import EXAMPLES, ROOT, Run, blobs, manifest, write_csv, write_manifest
 from kiln_trainer import export
 from kiln_trainer.outputs import RESULT_KEYS
+from support.trainer import EXAMPLES, ROOT, Run, blobs, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import blobs, manifest, write_csv, write_manifest
+from support.trainer import blobs, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 

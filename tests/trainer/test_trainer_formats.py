@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import EXAMPLES, Run, blobs, manifest, write_csv, write_manifest
 from kiln_trainer import data, export, formats, outputs
 from kiln_trainer.trainer import split_indices
+from support.trainer import EXAMPLES, Run, blobs, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from support.trainer import ROOT
 
 pytestmark = pytest.mark.unit
 

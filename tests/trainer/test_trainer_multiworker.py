@@ -11,8 +11,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
 from kiln_trainer.distributed import Cluster, setup, tf_config_from_env
+from support.trainer import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
 
 
 def _free_ports(n: int) -> list[int]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import blobs, manifest, write_csv, write_manifest
 from kiln_trainer.progress import Progress, StatusPatcher
-from progress_server import ProgressServer
+from support.progress_server import ProgressServer
+from support.trainer import blobs, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 

@@ -12,8 +12,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
-from progress_server import ProgressServer
+from support.progress_server import ProgressServer
+from support.trainer import blobs, manifest, popen_train, subprocess_env, write_csv, write_manifest
 
 pytestmark = [pytest.mark.training, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import blobs, manifest, write_csv, write_manifest
+from support.trainer import blobs, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 

@@ -8,6 +8,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.serverargs import serve_args
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -137,18 +138,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     path, fetch, volumes, mounts = _model_location(model)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
-    batching = spec.get("batching") or {}
-    limits = spec.get("limits") or {}
-    args = ["--model", path, "--name", model_name(md), "--host", "0.0.0.0", "--port", str(SERVER_PORT),
-            "--exit-on-load-failure"]
-    if model.sha256:
-        args += ["--sha256", model.sha256]
-    if batching:
-        args += ["--max-batch-size", str(batching.get("maxBatchSize", 32)), "--max-latency-ms", str(batching.get("maxLatencyMs", 5))]
-    if limits.get("maxBodyBytes"):
-        args += ["--max-body-bytes", str(limits["maxBodyBytes"])]
-    if limits.get("maxElements"):
-        args += ["--max-elements", str(limits["maxElements"])]
+    args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
     autoscaling = spec.get("autoscaling")
     if autoscaling:
         autoscaling = {"minReplicas": 1, "targetCPUUtilization": 80, **autoscaling}
