@@ -85,7 +85,7 @@ def _resource(url: str) -> str:
 
 
 async def call(method: str, url: str, body: Any = None, query: list[tuple[str, str]] | None = None,
-               content_type: str = "application/json", decode: bool = True) -> Any:
+               content_type: str = "application/json", decode: bool = True) -> dict[str, Any]:
     """One API call returning the decoded JSON body ({} with `decode=False`: the caller ignores it, and
     decoding a full object per write is CPU a burst cannot spare); raises ApiException on HTTP errors."""
     host = kube.client().configuration.host
@@ -100,7 +100,8 @@ async def call(method: str, url: str, body: Any = None, query: list[tuple[str, s
                     _auth["until"] = 0.0  # a rotated token: read it again next time
                 if not 200 <= resp.status < 300:
                     raise ApiException(status=resp.status, reason=resp.reason, body=raw.decode("utf-8", "replace"))
-                return json.loads(raw) if raw and decode else {}
+                decoded: dict[str, Any] = json.loads(raw) if raw and decode else {}  # API bodies are objects
+                return decoded
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             _auth["until"] = 0.0
             if attempt == RETRIES:

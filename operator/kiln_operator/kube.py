@@ -83,7 +83,7 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
 
 
 def call(method: str, url: str, body: Any = None, query: list[tuple[str, Any]] | None = None,
-         content_type: str = "application/json") -> Any:
+         content_type: str = "application/json") -> dict[str, Any]:
     """One API call returning the decoded JSON body; raises ApiException on HTTP errors."""
     api = client()
     headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -93,7 +93,8 @@ def call(method: str, url: str, body: Any = None, query: list[tuple[str, Any]] |
     raw = resp.read()
     if not 200 <= resp.status < 300:
         raise ApiException(status=resp.status, reason=resp.reason, body=raw.decode("utf-8", "replace"))
-    return json.loads(raw) if raw else {}
+    decoded: dict[str, Any] = json.loads(raw) if raw else {}  # API bodies are objects
+    return decoded
 
 
 def get(api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
