@@ -15,7 +15,6 @@ from conftest import blobs, manifest, popen_train, subprocess_env, write_csv, wr
 from kiln_trainer.distributed import Cluster, setup, tf_config_from_env
 
 
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
