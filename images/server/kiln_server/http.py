@@ -1,8 +1,12 @@
 """A small, fast HTTP/1.1 server: an asyncio Protocol on httptools' parser (llhttp), run on uvloop.
 
-Why not Starlette/uvicorn: an ASGI stack costs several dict-building layers per request and caps a
-minimal ONNX server near 4,000 requests/s here; the model server's headline is throughput, so
-the HTTP layer talks to the parser directly and hands complete requests to `app.App`.
+Transport only: it hands each complete request to an `Application` (messages.py; `app.App` in
+the server) and writes the `Response` it returns, now or later through a `Deferred`; even the
+body of its own error answers comes from `Application.error_response`.
+
+Why not an ASGI server: the same `App` served by uvicorn (httptools + uvloop) or granian through
+a raw ASGI adapter costs 1.5-2x the server CPU per request (docs/benchmarks.md, "Why the server
+has its own HTTP layer"), and the model server's headline is throughput.
 
 Supported: keep-alive, pipelining (responses in request order, reading paused when too many are
 queued), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an announced
