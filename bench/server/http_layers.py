@@ -225,7 +225,9 @@ def render(result: dict[str, Any], command: str) -> str:
         f"'this / Kiln, CPU per request' is that server's CPU time per request (all its processes and threads) divided by "
         f"Kiln's, median rounds at c={conns[0]}: how much more of the server's core the same answer costs through that "
         "transport. It depends less than req/s on how much of CPU 0 other processes took during a point ('others': CPU "
-        "used by other processes, the machine is shared)."
+        "used by other processes, the machine is shared). granian's HTTP handling runs in its Rust runtime thread "
+        "next to the Python thread that runs the app; pinned to one CPU, as here and as in a pod limited to one "
+        "CPU, the two share it."
     )
     lines.append("")
     lines.append(f"Per round, req/s at c={conns[0]}:")

@@ -5,8 +5,9 @@ the server) and writes the `Response` it returns, now or later through a `Deferr
 body of its own error answers comes from `Application.error_response`.
 
 Why not an ASGI server: the same `App` served by uvicorn (httptools + uvloop) or granian through
-a raw ASGI adapter costs 1.5-2x the server CPU per request (docs/benchmarks.md, "Why the server
-has its own HTTP layer"), and the model server's headline is throughput.
+a raw ASGI adapter costs about 1.4x (uvicorn) and 2x (granian) the server CPU per request
+(docs/benchmarks.md, "Why the server has its own HTTP layer"), and the model server's headline
+is throughput.
 
 Supported: keep-alive, pipelining (responses in request order, reading paused when too many are
 queued), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an announced

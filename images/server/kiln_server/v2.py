@@ -28,7 +28,7 @@ _READY = Response(200, b'{"ready":true}')
 
 
 def error_response(status: int, message: str) -> Response:
-    """The V2 error document `{"error": message}` with `status`: every error this server writes."""
+    """The V2 error document `{"error": message}` with `status`; the router's and the transport's errors use it too."""
     return Response(status, error_body(message))
 
 
