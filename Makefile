@@ -14,7 +14,7 @@ test:
 	bash scripts/setup.sh --test
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
-	.venv/bin/mypy kiln operator/kiln_operator images/server/kiln_server images/trainer/kiln_trainer
+	.venv/bin/mypy --strict kiln operator/kiln_operator images/server/kiln_server images/trainer/kiln_trainer
 	$(PYTEST) -q -p no:cacheprovider -m "not e2e"
 	$(PYTEST) -q -p no:cacheprovider -m e2e
 
@@ -29,7 +29,7 @@ e2e:
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
-	.venv/bin/mypy kiln operator/kiln_operator images/server/kiln_server images/trainer/kiln_trainer
+	.venv/bin/mypy --strict kiln operator/kiln_operator images/server/kiln_server images/trainer/kiln_trainer
 
 crds:
 	.venv/bin/python scripts/gen_crds.py

@@ -9,6 +9,7 @@ the machine has 2+ CPUs) the server and everything it starts run on CPU 0 and wr
 
     bash bench/server/setup_envs.sh                  # once: MLServer and KServe venvs
     .venv/bin/python bench/server/run.py             # ~3 minutes; updates docs/benchmarks.md
+    .venv/bin/python bench/server/run.py --quick     # Kiln alone, V2 JSON batch 1, c=8 and c=1; ~1 minute, writes nothing
 
 Results: a table in the "## Model server" section of docs/benchmarks.md (only that section is
 rewritten) and the raw numbers in bench/results/server.json.
@@ -566,6 +567,45 @@ def median_points(points: list[Point]) -> list[Point]:
     return out
 
 
+def quick(seconds: float, rounds: int, pin: bool) -> int:
+    """Kiln alone, the headline request only: for before/after checks of a server change (no files written)."""
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    pin = pin and (os.cpu_count() or 1) >= 2
+    srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
+    work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    model = build_mlp(work / "mlp.onnx")
+    import onnxruntime as ort
+
+    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
+    expected1 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    body1 = json_body(x1)
+    jh = {"Content-Type": "application/json"}
+    print(f"quick: Kiln alone, V2 JSON batch 1; pinned={pin}; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    server = start_kiln(model, work, srv_cpus)
+    results: dict[int, list[Point]] = {8: [], 1: []}
+    try:
+        check_answer(server, body1, expected1)
+        for rnd in range(rounds):
+            print(f"round {rnd + 1}/{rounds}", flush=True)
+            for conns in results:
+                results[conns].append(run_wrk(server, body1, jh, conns, seconds, wrk_cpus, "json-b1", 1, work))
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for conns, pts in results.items():
+        rps = sorted(p.rps for p in pts)
+        per_core = sorted(p.rps / p.server_cpu_cores for p in pts if p.server_cpu_cores > 0)
+        print(
+            f"kiln json-b1 c={conns}: median {rps[len(rps) // 2]:,.0f} req/s (rounds {', '.join(f'{p.rps:,.0f}' for p in pts)}); "
+            f"median per server core {per_core[len(per_core) // 2] if per_core else 0:,.0f}; "
+            f"errors {sum(p.errors for p in pts)}",
+            flush=True,
+        )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each measured point")
@@ -574,7 +614,14 @@ def main() -> int:
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/benchmarks.md")
     ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/results/server.json")
+    ap.add_argument(
+        "--quick", action="store_true",
+        help="Kiln alone (batching off), V2 JSON batch 1 at c=8 and c=1, --rounds rounds of --seconds; "
+        "prints req/s per round and the median, writes neither docs nor results (needs no other envs)",
+    )
     args = ap.parse_args()
+    if args.quick:
+        return quick(args.seconds, args.rounds, not args.no_pin)
     if args.render_only:
         saved = json.loads((RESULTS / "server.json").read_text())
         names = {f for f in Point.__dataclass_fields__}

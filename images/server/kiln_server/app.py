@@ -1,8 +1,10 @@
 """Routing: maps method + path to the V2, V1 and metrics handlers, and turns errors into 4xx/5xx JSON.
 
-The served model's routes are precomputed as exact strings (one dict lookup per request); any
-other `/v2/models/...` or `/v1/models/...` path goes through a slow parser only to say precisely
-which model or version is unknown.
+`App` is the `messages.Application` the HTTP transport serves. The served model's routes are
+precomputed as exact strings (one dict lookup per request); any other `/v2/models/...` or
+`/v1/models/...` path goes through a slow parser only to say precisely which model or version is
+unknown. Every error, the transport's included, is V2's `{"error": message}` document
+(`v2.error_response`), which V1 shares.
 """
 
 from __future__ import annotations
@@ -10,20 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from urllib.parse import quote, unquote
 
-from kiln_server.http import Deferred, Request, Response
+from kiln_server.messages import Deferred, Handler, Request, Response
 from kiln_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kiln_server.metrics import Metrics
-from kiln_server.protocol import ProtocolError, error_body
+from kiln_server.protocol import ProtocolError
 from kiln_server.v1 import V1Handler
-from kiln_server.v2 import V2Handler
+from kiln_server.v2 import V2Handler, error_response
 
 log = logging.getLogger("kiln_server.app")
 access = logging.getLogger("kiln_server.access")
 
-Handler = Callable[[Request], "Response | Deferred"]
 # path -> (route label, {method: handler})
 RouteTable = dict[str, tuple[str, dict[bytes, Handler]]]
 
@@ -44,12 +44,14 @@ class App:
         self._build_routes()
 
     def _add(self, path: str, label: str, methods: dict[bytes, Handler]) -> None:
+        """One route under its path and, if different, its percent-encoded form (clients differ)."""
         self.routes[path] = (label, methods)
         encoded = quote(path, safe="/:")
         if encoded != path:
             self.routes[encoded] = (label, methods)
 
     def _build_routes(self) -> None:
+        """Every route of the served model, labelled with its template for the metrics."""
         v2, v1 = self.v2, self.v1
         get, post = b"GET", b"POST"
         self._add("/v2/health/live", "/v2/health/live", {get: v2.live})
@@ -75,18 +77,20 @@ class App:
         handler = methods.get(req.method)
         if handler is None:
             allowed = ", ".join(m.decode() for m in methods)
-            return Response(
-                405,
-                error_body(f"method {req.method.decode('latin-1')} is not allowed on {req.path}; use {allowed}"),
-                extra=f"allow: {allowed}\r\n".encode(),
-            )
+            resp = error_response(405, f"method {req.method.decode('latin-1')} is not allowed on {req.path}; use {allowed}")
+            resp.extra = f"allow: {allowed}\r\n".encode()
+            return resp
         try:
             return handler(req)
         except ProtocolError as exc:
-            return Response(exc.status, error_body(exc.message))
+            return error_response(exc.status, exc.message)
         except Exception:
             log.exception("handler for %s failed", label)
-            return Response(500, error_body("internal server error"))
+            return error_response(500, "internal server error")
+
+    def error_response(self, status: int, message: str) -> Response:
+        """The transport's errors (malformed, too large, too slow) in the same document as the handlers'."""
+        return error_response(status, message)
 
     def _unrouted(self, req: Request) -> Response:
         """Precise 404s for other models or versions; plain 404 for anything else."""
@@ -106,7 +110,7 @@ class App:
             if name != self.model:
                 msg = f"unknown model '{name}'; this server serves '{self.model}'"
             req.route = "/v1/models/{model}*"
-        return Response(404, error_body(msg))
+        return error_response(404, msg)
 
     def render_metrics(self, req: Request) -> Response:
         """`GET /metrics`: Prometheus text exposition."""

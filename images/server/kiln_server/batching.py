@@ -33,6 +33,8 @@ Callback = Callable[[Any, BaseException | None], None]
 
 
 class _Item:
+    """One submitted request: its inputs, wanted outputs, rows, merge key (None: never merged) and callback."""
+
     __slots__ = ("callback", "feeds", "key", "outputs", "rows", "t0")
 
     def __init__(
@@ -114,21 +116,18 @@ class Batcher:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
 
-    @property
-    def idle(self) -> bool:
-        """True when nothing is queued or running (used by graceful shutdown)."""
-        return not self.pending and self.running == 0
-
     def close(self) -> None:
         """Stop the inference threads once they finish what they have."""
         for _ in self._threads:
             self._work.put(None)
 
     def _dispatch_soon(self) -> None:
+        """End of the loop iteration that submitted work: dispatch everything queued meanwhile at once."""
         self._scheduled = False
         self._dispatch(self.max_latency)
 
     def _dispatch(self, max_latency: float) -> None:
+        """Form batches from the queue while threads are free; a partial batch may wait up to `max_latency`."""
         pending = self.pending
         jobs: list[list[_Item]] = []
         while pending and self.running + len(jobs) < self.max_running:
@@ -168,11 +167,12 @@ class Batcher:
                 self._work.put([job])
 
     def _on_timer(self) -> None:
+        """The oldest request's deadline has passed: run what there is."""
         self._timer = None
-        # The oldest request's deadline has passed: run what there is.
         self._dispatch(0.0)
 
     def _worker(self) -> None:
+        """An inference thread: run jobs, and wake the loop once for however many finished meanwhile."""
         work, done = self._work, self._done
         while True:
             jobs = work.get()
@@ -194,6 +194,7 @@ class Batcher:
                 return
 
     def _collect(self) -> None:
+        """On the loop: deliver finished batches to their callbacks, then dispatch what waits."""
         with self._wake_lock:
             self._wake_pending = False
         done = self._done
@@ -236,6 +237,7 @@ class Batcher:
         return results
 
     def _finished(self, batch: list[_Item], results: list[Any]) -> None:
+        """Answer each request of a batch (a failing callback cannot stop the others) and count the batch."""
         self.running -= 1
         self.inflight -= len(batch)
         for item, res in zip(batch, results, strict=True):

@@ -113,7 +113,8 @@ def _fsspec_open(uri: str, scheme: str) -> BinaryIO:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if scheme == "s3" and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
-    return fsspec.open(uri, "rb", **options).open()
+    stream: BinaryIO = fsspec.open(uri, "rb", **options).open()
+    return stream
 
 
 def fetch(

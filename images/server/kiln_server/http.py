@@ -1,8 +1,13 @@
 """A small, fast HTTP/1.1 server: an asyncio Protocol on httptools' parser (llhttp), run on uvloop.
 
-Why not Starlette/uvicorn: an ASGI stack costs several dict-building layers per request and caps a
-minimal ONNX server near 4,000 requests/s here; the model server's headline is throughput, so
-the HTTP layer talks to the parser directly and hands complete requests to `app.App`.
+Transport only: it hands each complete request to an `Application` (messages.py; `app.App` in
+the server) and writes the `Response` it returns, now or later through a `Deferred`; even the
+body of its own error answers comes from `Application.error_response`.
+
+Why not an ASGI server: the same `App` served by uvicorn (httptools + uvloop) or granian through
+a raw ASGI adapter costs about 1.4x (uvicorn) and 2x (granian) the server CPU per request
+(docs/benchmarks.md, "Why the server has its own HTTP layer"), and the model server's headline
+is throughput.
 
 Supported: keep-alive, pipelining (responses in request order, reading paused when too many are
 queued), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an announced
@@ -18,11 +23,11 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from email.utils import formatdate
-from typing import Any
 
 import httptools
+
+from kiln_server.messages import Application, Request, Response
 
 log = logging.getLogger("kiln_server.http")
 
@@ -32,67 +37,13 @@ REASONS = {
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
-JSON = b"application/json"
 _MAX_PIPELINE = 32
 _MAX_HEADER_BYTES = 64 * 1024
 
 
-class Request:
-    """A complete HTTP request as the app sees it."""
-
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "route", "t0")
-
-    def __init__(
-        self, method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes, keep_alive: bool
-    ) -> None:
-        self.method = method
-        self.path = path
-        self.query = query
-        self.headers = headers
-        self.body = body
-        self.keep_alive = keep_alive
-        self.route = "other"
-        self.t0 = time.perf_counter()
-
-
-class Response:
-    """A complete HTTP response: status, body, content type and extra header lines."""
-
-    __slots__ = ("body", "content_type", "extra", "status")
-
-    def __init__(self, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b"") -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.extra = extra  # pre-encoded "Name: value\r\n" lines
-
-
-class Deferred:
-    """A response that comes later (inference): the handler calls `resolve` exactly once, on the loop.
-
-    Cheaper than a coroutine + Task per request, which shows at thousands of requests per second.
-    """
-
-    __slots__ = ("callback", "response")
-
-    def __init__(self) -> None:
-        self.callback: Callable[[Response], None] | None = None
-        self.response: Response | None = None
-
-    def resolve(self, response: Response) -> None:
-        """Deliver the response to the connection waiting for it (or keep it until one waits)."""
-        cb = self.callback
-        if cb is None:
-            self.response = response
-        else:
-            self.callback = None
-            cb(response)
-
-
-AppHandler = Callable[[Request], "Response | Deferred"]
-
-
 class _Reject(Exception):
+    """Why a request is refused while it is parsed: the status and message of the error answer."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -105,7 +56,6 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.app = server.app
-        self.loop = server.loop
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Request] = deque()
@@ -128,6 +78,7 @@ class HttpProtocol(asyncio.Protocol):
     # --- connection events -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Track the connection; TCP_NODELAY, since each answer is one small write that must not wait."""
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -136,18 +87,22 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; a deferred answer still due is only recorded (see `_deferred_done`)."""
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
 
     def pause_writing(self) -> None:
+        """The client reads slower than we answer: stop handling its queued requests until it catches up."""
         self.write_paused = True
 
     def resume_writing(self) -> None:
+        """The write buffer drained: carry on with the queued requests."""
         self.write_paused = False
         self._drain()
 
     def data_received(self, data: bytes) -> None:
+        """Feed the parser; an unreadable request is answered (4xx) and ends the connection."""
         if self.discarding:
             return
         self.last_activity = time.monotonic()
@@ -171,7 +126,7 @@ class HttpProtocol(asyncio.Protocol):
             self._drain()
 
     def eof_received(self) -> bool | None:
-        # Half-closed clients still get answers to what they sent; the connection closes after.
+        """Half-closed clients still get answers to what they sent; the connection closes after."""
         self.peer_closed = True
         return True if (self.busy or self.queue) else None
 
@@ -183,6 +138,7 @@ class HttpProtocol(asyncio.Protocol):
         return self._reject
 
     def on_message_begin(self) -> None:
+        """A new request starts: reset the per-request buffers and start its slow-request clock."""
         self.in_message = True
         self.message_start = time.monotonic()
         self._url = b""
@@ -192,17 +148,20 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
+        """Collect the URL (it may come in pieces), bounded."""
         self._url += url
         if len(self._url) > 8192:
             raise self._rejecting(431, "request URL is longer than 8192 bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep one header under its lower-case name (the last one wins), bounded in total size."""
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise self._rejecting(431, "request headers are larger than 64 KiB")
         self._headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        """Refuse an announced body over the limit before reading it; answer `Expect: 100-continue`."""
         limit = self.server.max_body_bytes
         cl = self._headers.get(b"content-length")
         if cl is not None:
@@ -219,6 +178,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        """Collect body pieces (Content-Length or chunked), bounded by `max_body_bytes`."""
         self._body_size += len(body)
         if self._body_size > self.server.max_body_bytes:
             raise self._rejecting(
@@ -227,6 +187,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        """Queue the complete request; stop reading when too many pipelined requests wait."""
         self.in_message = False
         url = self._url
         qpos = url.find(b"?")
@@ -265,6 +226,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _deferred_done(self, resp: Response, req: Request) -> None:
+        """An inference answer arrived: send it, then the queued requests (or a parse error held back)."""
         self.busy = False
         self.server.inflight -= 1
         if self.transport is None:
@@ -278,6 +240,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain()
 
     def _send(self, req: Request, resp: Response, final: bool = False) -> None:
+        """Write one response in a single write (small bodies); close after it unless keep-alive holds."""
         transport = self.transport
         self.app.record(req, resp)
         if transport is None:
@@ -312,11 +275,9 @@ class HttpProtocol(asyncio.Protocol):
         The write side is shut after the answer but bytes still arriving are read and dropped for a
         moment, so the client sees the status instead of a reset while it is still sending.
         """
-        from kiln_server.protocol import error_body
-
         if self.transport is None:
             return
-        resp = Response(status, error_body(message))
+        resp = self.app.error_response(status, message)
         self.queue.clear()
         self.discarding = True
         self.in_message = False
@@ -326,6 +287,7 @@ class HttpProtocol(asyncio.Protocol):
         self._send_final(resp)
 
     def _send_final(self, resp: Response) -> None:
+        """Write a last answer and shut the write side (the read side discards until the client closes)."""
         transport = self.transport
         self._send(Request(b"", "", "", {}, b"", True), resp, final=True)
         if transport is not None and not transport.is_closing():
@@ -354,7 +316,7 @@ class HttpProtocol(asyncio.Protocol):
 class HttpServer:
     """Listening socket, live connections, a one-second housekeeping tick, and the drain for SIGTERM."""
 
-    def __init__(self, app: Any, max_body_bytes: int, keep_alive_s: float, request_timeout_s: float) -> None:
+    def __init__(self, app: Application, max_body_bytes: int, keep_alive_s: float, request_timeout_s: float) -> None:
         self.app = app
         self.loop = asyncio.get_running_loop()
         self.max_body_bytes = max_body_bytes
@@ -369,6 +331,7 @@ class HttpServer:
         self._tick()
 
     def _tick(self) -> None:
+        """Once a second: refresh the Date header line and enforce the idle and request timeouts."""
         self.date_line = b"date: " + formatdate(usegmt=True).encode() + b"\r\n"
         now = time.monotonic()
         for conn in list(self.connections):

@@ -33,10 +33,12 @@ class _Histogram:
         self.total = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one value in its bucket."""
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative `(le, count)` pairs as Prometheus histograms expose them."""
         out: list[tuple[str, float]] = []
         acc = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
@@ -47,10 +49,13 @@ class _Histogram:
 
 
 class _Collector(Collector):
+    """Turns the plain counters into metric families at scrape time (none of this runs per request)."""
+
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[Metric]:
+        """The request, latency and batch families, from the counters as they are now."""
         m = self.m
         requests = CounterMetricFamily(
             "kiln_requests", "HTTP requests by route template and status code.", labels=["route", "code"]

@@ -138,15 +138,15 @@ class OnnxModel:
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         """Run the session; called from an inference thread (ORT releases the GIL while it computes)."""
-        return self.session.run(output_names, feeds)
+        outputs: list[np.ndarray] = self.session.run(output_names, feeds)
+        return outputs
 
 
 @dataclass
 class LoadResult:
-    """What a load attempt produced, for the start log line and the load-time metric."""
+    """What a load attempt produced: the model (None if it failed; the handle has the reason) and how long it took."""
 
     model: OnnxModel | None
-    error: str | None
     seconds: float
 
 
@@ -162,7 +162,6 @@ class ModelHandle:
         self.version = version
         self.state = self.LOADING
         self.reason = f"model '{name}' is loading"
-        self.model: OnnxModel | None = None
         self._lock = threading.Lock()
 
     @property
@@ -191,12 +190,11 @@ class ModelHandle:
             with self._lock:
                 self.state = self.FAILED
                 self.reason = f"model '{self.name}' failed to load: {exc}"
-            return LoadResult(None, str(exc), time.perf_counter() - start)
+            return LoadResult(None, time.perf_counter() - start)
         with self._lock:
-            self.model = model
             self.state = self.READY
             self.reason = ""
-        return LoadResult(model, None, time.perf_counter() - start)
+        return LoadResult(model, time.perf_counter() - start)
 
     def fail(self, reason: str) -> None:
         """Mark the model failed before a session could be tried (e.g. the download failed)."""

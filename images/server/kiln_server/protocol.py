@@ -399,7 +399,16 @@ def parse_infer_request(
     elif type(params) is not dict:
         raise ProtocolError(400, "'parameters' must be an object")
     binary_output = params.get("binary_data_output") is True
+    arrays, rows = _decode_inputs(req_inputs, body, header_length, inputs, max_elements)
+    req_outputs = doc.get("outputs")
+    requested = None if req_outputs is None else _requested_outputs(req_outputs, outputs, binary_output)
+    return InferRequest(rid, arrays, requested, binary_output, max(rows, 0))
 
+
+def _decode_inputs(
+    req_inputs: list[Any], body: bytes, header_length: int | None, inputs: dict[str, TensorSpec], max_elements: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """The request's `inputs` as arrays, checked against the model's; also the first input's dim 0 (rows)."""
     arrays: dict[str, np.ndarray] = {}
     total = 0
     offset = header_length if header_length is not None else len(body)
@@ -413,26 +422,20 @@ def parse_infer_request(
             raise ProtocolError(400, "an input has no 'name'")
         spec = inputs.get(name)
         if spec is None:
-            raise ProtocolError(
-                400, f"unknown input '{name}'; the model's inputs are {sorted(inputs)}"
-            )
+            raise ProtocolError(400, f"unknown input '{name}'; the model's inputs are {sorted(inputs)}")
         if name in arrays:
             raise ProtocolError(400, f"input '{name}' is given twice")
         datatype = item.get("datatype")
         if datatype != spec.datatype:
             if type(datatype) is not str or datatype not in DATATYPE_TO_NUMPY:
                 raise ProtocolError(400, f"input '{name}': unsupported datatype {datatype!r}")
-            raise ProtocolError(
-                400, f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}"
-            )
+            raise ProtocolError(400, f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
         shape = _shape_of(name, item.get("shape"))
         _check_shape(name, shape, spec)
         count = _elements(shape)
         total += count
         if total > max_elements:
-            raise ProtocolError(
-                413, f"request has more than {max_elements} tensor elements (the server's --max-elements)"
-            )
+            raise ProtocolError(413, f"request has more than {max_elements} tensor elements (the server's --max-elements)")
         iparams = item.get("parameters")
         if iparams is not None and type(iparams) is not dict:
             raise ProtocolError(400, f"input '{name}': 'parameters' must be an object")
@@ -441,8 +444,7 @@ def parse_infer_request(
             if view is None:
                 raise ProtocolError(
                     400,
-                    f"input '{name}' has binary_data_size but the request has no "
-                    "Inference-Header-Content-Length header",
+                    f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length header",
                 )
             if type(size) is not int or size < 0 or offset + size > len(body):
                 raise ProtocolError(400, f"input '{name}': binary_data_size {size!r} overruns the request body")
@@ -452,38 +454,39 @@ def parse_infer_request(
             if "data" not in item:
                 raise ProtocolError(400, f"input '{name}' has neither 'data' nor binary_data_size")
             arrays[name] = tensor_from_json(name, item["data"], spec, shape, count)
-        r = shape[0] if shape else 1
-        rows = r if rows < 0 else rows
+        if rows < 0:
+            rows = shape[0] if shape else 1
     if view is not None and offset != len(body):
         raise ProtocolError(400, f"request body has {len(body) - offset} bytes after the last binary tensor")
     missing = [n for n in inputs if n not in arrays]
     if missing:
         raise ProtocolError(400, f"missing input(s) {missing}; the model needs {sorted(inputs)}")
+    return arrays, rows
 
-    requested: list[RequestedOutput] | None = None
-    req_outputs = doc.get("outputs")
-    if req_outputs is not None:
-        if type(req_outputs) is not list:
-            raise ProtocolError(400, "'outputs' must be a list")
-        requested = []
-        seen: set[str] = set()
-        for item in req_outputs:
-            if type(item) is not dict or type(item.get("name")) is not str:
-                raise ProtocolError(400, "each entry of 'outputs' must be an object with a 'name'")
-            oname = item["name"]
-            if oname not in outputs:
-                raise ProtocolError(400, f"unknown output '{oname}'; the model's outputs are {sorted(outputs)}")
-            if oname in seen:
-                raise ProtocolError(400, f"output '{oname}' is requested twice")
-            seen.add(oname)
-            oparams = item.get("parameters")
-            if oparams is not None and type(oparams) is not dict:
-                raise ProtocolError(400, f"output '{oname}': 'parameters' must be an object")
-            flag = oparams.get("binary_data") if type(oparams) is dict else None
-            requested.append(RequestedOutput(oname, binary_output if flag is None else flag is True))
-        if not requested:
-            requested = None
-    return InferRequest(rid, arrays, requested, binary_output, max(rows, 0))
+
+def _requested_outputs(
+    req_outputs: Any, outputs: dict[str, TensorSpec], binary_output: bool
+) -> list[RequestedOutput] | None:
+    """The request's `outputs` (which tensors, each binary or not); None when it names none (send all)."""
+    if type(req_outputs) is not list:
+        raise ProtocolError(400, "'outputs' must be a list")
+    requested: list[RequestedOutput] = []
+    seen: set[str] = set()
+    for item in req_outputs:
+        if type(item) is not dict or type(item.get("name")) is not str:
+            raise ProtocolError(400, "each entry of 'outputs' must be an object with a 'name'")
+        oname = item["name"]
+        if oname not in outputs:
+            raise ProtocolError(400, f"unknown output '{oname}'; the model's outputs are {sorted(outputs)}")
+        if oname in seen:
+            raise ProtocolError(400, f"output '{oname}' is requested twice")
+        seen.add(oname)
+        oparams = item.get("parameters")
+        if oparams is not None and type(oparams) is not dict:
+            raise ProtocolError(400, f"output '{oname}': 'parameters' must be an object")
+        flag = oparams.get("binary_data") if type(oparams) is dict else None
+        requested.append(RequestedOutput(oname, binary_output if flag is None else flag is True))
+    return requested or None
 
 
 _DEFAULT_LOADER = JsonLoader()

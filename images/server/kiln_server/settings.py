@@ -123,12 +123,6 @@ _BOOL_FLAGS: list[tuple[str, str, str, str]] = [
     ("--access-log", "access_log", "KILN_ACCESS_LOG", "one JSON log line per request"),
 ]
 
-ENV_VARS: dict[str, str] = {flag: env for flag, _f, env, _t, _h in _FLAGS} | {
-    flag: env for flag, _f, env, _h in _BOOL_FLAGS
-}
-"""Flag -> environment variable, for docs and for the operator."""
-
-
 class SettingsError(ValueError):
     """A flag or variable has a value the server cannot use."""
 

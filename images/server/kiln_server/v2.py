@@ -1,22 +1,22 @@
 """The server's V2 handler: Open Inference Protocol (KServe V2) health, metadata and inference.
 
-Each public method takes a `Request` and returns a `Response` (or, for inference, a coroutine
-resolving to one). Client mistakes raise `ProtocolError`, which the app turns into
-`{"error": ...}` with the right 4xx status.
+Each public method takes a `Request` and returns a `Response`, or for inference a `Deferred` that
+is resolved when the batcher has the outputs. Client mistakes raise `ProtocolError`, which the app
+turns into the V2 error document (`error_response`) with the right 4xx status. The model, its
+batcher and readiness live in the `ServingState` this handler shares with V1.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import Any
 
 import orjson
 
-from kiln_server.batching import Batcher
-from kiln_server.http import JSON, Deferred, Request, Response
-from kiln_server.model import ModelHandle
+from kiln_server.messages import JSON, Deferred, Request, Response
+from kiln_server.model import OnnxModel
 from kiln_server.protocol import ProtocolError, encode_infer_response, error_body, parse_infer_request
+from kiln_server.serving import ServingState
 
 log = logging.getLogger("kiln_server.v2")
 
@@ -27,64 +27,28 @@ _LIVE = Response(200, b'{"live":true}')
 _READY = Response(200, b'{"ready":true}')
 
 
-def _ort_errors() -> tuple[type[BaseException], tuple[type[BaseException], ...]]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as s
+def error_response(status: int, message: str) -> Response:
+    """The V2 error document `{"error": message}` with `status`; the router's and the transport's errors use it too."""
+    return Response(status, error_body(message))
 
-    return s.InvalidArgument, (s.Fail, s.RuntimeException, s.NotImplemented, s.EPFail)
 
-
-def not_ready(handle: ModelHandle, draining: bool) -> Response:
+def not_ready(state: ServingState) -> Response:
     """503 naming why the model cannot serve."""
-    reason = "server is shutting down" if draining else handle.reason
-    return Response(503, orjson.dumps({"error": reason, "ready": False}))
-
-
-def decode_body(req: Request, limit: int) -> bytes:
-    """The request body with any `Content-Encoding: gzip|deflate` undone, bounded by `limit` bytes."""
-    enc = req.headers.get(b"content-encoding")
-    if enc is None or enc.strip().lower() == b"identity":
-        return req.body
-    kind = enc.strip().lower()
-    if kind not in (b"gzip", b"deflate"):
-        raise ProtocolError(400, f"Content-Encoding {enc.decode('latin-1')!r} is not supported (gzip, deflate)")
-    d = zlib.decompressobj(zlib.MAX_WBITS | 16 if kind == b"gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(req.body, limit + 1)
-    except zlib.error as exc:
-        raise ProtocolError(400, f"request body is not valid {kind.decode()}: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise ProtocolError(413, f"decompressed request body is larger than the limit of {limit} bytes")
-    return out
+    return Response(503, orjson.dumps({"error": state.unavailable_reason, "ready": False}))
 
 
 class V2Handler:
     """Routes of the V2 protocol for the one model this server serves."""
 
-    def __init__(self, handle: ModelHandle, server_version: str, max_body_bytes: int, max_elements: int) -> None:
-        self.handle = handle
-        self.batcher: Batcher | None = None
-        self.max_body_bytes = max_body_bytes
-        self.max_elements = max_elements
-        self.draining = False
-        self._invalid_arg, self._ort_fail = _ort_errors()
+    def __init__(self, state: ServingState, server_version: str) -> None:
+        self.state = state
         self._server_metadata = Response(
             200,
             orjson.dumps({"name": "kiln", "version": server_version, "extensions": ["binary_tensor_data"]}),
         )
+        # Encoded on first use once the model is loaded, then answered as they are.
         self._metadata: Response | None = None
         self._model_ready: Response | None = None
-
-    def set_ready(self, batcher: Batcher) -> None:
-        """Called once the model is loaded: precompute the metadata responses."""
-        model = batcher.model
-        self.batcher = batcher
-        self._metadata = Response(200, model.metadata_json)
-        self._model_ready = Response(200, orjson.dumps({"name": model.name, "ready": True}))
-
-    @property
-    def serving(self) -> bool:
-        """Ready to run inference (loaded and not draining)."""
-        return self.batcher is not None and not self.draining
 
     # --- health and metadata -----------------------------------------------------------------
 
@@ -94,7 +58,7 @@ class V2Handler:
 
     def ready(self, req: Request) -> Response:
         """Server readiness: every model it serves (here: one) is loaded."""
-        return _READY if self.serving else not_ready(self.handle, self.draining)
+        return _READY if self.state.serving else not_ready(self.state)
 
     def server_metadata(self, req: Request) -> Response:
         """`GET /v2`: name, version, extensions."""
@@ -102,43 +66,36 @@ class V2Handler:
 
     def model_ready(self, req: Request) -> Response:
         """`GET /v2/models/{m}/ready`."""
-        if self.serving and self._model_ready is not None:
-            return self._model_ready
-        return not_ready(self.handle, self.draining)
+        model = self.state.model
+        if model is None or not self.state.serving:
+            return not_ready(self.state)
+        resp = self._model_ready
+        if resp is None:
+            resp = self._model_ready = Response(200, orjson.dumps({"name": model.name, "ready": True}))
+        return resp
 
     def model_metadata(self, req: Request) -> Response:
-        """`GET /v2/models/{m}`: inputs and outputs as the model declares them."""
-        if self._metadata is None:
-            return not_ready(self.handle, False)
-        return self._metadata
+        """`GET /v2/models/{m}`: inputs and outputs as the model declares them (also while draining)."""
+        resp = self._metadata
+        if resp is None:
+            model = self.state.model
+            if model is None:
+                return Response(503, orjson.dumps({"error": self.state.handle.reason, "ready": False}))
+            resp = self._metadata = Response(200, model.metadata_json)
+        return resp
 
     # --- inference ---------------------------------------------------------------------------
 
     def infer(self, req: Request) -> Response | Deferred:
         """`POST /v2/models/{m}/infer`: validate, queue for (batched) ORT, encode JSON or binary."""
-        batcher = self.batcher
-        if batcher is None or self.draining:
-            return not_ready(self.handle, self.draining)
+        state = self.state
+        batcher = state.batcher
+        if batcher is None or state.draining:
+            return not_ready(state)
         model = batcher.model
-        headers = req.headers
-        hl_raw = headers.get(b"inference-header-content-length")
-        ctype = headers.get(b"content-type")
-        if ctype is not None and ctype != b"application/json":
-            base = ctype.split(b";", 1)[0].strip().lower()
-            allowed = _JSON_TYPES if hl_raw is None else _BINARY_TYPES
-            if base not in allowed:
-                want = "application/json" if hl_raw is None else "application/octet-stream"
-                raise ProtocolError(
-                    400, f"Content-Type {ctype.decode('latin-1')!r} is not supported for inference; use {want}"
-                )
-        header_length: int | None = None
-        if hl_raw is not None:
-            try:
-                header_length = int(hl_raw)
-            except ValueError:
-                raise ProtocolError(400, f"Inference-Header-Content-Length {hl_raw!r} is not a number") from None
-        body = decode_body(req, self.max_body_bytes)
-        parsed = parse_infer_request(body, header_length, model.inputs, model.outputs, self.max_elements)
+        header_length = _header_length(req.headers)
+        body = state.decode_body(req)
+        parsed = parse_infer_request(body, header_length, model.inputs, model.outputs, state.max_elements)
         if parsed.outputs is None:
             names = model.output_names
             binary = [parsed.binary_output] * len(names)
@@ -149,24 +106,23 @@ class V2Handler:
         rid = parsed.id
 
         def done(arrays: list[Any] | None, exc: BaseException | None) -> None:
-            deferred.resolve(self._respond(arrays, exc, names, binary, rid))
+            deferred.resolve(self._respond(model, arrays, exc, names, binary, rid))
 
         batcher.submit(parsed.inputs, names, parsed.rows, done)
         return deferred
 
-    def inference_error(self, exc: BaseException) -> Response:
-        """Map an ONNX Runtime failure: input the model rejects is the client's (400), the rest 500."""
-        if isinstance(exc, self._invalid_arg):
-            return Response(400, error_body(f"the model rejected the input: {str(exc).strip()[:500]}"))
-        log.warning("inference failed: %s", exc)
-        return Response(500, error_body(f"inference failed: {str(exc).strip()[:500]}"))
-
     def _respond(
-        self, arrays: list[Any] | None, exc: BaseException | None, names: list[str], binary: list[bool], rid: str | None
+        self,
+        model: OnnxModel,
+        arrays: list[Any] | None,
+        exc: BaseException | None,
+        names: list[str],
+        binary: list[bool],
+        rid: str | None,
     ) -> Response:
+        """Encode the outputs (on the loop, when the batcher delivers them), or the failure."""
         if exc is not None or arrays is None:
-            return self.inference_error(exc or RuntimeError("no result"))
-        model = self.batcher.model  # type: ignore[union-attr]
+            return error_response(*self.state.inference_failure(exc or RuntimeError("no result")))
         outs = model.outputs
         try:
             body, head_len = encode_infer_response(
@@ -174,7 +130,25 @@ class V2Handler:
             )
         except Exception:
             log.exception("encoding the response failed")
-            return Response(500, error_body("internal error while encoding the response"))
+            return error_response(500, "internal error while encoding the response")
         if head_len is None:
             return Response(200, body, JSON)
         return Response(200, body, OCTET, b"inference-header-content-length: %d\r\n" % head_len)
+
+
+def _header_length(headers: dict[bytes, bytes]) -> int | None:
+    """Check Content-Type against the request kind; the binary extension's JSON header length, if any."""
+    hl_raw = headers.get(b"inference-header-content-length")
+    ctype = headers.get(b"content-type")
+    if ctype is not None and ctype != b"application/json":
+        base = ctype.split(b";", 1)[0].strip().lower()
+        allowed = _JSON_TYPES if hl_raw is None else _BINARY_TYPES
+        if base not in allowed:
+            want = "application/json" if hl_raw is None else "application/octet-stream"
+            raise ProtocolError(400, f"Content-Type {ctype.decode('latin-1')!r} is not supported for inference; use {want}")
+    if hl_raw is None:
+        return None
+    try:
+        return int(hl_raw)
+    except ValueError:
+        raise ProtocolError(400, f"Inference-Header-Content-Length {hl_raw!r} is not a number") from None
