@@ -30,27 +30,10 @@ WORK="$CACHE/k8s-build"
 rm -rf "$WORK"; mkdir -p "$WORK"/{apt/lists/partial,apt/cache/archives/partial,debs,root,src}
 log() { echo "[controlplane] $*" >&2; }
 
-# A private apt configuration: the machine's own Debian mirrors, plus deb-src lines for them.
 SRC="$WORK/apt/sources.list"
-: >"$SRC"
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-  [[ -f "$f" ]] || continue
-  case "$f" in
-    *.sources)
-      # deb822: pair each URIs line with the Suites and Components of its stanza.
-      awk 'BEGIN{RS=""} /Types:.*deb/ {
-             u="";s="";c="";
-             n=split($0, L, "\n");
-             for(i=1;i<=n;i++){ if(L[i] ~ /^URIs:/){sub(/^URIs:[ ]*/,"",L[i]); u=L[i]}
-                                if(L[i] ~ /^Suites:/){sub(/^Suites:[ ]*/,"",L[i]); s=L[i]}
-                                if(L[i] ~ /^Components:/){sub(/^Components:[ ]*/,"",L[i]); c=L[i]} }
-             if (u ~ /debian/) { m=split(s, S, " "); for(j=1;j<=m;j++){ print "deb " u " " S[j] " " c; print "deb-src " u " " S[j] " " c } }
-           }' "$f" >>"$SRC" ;;
-    *) grep -E '^deb .*debian' "$f" | grep -v 'cloud.google\|nodesource' | while read -r _ rest; do
-         echo "deb $rest"; echo "deb-src $rest"; done >>"$SRC" ;;
-  esac
-done
-[[ -s "$SRC" ]] || { log "no Debian apt sources found in /etc/apt"; exit 1; }
+# shellcheck source=lib/aptsources.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/aptsources.sh"
+debian_sources "$SRC" deb-src || { log "no Debian apt sources found in /etc/apt"; exit 1; }
 APT=(-o Dir::Etc::SourceList="$SRC" -o Dir::Etc::SourceParts=/dev/null
      -o Dir::State::Lists="$WORK/apt/lists" -o Dir::Cache="$WORK/apt/cache"
      -o Debug::NoLocking=1 -o APT::Sandbox::User=root)

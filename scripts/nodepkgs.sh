@@ -21,20 +21,9 @@ command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null \
 WORK="$CACHE/node/pkgs-work"
 rm -rf "$WORK"; mkdir -p "$WORK"/{apt/lists/partial,apt/cache/archives/partial,debs}
 SRC="$WORK/apt/sources.list"
-: >"$SRC"
-# The machine's own Debian mirrors (deb822 or one-line), binary lines only.
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list; do
-  [[ -f "$f" ]] || continue
-  case "$f" in
-    *.sources) awk 'BEGIN{RS=""} /Types:.*deb/ {u="";s="";c=""; n=split($0,L,"\n");
-         for(i=1;i<=n;i++){ if(L[i]~/^URIs:/){sub(/^URIs:[ ]*/,"",L[i]);u=L[i]}
-                            if(L[i]~/^Suites:/){sub(/^Suites:[ ]*/,"",L[i]);s=L[i]}
-                            if(L[i]~/^Components:/){sub(/^Components:[ ]*/,"",L[i]);c=L[i]} }
-         if(u~/debian/){m=split(s,S," "); for(j=1;j<=m;j++) print "deb " u " " S[j] " " c}}' "$f" >>"$SRC";;
-    *) grep -E '^deb .*debian' "$f" | grep -v 'cloud.google\|nodesource' >>"$SRC" || true;;
-  esac
-done
-[[ -s "$SRC" ]] || { echo "nodepkgs: no Debian apt sources found in /etc/apt" >&2; exit 1; }
+# shellcheck source=lib/aptsources.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/aptsources.sh"
+debian_sources "$SRC" || { echo "nodepkgs: no Debian apt sources found in /etc/apt" >&2; exit 1; }
 APT=(-o Dir::Etc::SourceList="$SRC" -o Dir::Etc::SourceParts=/dev/null
      -o Dir::State::Lists="$WORK/apt/lists" -o Dir::Cache="$WORK/apt/cache"
      -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
