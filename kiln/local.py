@@ -244,12 +244,17 @@ def infer(url: str, name: str, rows: np.ndarray, meta: dict[str, Any]) -> np.nda
 
 
 def heldout(t: Trained) -> tuple[np.ndarray, np.ndarray]:
-    """The rows the trainer held out, reproduced with the trainer's own loader and split."""
+    """The rows the trainer held out of a local run."""
+    spec = t.doc["spec"]
+    return heldout_rows(spec, _local_path(spec["dataset"]["uri"], t.manifest.base_dir, t.pvc_root))
+
+
+def heldout_rows(spec: dict[str, Any], path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a TrainingJob with `spec` held out of the dataset at `path`, reproduced with the trainer's
+    own loader and split (the e2e tier checks a model served in a cluster with them too)."""
     from kiln_trainer import data
     from kiln_trainer.trainer import split_indices
 
-    spec = t.doc["spec"]
-    path = _local_path(spec["dataset"]["uri"], t.manifest.base_dir, t.pvc_root)
     ds = data.load(path, str(path), spec)
     _, va = split_indices(len(ds.x), float(spec["dataset"].get("validationSplit", 0.2)), int(spec["training"]["seed"]))
     return ds.x[va], ds.y[va]

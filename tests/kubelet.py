@@ -21,14 +21,17 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def eventually(fn: Callable[[], T | None], timeout: float = 30, interval: float = 0.2, what: str = "condition") -> T:
-    """Poll `fn` until it returns something truthy (bounded); the last value is in the error."""
+def eventually(fn: Callable[[], T | None], timeout: float = 30, interval: float = 0.2, what: str = "condition",
+               retry: tuple[type[Exception], ...] = (AssertionError,)) -> T:
+    """Poll `fn` until it returns something truthy (bounded); the last value is in the error.
+
+    Exceptions in `retry` count as "not yet" (their text becomes the last value)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
             last = fn()
-        except AssertionError as exc:
+        except retry as exc:
             last = exc
         else:
             if last:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.node import IMAGES, RELEASE, RELEASE_NS, ROOT, SCRIPTS, Kube, Volumes, eventually, run_script
+from support.node import IMAGES, RELEASE, RELEASE_NS, ROOT, SCRIPTS, Kube, Volumes, run_script
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +57,7 @@ def chart(kube: Kube) -> dict[str, str]:
 @pytest.fixture
 def namespace(kube: Kube, chart: dict[str, str]) -> Iterator[str]:
     """A fresh namespace, deleted afterwards (its TrainingJobs and ModelDeployments with it)."""
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    kube.run("create", "namespace", name)
-    eventually(lambda: (kube.get("serviceaccount", "default", name) or {}).get("secrets"), 60,
-               f"the default ServiceAccount token in {name}")
+    name = kube.create_namespace(f"e2e-{uuid.uuid4().hex[:6]}")
     yield name
     kube.run("delete", "namespace", name, "--wait=false", check=False)
 

@@ -24,6 +24,8 @@ import pytest
 import yaml
 from support.node import IMAGES, RELEASE_NS, ROOT, TOOLS, UID, Kube, Volumes, eventually
 
+from kiln.local import heldout_rows, infer
+
 DIGITS_CSV = ROOT / "examples" / "digits" / "digits.csv"
 CLUSTER_QUICKSTART = ROOT / "examples" / "cluster" / "digits.yaml"
 TJ, MD = "trainingjob", "modeldeployment"
@@ -37,14 +39,8 @@ def quickstart_docs() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def heldout(tj: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The rows the trainer held out, reproduced with its own loader and split."""
-    from kiln_trainer import data
-    from kiln_trainer.trainer import split_indices
-
-    spec = tj["spec"]
-    ds = data.load(DIGITS_CSV, str(DIGITS_CSV), spec)
-    _, va = split_indices(len(ds.x), float(spec["dataset"]["validationSplit"]), int(spec["training"]["seed"]))
-    return ds.x[va].astype("float32"), ds.y[va]
+    x, y = heldout_rows(tj["spec"], DIGITS_CSV)
+    return x.astype("float32"), y
 
 
 def infer_body(rows: np.ndarray) -> bytes:
@@ -53,24 +49,16 @@ def infer_body(rows: np.ndarray) -> bytes:
 
 
 def accuracy(url: str, model: str, x: np.ndarray, y: np.ndarray) -> float:
-    """Held-out accuracy of the served model, 64 rows per V2 request."""
+    """Held-out accuracy of the served model, 64 rows per V2 request (the client of `kiln run --once`)."""
     with urllib.request.urlopen(f"{url}/v2/models/{model}", timeout=10) as r:
-        name = json.loads(r.read())["inputs"][0]["name"]
-    preds = []
-    for i in range(0, len(x), 64):
-        body = json.dumps({"inputs": [{"name": name, "shape": list(x[i:i + 64].shape), "datatype": "FP32",
-                                       "data": x[i:i + 64].reshape(-1).tolist()}]}).encode()
-        req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            out = json.loads(r.read())["outputs"][0]
-        preds.append(np.asarray(out["data"]).reshape(out["shape"]).argmax(axis=1))
+        meta = json.loads(r.read())
+    preds = [infer(url, model, x[i:i + 64], meta).argmax(axis=1) for i in range(0, len(x), 64)]
     return float((np.concatenate(preds) == y).mean())
 
 
 @dataclass
 class Quickstart:
     namespace: str
-    data: Path
     models: Path
     tj: dict[str, Any]
     watched: list[str] = field(default_factory=list)
@@ -84,23 +72,21 @@ def digits_claims(volumes: Volumes, namespace: str) -> tuple[Path, Path]:
     return data, volumes.claim(namespace, "kiln-models")
 
 
-def training(kube: Kube, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def training(namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": name, "namespace": namespace},
             "spec": spec}
 
 
 @pytest.fixture(scope="module")
 def quickstart(kube: Kube, chart: dict[str, str], volumes: Volumes) -> Iterator[Quickstart]:
-    namespace = f"e2e-quick-{uuid.uuid4().hex[:4]}"
-    kube.run("create", "namespace", namespace)
-    eventually(lambda: (kube.get("serviceaccount", "default", namespace) or {}).get("secrets"), 60, "default token")
-    data, models = digits_claims(volumes, namespace)
+    namespace = kube.create_namespace(f"e2e-quick-{uuid.uuid4().hex[:4]}")
+    _, models = digits_claims(volumes, namespace)
     tj, _ = quickstart_docs()
     # What a user watching `kubectl get tj` sees, every update of it (a list watch: it may start first).
     watch = subprocess.Popen([*kube_argv(kube), "-n", namespace, "get", "tj", "--field-selector=metadata.name=digits", "--watch", "--no-headers",
                               "-o", "custom-columns=PHASE:.status.phase,PROGRESS:.status.progress.percent"],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    q = Quickstart(namespace, data, models, tj)
+    q = Quickstart(namespace, models, tj)
 
     def read() -> None:
         assert watch.stdout is not None
@@ -260,7 +246,7 @@ def test_second_trainingjob_rolls_out_with_zero_failed_requests(kube: Kube, quic
     spec = json.loads(json.dumps(quickstart.tj["spec"]))
     spec["training"].update(seed=2, epochs=15)
     spec["output"]["uri"] = "pvc://kiln-models/digits-v2"
-    kube.apply(training(kube, ns, "digits-v2", spec))
+    kube.apply(training(ns, "digits-v2", spec))
     eventually(lambda: kube.status(TJ, "digits-v2", ns).get("phase") in ("Succeeded", "Failed"), 600, "digits-v2 to finish")
     v2 = kube.status(TJ, "digits-v2", ns)
     assert v2["phase"] == "Succeeded", v2
@@ -294,7 +280,7 @@ def wait_finished(kube: Kube, ns: str, name: str, timeout: float = 300) -> dict[
 
 
 def test_image_that_does_not_exist_fails_with_imagepullbackoff(kube: Kube, namespace: str) -> None:
-    kube.apply(training(kube, namespace, "nopull", {
+    kube.apply(training(namespace, "nopull", {
         "image": "localhost/kiln/does-not-exist:v1", "command": ["true"], "runPolicy": {"startTimeoutSeconds": 20}}))
     eventually(lambda: kube.status(TJ, "nopull", namespace).get("reason") == "ImagePullBackOff", 120,
                "reason ImagePullBackOff while pending")
@@ -307,7 +293,7 @@ def test_memory_limit_the_trainer_exceeds_is_oomkilled(kube: Kube, namespace: st
     digits_claims(volumes, namespace)
     tj, _ = quickstart_docs()
     spec = {**tj["spec"], "resources": {"memory": "80Mi"}, "runPolicy": {"backoffLimit": 0}}
-    kube.apply(training(kube, namespace, "oom", spec))
+    kube.apply(training(namespace, "oom", spec))
     status = wait_finished(kube, namespace, "oom")
     assert status["phase"] == "Failed" and status["reason"] == "OOMKilled", status
     pod = kube.items("pods", namespace, "kiln.dev/trainingjob=oom")[0]
@@ -320,7 +306,7 @@ def test_dataset_that_does_not_exist_fails_with_the_trainers_message(kube: Kube,
     tj, _ = quickstart_docs()
     spec = {**tj["spec"], "dataset": {**tj["spec"]["dataset"], "uri": "pvc://kiln-data/no-such-file.csv"},
             "runPolicy": {"backoffLimit": 0}}
-    kube.apply(training(kube, namespace, "nodata", spec))
+    kube.apply(training(namespace, "nodata", spec))
     status = wait_finished(kube, namespace, "nodata")
     assert status["phase"] == "Failed", status
     assert "no-such-file.csv" in status["message"], status
@@ -335,7 +321,7 @@ def test_operator_pod_deleted_mid_training_converges(kube: Kube, namespace: str,
     tj, _ = quickstart_docs()
     training_spec = {k: v for k, v in tj["spec"]["training"].items() if k != "earlyStopping"}
     spec = {**tj["spec"], "training": {**training_spec, "epochs": 120}}
-    kube.apply(training(kube, namespace, "survivor", spec))
+    kube.apply(training(namespace, "survivor", spec))
     eventually(lambda: (kube.status(TJ, "survivor", namespace).get("progress") or {}).get("percent", 0) > 0, 300,
                "training under way")
     jobs = kube.items("jobs", namespace, "kiln.dev/trainingjob=survivor")

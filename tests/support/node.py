@@ -7,11 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import kubelet
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
@@ -25,19 +26,8 @@ UID = 65532
 
 
 def eventually(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll `fn` until it returns something truthy; the last value goes into the error."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (AssertionError, subprocess.CalledProcessError, json.JSONDecodeError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+    """kubelet.eventually with the e2e tier's argument order; a failed or half-written kubectl answer is "not yet"."""
+    return kubelet.eventually(fn, timeout, interval, what, retry=(AssertionError, subprocess.CalledProcessError, json.JSONDecodeError))
 
 
 @dataclass
@@ -85,9 +75,12 @@ class Kube:
     def status(self, kind: str, name: str, namespace: str) -> dict[str, Any]:
         return (self.get(kind, name, namespace) or {}).get("status") or {}
 
-    def events(self, namespace: str, name: str) -> str:
-        return self.run("get", "events", "--field-selector", f"involvedObject.name={name}", "-o",
-                        "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}", namespace=namespace).stdout
+    def create_namespace(self, name: str) -> str:
+        """A new namespace, once its default ServiceAccount has the token pods need to be admitted."""
+        self.run("create", "namespace", name)
+        eventually(lambda: (self.get("serviceaccount", "default", name) or {}).get("secrets"), 60,
+                   f"the default ServiceAccount token in {name}")
+        return name
 
 
 def run_script(*argv: str, timeout: float) -> str:
