@@ -28,8 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kiln_operator import kube  # noqa: E402
 from testenv import ControlPlane  # noqa: E402
+
+from kiln import kube  # noqa: E402
 
 TJ = {
     "apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob",
@@ -89,7 +90,8 @@ def watch_first(ns: str, kind: str, seen: dict[str, float], stop: threading.Even
     import kubernetes
 
     w = kubernetes.watch.Watch()
-    api = kube.client()
+    # The official client's watch helper (kiln.kube has no watch: Kopf does the operator's watching).
+    api = kubernetes.config.new_client_from_config(config_file=os.environ["KUBECONFIG"])
     list_fn = (kubernetes.client.BatchV1Api(api).list_namespaced_job if kind == "Job"
                else kubernetes.client.CoreV1Api(api).list_namespaced_pod)
     while not stop.is_set():
@@ -115,7 +117,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
               pods: bool = True) -> dict[str, Any]:
     idle = wait_quiet()
     ns = f"bench-{which}-{uuid.uuid4().hex[:5]}"
-    kube.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    kube.blocking().call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
     if which == "kiln":
         argv = [sys.executable, "-m", "kiln.cli", "operator", "--namespace", ns, "--liveness", ""]
@@ -137,7 +139,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
 
     def make(i: int) -> None:
         name = f"tj-{i:04d}"
-        kube.call("POST", kube.path("kiln.dev/v1alpha1", "TrainingJob", ns), {**TJ, "metadata": {"name": name}})
+        kube.blocking().call("POST", kube.path("kiln.dev/v1alpha1", "TrainingJob", ns), {**TJ, "metadata": {"name": name}})
         created[name] = time.monotonic()
 
     cpu0 = cpu_seconds(proc.pid)
@@ -154,7 +156,7 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     pod_total = max(pods_seen.values()) - t0 if len(pods_seen) == n else float("nan")
     pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen) if pods else []
     rss = peak_rss_mb(proc.pid)
-    events = kube.call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
+    events = kube.blocking().call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
     failed_creates = sum(1 for e in events if e.get("reason") == "FailedCreate")
     if os.environ.get("BENCH_EVENTS"):
         from collections import Counter
@@ -163,10 +165,10 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     stop.set()
     proc.terminate()
     proc.wait(timeout=30)
-    kube.call("DELETE", f"/api/v1/namespaces/{ns}")
+    kube.blocking().call("DELETE", f"/api/v1/namespaces/{ns}")
     # The next round starts on a quiet control plane: namespace deletion (and its garbage) is heavy.
     gone = time.monotonic() + 300
-    while kube.get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
+    while kube.blocking().get("v1", "Namespace", None, ns) is not None and time.monotonic() < gone:
         time.sleep(0.5)
     p50, p95 = quantiles(lat)
     pod_p50, pod_p95 = quantiles(pod_lat)
@@ -189,6 +191,7 @@ def main() -> int:
     cp = ControlPlane(work / "cp").start()
     try:
         kube.configure(str(cp.kubeconfig), pool_size=32)
+        os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         kubectl = str(Path.home() / ".cache/kiln/tools/kubectl")
         subprocess.run([kubectl, "--kubeconfig", str(cp.kubeconfig), "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
         time.sleep(2)

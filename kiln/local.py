@@ -31,9 +31,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from kiln import DEFAULT_OUTPUT_DIR
 from kiln.manifests import Manifest, load_file
 from kiln.schema import ManifestError
 from kiln.serverargs import serve_args
+from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
 
 LOCAL_FIELDS = {
     "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command"},
@@ -120,13 +122,13 @@ def _is_local(uri: str) -> bool:
 
 def output_dir(m: Manifest, override: str | None, pvc_root: Path) -> Path:
     """Where a TrainingJob's outputs go locally: --output/NAME, else spec.output.uri (file, path or pvc://),
-    else ./kiln-output/NAME."""
+    else ./kiln-output/NAME (kiln.DEFAULT_OUTPUT_DIR)."""
     if override:
         return Path(override) / m.name
-    uri = ((m.doc.get("spec") or {}).get("output") or {}).get("uri")
+    uri = TrainingJobSpec.from_dict(m.doc.get("spec")).output.uri
     if uri and _is_local(uri):
         return _local_path(uri, m.base_dir, pvc_root)
-    return Path.cwd() / "kiln-output" / m.name
+    return Path.cwd() / DEFAULT_OUTPUT_DIR / m.name
 
 
 def cluster_only(manifests: list[Manifest], outputs: dict[str, Path]) -> list[str]:
@@ -177,7 +179,7 @@ def train(m: Manifest, out: Path, stream: TextIO, pvc_root: Path) -> Trained:
     training.setdefault("seed", 0)
     from kiln_trainer.api import train_doc
 
-    stream.write(f"training {m.name} ({training.get('epochs', 10)} epochs) -> {out}\n")
+    stream.write(f"training {m.name} ({TrainingJobSpec.from_dict(spec).training.epochs} epochs) -> {out}\n")
     bar = ProgressBar(m.name, stream)
     if bar.tty:  # the bar replaces the trainer's per-epoch log lines
         logging.getLogger("kiln_trainer.progress").setLevel(logging.WARNING)
@@ -201,7 +203,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(name: str, model: str, port: int, spec: dict[str, Any], sha256: str, cache_dir: Path) -> list[str]:
+def server_command(name: str, model: str, port: int, spec: ServingSpec, sha256: str, cache_dir: Path) -> list[str]:
     """`kiln serve` for one ModelDeployment spec on 127.0.0.1: the operator's arguments (kiln.serverargs)."""
     argv = [sys.executable, "-m", "kiln.cli", "serve",
             *serve_args(spec, model=model, name=name, host="127.0.0.1", port=port, sha256=sha256)]
@@ -210,7 +212,7 @@ def server_command(name: str, model: str, port: int, spec: dict[str, Any], sha25
     return argv
 
 
-def serve(name: str, model: str, port: int, spec: dict[str, Any], log: Path, sha256: str = "", timeout: float = 120) -> Served:
+def serve(name: str, model: str, port: int, spec: ServingSpec, log: Path, sha256: str = "", timeout: float = 120) -> Served:
     """Start `kiln serve` on 127.0.0.1 and wait until the model is ready."""
     argv = server_command(name, model, port, spec, sha256, log.parent / "models")
     with open(log, "ab") as f:
@@ -255,8 +257,11 @@ def heldout_rows(spec: dict[str, Any], path: Path) -> tuple[np.ndarray, np.ndarr
     from kiln_trainer import data
     from kiln_trainer.trainer import split_indices
 
-    ds = data.load(path, str(path), spec)
-    _, va = split_indices(len(ds.x), float(spec["dataset"].get("validationSplit", 0.2)), int(spec["training"]["seed"]))
+    typed = TrainingJobSpec.from_dict(spec)
+    if typed.dataset is None or typed.training.seed is None:
+        raise LocalError("held-out rows need spec.dataset and spec.training.seed")
+    ds = data.load(path, str(path), typed)
+    _, va = split_indices(len(ds.x), typed.dataset.validation_split, typed.training.seed)
     return ds.x[va], ds.y[va]
 
 
@@ -268,7 +273,7 @@ def check(s: Served, stream: TextIO, limit: int = 512) -> float:
     with urllib.request.urlopen(f"{s.url}/v2/models/{s.name}", timeout=10) as r:
         meta = json.loads(r.read())
     pred = np.concatenate([infer(s.url, s.name, x[i:i + 64].astype("float32"), meta) for i in range(0, len(x), 64)])
-    loss = s.trained.doc["spec"].get("training", {}).get("loss", "sparse_categorical_crossentropy")
+    loss = TrainingJobSpec.from_dict(s.trained.doc["spec"]).training.loss
     if loss in ("sparse_categorical_crossentropy", "categorical_crossentropy"):
         labels = y if y.ndim == 1 else y.argmax(axis=1)
         score = float((pred.argmax(axis=1) == labels).mean())
@@ -306,7 +311,7 @@ class Wanted:
     """A model server to start: for a ModelDeployment, or for a TrainingJob's `spec.deploy`."""
 
     name: str
-    spec: dict[str, Any]
+    spec: ServingSpec
     trained: Trained | None
     model: str
     sha256: str
@@ -322,7 +327,7 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
         min_score: float | None = None, pvc_root: str | None = None, warn: TextIO | None = None) -> int:
     foreign: list[str] = []
     manifests = load_file(path, foreign=foreign)
-    workdir = Path(output or (Path.cwd() / "kiln-output"))
+    workdir = Path(output or (Path.cwd() / DEFAULT_OUTPUT_DIR))
     workdir.mkdir(parents=True, exist_ok=True)
     root = Path(pvc_root or (Path.cwd() / "pvc")).resolve()
     outputs = {m.name: output_dir(m, output, root) for m in manifests if m.kind == "TrainingJob"}
@@ -338,30 +343,30 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
     wanted: list[Wanted] = []
     for m in manifests:
         if m.kind == "ModelDeployment":
-            spec = m.doc["spec"]
-            name = spec.get("modelName") or m.name
-            ref = spec["model"]
+            spec = ModelDeploymentSpec.from_dict(m.doc["spec"])
+            name = spec.model_name or m.name
+            ref = spec.model
             timeout = _startup_timeout(m.raw.get("spec") or {})
-            if ref.get("trainingJob"):
-                t = trained.get(ref["trainingJob"])
+            if ref.training_job:
+                t = trained.get(ref.training_job)
                 if t is None:
-                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref['trainingJob']!r} "
+                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref.training_job!r} "
                                      f"is not a TrainingJob in this file")
-                wanted.append(Wanted(name, spec, t, *_model_file(t, ref.get("format", "onnx")), timeout))
-            elif ref["uri"].startswith(REMOTE_MODEL_SCHEMES):
-                wanted.append(Wanted(name, spec, None, ref["uri"], ref.get("sha256", ""), timeout))
+                wanted.append(Wanted(name, spec, t, *_model_file(t, ref.format), timeout))
+            elif (ref.uri or "").startswith(REMOTE_MODEL_SCHEMES):
+                wanted.append(Wanted(name, spec, None, ref.uri or "", ref.sha256 or "", timeout))
             else:
                 try:
-                    model = _local_path(ref["uri"], m.base_dir, root)
+                    model = _local_path(ref.uri or "", m.base_dir, root)
                 except LocalError as exc:
                     raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.uri: {exc}") from exc
-                wanted.append(Wanted(name, spec, None, str(model), ref.get("sha256", ""), timeout))
+                wanted.append(Wanted(name, spec, None, str(model), ref.sha256 or "", timeout))
     for t in trained.values():
-        deploy = t.doc["spec"].get("deploy")
+        deploy = TrainingJobSpec.from_dict(t.doc["spec"]).deploy
         if deploy is not None and not any(w.trained is t for w in wanted):
             raw_deploy = (t.manifest.raw.get("spec") or {}).get("deploy") or {}
-            wanted.append(Wanted(deploy.get("modelName") or deploy.get("name") or t.name, deploy, t,
-                                 *_model_file(t, (deploy.get("model") or {}).get("format", "onnx")), _startup_timeout(raw_deploy)))
+            wanted.append(Wanted(deploy.model_name or deploy.name or t.name, deploy, t,
+                                 *_model_file(t, deploy.model.format), _startup_timeout(raw_deploy)))
     if not wanted:
         stream.write("nothing to serve (no ModelDeployment and no spec.deploy in the file)\n")
         return 0
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("file", help="YAML with TrainingJob and ModelDeployment documents (the cluster's manifests run too)")
     p.add_argument("--once", action="store_true", help="check the served model on held-out rows, then exit")
     p.add_argument("--port", type=int, help="first server port (default: free ports)")
-    p.add_argument("--output", help="folder for outputs and logs (default ./kiln-output)")
+    p.add_argument("--output", help=f"folder for outputs and logs (default ./{DEFAULT_OUTPUT_DIR})")
     p.add_argument("--min-accuracy", type=float, help="with --once: exit 1 when the served accuracy is lower")
     p.add_argument("--pvc-root", help="folder standing in for the cluster's claims: pvc://CLAIM/PATH is PVC_ROOT/CLAIM/PATH "
                                       "(default ./pvc)")

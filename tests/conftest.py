@@ -58,18 +58,19 @@ def kubectl(control_plane: ControlPlane, tools: Path):
 
 @pytest.fixture(scope="session")
 def api(control_plane: ControlPlane, kubectl: Any) -> Any:
-    """kiln_operator.kube configured for the test control plane, with Kiln's CRDs installed."""
-    from kiln_operator import kube
+    """kiln.kube's blocking client configured for the test control plane, with Kiln's CRDs installed."""
+    from kiln import kube
 
     kube.configure(str(control_plane.kubeconfig))
+    client = kube.blocking()
     kubectl("apply", "-f", str(ROOT / "crds"))
     for crd in ("trainingjobs.kiln.dev", "modeldeployments.kiln.dev"):
         def established(crd: str = crd) -> bool:
-            obj = kube.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            obj = client.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
             return any(c["type"] == "Established" and c["status"] == "True" for c in obj.get("status", {}).get("conditions") or [])
 
         eventually(established, 60, what=f"CRD {crd} established")
-    return kube
+    return client
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from kiln_operator import kube
+from kiln import kube
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def eventually(fn: Callable[[], T | None], timeout: float = 30, interval: float 
 
 
 def pods(namespace: str, selector: str) -> list[dict[str, Any]]:
-    items = kube.list_objects("v1", "Pod", namespace, selector)
+    items = kube.blocking().list_objects("v1", "Pod", namespace, selector)
     return sorted(items, key=lambda p: p["metadata"]["creationTimestamp"] + p["metadata"]["name"])
 
 
@@ -55,7 +55,7 @@ def _container(pod: dict[str, Any]) -> dict[str, Any]:
 
 
 def _status(pod: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
-    return kube.call("PATCH", kube.path("v1", "Pod", pod["metadata"]["namespace"], pod["metadata"]["name"], "status"),
+    return kube.blocking().call("PATCH", kube.path("v1", "Pod", pod["metadata"]["namespace"], pod["metadata"]["name"], "status"),
                      {"status": body}, content_type="application/merge-patch+json")
 
 

@@ -6,6 +6,6 @@ One folder per resource, the same shape for both:
 Shared below them: `podspec` (security contexts, resources, tolerations, owner references, PVC URIs),
 `podstatus` (start-failure reasons, what a pod's status says is wrong), `conditions` (times and status
 conditions), `templating` (Jinja2 templates rendered once into dicts), `runtime` (watch caches, status
-writer, events, resync), `names`, `settings`, and the API clients: `aiokube` (async, the controllers)
-and `kube` (blocking, the CLI and tests). `main` is the `kiln operator` entry point.
+writer, events, resync), `names` and `settings`. API calls go through the shared core's one client,
+`kiln.kube` (async in the controllers, its blocking shim at startup). `main` is the `kiln operator` entry point.
 """

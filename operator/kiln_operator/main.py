@@ -8,12 +8,14 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from kiln_operator import aiokube, kube
+from kiln import kube
+from kiln import settings as settings_reader
 from kiln_operator.settings import Features, OperatorSettings
 
 log = logging.getLogger("kiln.operator")
@@ -21,46 +23,27 @@ log = logging.getLogger("kiln.operator")
 
 def detect_features(settings: OperatorSettings) -> Features:
     """Read what the API server supports, so the operator degrades clearly on older clusters."""
-    version = kube.server_version()
+    client = kube.blocking()
+    version = client.server_version()
     git = str(version.get("gitVersion", ""))
     match = re.match(r"v?(\d+)\.(\d+)", git)
     minor = int(match.group(2)) if match and match.group(1) == "1" else 99
-    groups = kube.api_versions()
+    groups = client.api_versions()
     return Features(job_suspend=minor >= 21, indexed_jobs=minor >= 21, hpa_v2="autoscaling/v2" in groups, server_version=git)
 
 
-def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
-    settings = OperatorSettings.from_env()
+def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> tuple[OperatorSettings, argparse.Namespace]:
+    """Settings from flags, then `KILN_*` variables (kiln.settings), then defaults; and the other flags."""
     p = argparse.ArgumentParser(prog="kiln operator", description="Run the Kiln operator (Kopf).")
-    p.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
-                   help="namespace to watch (repeatable, globs allowed); default: KILN_NAMESPACES or all")
+    settings_reader.add_arguments(p, OperatorSettings)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
-    p.add_argument("--exclude-namespace", action="append", dest="exclude", metavar="NS",
-                   help="namespace glob to leave alone (repeatable); default: KILN_EXCLUDE_NAMESPACES")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then KUBECONFIG)")
-    p.add_argument("--trainer-image", default=settings.trainer_image)
-    p.add_argument("--server-image", default=settings.server_image)
-    p.add_argument("--reconcile-interval", type=float, default=settings.reconcile_interval,
-                   help="seconds between periodic status reconciles of each resource")
-    p.add_argument("--liveness", default=settings.liveness, help="liveness endpoint URL ('' to disable)")
-    p.add_argument("--peering", default=settings.peering,
-                   help="Kopf peering name: run several replicas, one active (needs the kopf.dev peering CRDs)")
-    p.add_argument("--priority", type=int, default=settings.priority, help="peering priority")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    found = settings_reader.values(OperatorSettings, args, os.environ if environ is None else environ)
     if args.all_namespaces:
-        settings.namespaces = []
-    elif args.namespaces:
-        settings.namespaces = args.namespaces
-    if args.exclude:
-        settings.exclude_namespaces = args.exclude
-    settings.trainer_image = args.trainer_image
-    settings.server_image = args.server_image
-    settings.reconcile_interval = args.reconcile_interval
-    settings.liveness = args.liveness
-    settings.peering = args.peering
-    settings.priority = args.priority
-    return settings, args
+        found["namespaces"] = []
+    return OperatorSettings(**found), args
 
 
 class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
@@ -113,8 +96,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def close_api_session(**_: Any) -> None:
-        await aiokube.close()
-        log.info("API calls made: %s", dict(aiokube.calls.most_common()))
+        await kube.api().close()
+        log.info("API calls made: %s", dict(kube.api().calls.most_common()))
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -138,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout)
+    kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout, user_agent="kiln-operator")
     settings.features = detect_features(settings)
     log.info("kiln operator starting: namespaces=%s server=%s features=%s", settings.namespaces or "all",
              settings.features.server_version, settings.features)

@@ -3,11 +3,11 @@ tolerations, owner references and PersistentVolumeClaim URIs."""
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
 from kiln import API_VERSION
+from kiln.spec import ServingSpec, TrainingJobSpec
 from kiln_operator.templating import RenderError
 
 POD_SECURITY_CONTEXT: dict[str, Any] = {
@@ -61,16 +61,16 @@ def parse_pvc(uri: str, field: str) -> tuple[str, str] | None:
     return claim, path
 
 
-def resources(spec: dict[str, Any]) -> dict[str, Any]:
+def resources(spec: TrainingJobSpec | ServingSpec) -> dict[str, Any]:
     """Requests equal limits for cpu and memory (predictable placement); GPUs as limits."""
-    res = spec.get("resources") or {}
+    res = spec.resources
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
-    for key in ("cpu", "memory"):
-        if res.get(key) is not None:
-            limits[key] = requests[key] = str(res[key])
-    if int(res.get("gpus") or 0) > 0:
-        limits[GPU_RESOURCE] = int(res["gpus"])
+    for key, value in (("cpu", res.cpu), ("memory", res.memory)):
+        if value is not None:
+            limits[key] = requests[key] = str(value)
+    if res.gpus > 0:
+        limits[GPU_RESOURCE] = res.gpus
     out: dict[str, Any] = {}
     if limits:
         out["limits"] = limits
@@ -79,11 +79,9 @@ def resources(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tolerations(spec: dict[str, Any]) -> list[dict[str, Any]]:
+def tolerations(spec: TrainingJobSpec | ServingSpec) -> list[dict[str, Any]]:
     """The user's tolerations, plus the GPU taint's when GPUs are requested."""
-    out = copy.deepcopy((spec.get("scheduling") or {}).get("tolerations") or [])
-    if int((spec.get("resources") or {}).get("gpus") or 0) > 0 and not any(
-        t.get("key") == GPU_RESOURCE for t in out
-    ):
+    out = [t.to_dict() for t in spec.scheduling.tolerations or []]
+    if spec.resources.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in out):
         out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     return out

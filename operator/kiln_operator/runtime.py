@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from kiln_operator import aiokube
+from kiln import kube
 
 log = logging.getLogger("kiln.operator")
 
@@ -68,7 +68,7 @@ class StatusWriter:
             return
         namespace, name = key
         async with BOOKKEEPING():
-            await aiokube.patch_status(self.api_version, self.kind, namespace, name, status)
+            await kube.api().patch_status(self.api_version, self.kind, namespace, name, status)
         self.written.setdefault(key, {}).update(copy.deepcopy(status))
 
     def forget(self, key: Key) -> None:
@@ -101,7 +101,7 @@ async def post_event(body: dict[str, Any], type_: str, reason: str, message: str
     }
     try:
         async with BOOKKEEPING():
-            await aiokube.call("POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event, decode=False)
+            await kube.api().call("POST", f"/api/v1/namespaces/{meta.get('namespace')}/events", event, decode=False)
     except Exception as exc:  # events are best effort; never fail a reconcile for one
         log.warning("could not post event %s on %s: %s", reason, meta.get("name"), exc)
 

@@ -1,14 +1,14 @@
-"""Operator settings: one dataclass, filled from flags and `KILN_*` environment variables."""
+"""Operator settings: one dataclass, filled from flags and `KILN_<FIELD>` environment variables by the
+shared core's reader (`kiln.settings`); a flag wins over its variable."""
 
 from __future__ import annotations
 
 import fnmatch
-import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-
-def _env_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+from kiln import settings as reader
+from kiln.settings import option
 
 
 @dataclass
@@ -29,17 +29,20 @@ class Features:
 class OperatorSettings:
     """Everything `kiln operator` can be told; defaults suit a cluster install via the Helm chart."""
 
-    namespaces: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list, metadata=option(
+        "-n", "--namespace", metavar="NS", help="namespace to watch (repeatable, globs allowed); default: all"))
     """Namespaces to watch (globs allowed, e.g. `team-*`); empty means cluster-wide."""
-    exclude_namespaces: list[str] = field(default_factory=list)
+    exclude_namespaces: list[str] = field(default_factory=list, metadata=option(
+        "--exclude-namespace", metavar="NS", help="namespace glob to leave alone (repeatable)"))
     """Namespaces (globs) to leave alone even when watching cluster-wide, e.g. a team's own operator."""
-    trainer_image: str = "ghcr.io/kiln-dev/kiln-trainer:0.1.0"
+    trainer_image: str = field(default="ghcr.io/kiln-dev/kiln-trainer:0.1.0", metadata=option("--trainer-image"))
     """Default image of training Jobs (a TrainingJob's `spec.image` overrides it)."""
-    server_image: str = "ghcr.io/kiln-dev/kiln-server:0.1.0"
+    server_image: str = field(default="ghcr.io/kiln-dev/kiln-server:0.1.0", metadata=option("--server-image"))
     """Default image of model server Deployments."""
     image_pull_policy: str = "IfNotPresent"
     """Pull policy for the default images."""
-    reconcile_interval: float = 5.0
+    reconcile_interval: float = field(default=5.0, metadata=option(
+        "--reconcile-interval", help="seconds between periodic status reconciles of each resource"))
     """Seconds between status reconciliations of each resource (events trigger them sooner)."""
     watch_server_timeout: int = 300
     """Server-side watch timeout: the API server ends idle watches so they are re-established."""
@@ -47,11 +50,13 @@ class OperatorSettings:
     """Client-side watch timeout: catches watches that went silent without being closed."""
     request_timeout: float = 30.0
     """Timeout of single API requests."""
-    liveness: str = "http://0.0.0.0:8080/healthz"
+    liveness: str = field(default="http://0.0.0.0:8080/healthz", metadata=option(
+        "--liveness", help="liveness endpoint URL ('' to disable)"))
     """Kopf liveness endpoint URL; empty disables it."""
-    peering: str = ""
+    peering: str = field(default="", metadata=option(
+        "--peering", help="Kopf peering name: run several replicas, one active (needs the kopf.dev peering CRDs)"))
     """Kopf peering name: replicas with the same name elect one active operator (standby replica)."""
-    priority: int = 0
+    priority: int = field(default=0, metadata=option("--priority", help="peering priority"))
     """Peering priority of this replica; the highest active one works."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
@@ -64,26 +69,6 @@ class OperatorSettings:
         return not any(fnmatch.fnmatchcase(namespace or "", pattern) for pattern in self.exclude_namespaces)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KILN_<FIELD>` variables, e.g. KILN_NAMESPACES=a,b KILN_TRAINER_IMAGE=..."""
-        env = dict(os.environ if environ is None else environ)
-        out = cls()
-        for f in fields(cls):
-            key = "KILN_" + f.name.upper()
-            if key not in env or f.name == "features":
-                continue
-            raw = env[key]
-            current = getattr(out, f.name)
-            value: object
-            if isinstance(current, list):
-                value = _env_list(raw)
-            elif isinstance(current, bool):
-                value = raw.lower() in ("1", "true", "yes")
-            elif isinstance(current, int):
-                value = int(raw)
-            elif isinstance(current, float):
-                value = float(raw)
-            else:
-                value = raw
-            setattr(out, f.name, value)
-        return out
+        return reader.load(cls, env=environ)

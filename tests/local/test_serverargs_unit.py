@@ -17,6 +17,7 @@ from kiln import cli, local
 from kiln.manifests import load_file
 from kiln.schema import ManifestError
 from kiln.serverargs import serve_args
+from kiln.spec import ModelDeploymentSpec
 
 pytestmark = [pytest.mark.unit]
 
@@ -95,7 +96,7 @@ def test_serve_args_is_the_operators_mapping(tmp_path: Path) -> None:
     for name, spec in docs.items():
         want = RENDERED_BEFORE[f"{name}-server"]
         model = want[want.index("--model") + 1]
-        got = serve_args(spec, model=model, name=spec.get("modelName") or name, host="0.0.0.0", port=8080,
+        got = serve_args(ModelDeploymentSpec.from_dict(spec), model=model, name=spec.get("modelName") or name, host="0.0.0.0", port=8080,
                          sha256=(spec["model"].get("sha256") or ""))
         assert got == want, name
 
@@ -103,7 +104,7 @@ def test_serve_args_is_the_operators_mapping(tmp_path: Path) -> None:
 def test_kiln_run_starts_the_server_with_the_same_args(tmp_path: Path) -> None:
     """Local mode no longer drops `limits` and `sha256`: the server on 127.0.0.1 gets the operator's flags."""
     (tmp_path / "mds.yaml").write_text(MANIFESTS)
-    spec = next(m.doc["spec"] for m in load_file(tmp_path / "mds.yaml") if m.name == "full")
+    spec = ModelDeploymentSpec.from_dict(next(m.doc["spec"] for m in load_file(tmp_path / "mds.yaml") if m.name == "full"))
     argv = local.server_command("fancy", "/tmp/m.onnx", 9000, spec, SHA_A, tmp_path / "cache")
     assert argv[:4] == [sys.executable, "-m", "kiln.cli", "serve"]
     assert argv[4:] == ["--model", "/tmp/m.onnx", "--name", "fancy", "--host", "127.0.0.1", "--port", "9000",

@@ -94,9 +94,9 @@ UNRUNNABLE = [
 
 @pytest.mark.parametrize(("doc", "field"), INVALID, ids=[f"{d['kind']}:{f}:{i}" for i, (d, f) in enumerate(INVALID)])
 def test_api_server_rejects_invalid_manifest(api: Any, namespace: str, doc: dict[str, Any], field: str) -> None:
-    from kubernetes.client.exceptions import ApiException
+    from kiln.kube import ApiError
 
-    with pytest.raises(ApiException) as info:
+    with pytest.raises(ApiError) as info:
         api.call("POST", api.path(API, doc["kind"], namespace), doc)
     assert info.value.status == 422
     message = json.loads(info.value.body)["message"]

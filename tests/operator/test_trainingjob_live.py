@@ -11,7 +11,8 @@ import kubelet
 import pytest
 import yaml
 from kubelet import eventually
-from kubernetes.client.exceptions import ApiException
+
+from kiln.kube import ApiError
 
 pytestmark = [pytest.mark.live]
 
@@ -170,7 +171,7 @@ def test_deadline_exceeded(api: Any, operator: Any, namespace: str) -> None:
         if (obj.get("status") or {}).get("reason") == "DeadlineExceeded":
             return obj
         if (obj.get("status") or {}).get("phase") == "Running":
-            with contextlib.suppress(ApiException):  # the Job controller may already be deleting the pod
+            with contextlib.suppress(ApiError):  # the Job controller may already be deleting the pod
                 kubelet.heartbeat(pod)
         return None
 

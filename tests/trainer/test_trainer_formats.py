@@ -23,6 +23,8 @@ from kiln_trainer import data, export, formats, outputs
 from kiln_trainer.trainer import split_indices
 from support.trainer import EXAMPLES, Run, blobs, manifest, write_csv, write_manifest
 
+from kiln.spec import TrainingJobSpec
+
 pytestmark = pytest.mark.training
 
 ALL = ["onnx", "onnx-int8", "tflite", "tflite-int8"]
@@ -41,7 +43,7 @@ def _heldout(doc: dict[str, Any], folder: Path) -> tuple[np.ndarray, np.ndarray]
     """The trainer's held-out rows: its own loader, then `split_indices` with the manifest's seed."""
     spec = doc["spec"]
     path = folder / spec["dataset"]["uri"]
-    ds = data.load(path, str(path), spec)
+    ds = data.load(path, str(path), TrainingJobSpec.from_dict(spec))
     _, va = split_indices(len(ds.x), float(spec["dataset"]["validationSplit"]), int(spec["training"]["seed"]))
     return ds.x[va], ds.y[va]
 
@@ -146,12 +148,16 @@ def test_static_quantization_imputes_nan_in_float_before_quantizing(tmp_path: Pa
 
 
 def test_quantization_mode_follows_the_spec_else_conv_layers() -> None:
-    dense = {"model": {"layers": [{"type": "Dense", "units": 3}]}}
-    conv = {"model": {"layers": [{"type": "Conv2D", "filters": 4, "kernelSize": 3}, {"type": "Flatten"}]}}
-    assert formats.quantization_mode(dense) == "dynamic"
-    assert formats.quantization_mode(conv) == "static"
-    assert formats.quantization_mode({**conv, "output": {"quantization": "dynamic"}}) == "dynamic"
-    assert formats.quantization_mode({**dense, "output": {"quantization": "static"}}) == "static"
+    dense = {"model": {"inputShape": [4], "layers": [{"type": "Dense", "units": 3}]}}
+    conv = {"model": {"inputShape": [8, 8, 1], "layers": [{"type": "Conv2D", "filters": 4, "kernelSize": 3}, {"type": "Flatten"}]}}
+
+    def mode(spec: dict[str, Any]) -> str:
+        return formats.quantization_mode(TrainingJobSpec.from_dict(spec))
+
+    assert mode(dense) == "dynamic"
+    assert mode(conv) == "static"
+    assert mode({**conv, "output": {"quantization": "dynamic"}}) == "dynamic"
+    assert mode({**dense, "output": {"quantization": "static"}}) == "static"
 
 
 def test_a_format_losing_more_than_the_tolerance_fails_and_leaves_no_model(digits: dict[str, Any],

@@ -56,7 +56,7 @@ def _main(args: argparse.Namespace) -> int:
         from kiln_trainer import jobspec
 
         job = jobspec.load_job(args.file, args.name)
-        if job.spec.get("command"):
+        if job.typed.command:
             from kiln_trainer import byo
 
             return byo.run(job, output=args.output, termination=term)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kiln import DEFAULT_OUTPUT_DIR
 from kiln_trainer import distributed, outputs, runtime, storage
 from kiln_trainer.errors import EXIT_RETRYABLE, EXIT_SPEC, SpecError, TrainerError
 from kiln_trainer.jobspec import Job
@@ -117,7 +118,7 @@ def run(job: Job, output: str | None, termination: Path | None) -> int:
     cluster = distributed.setup()
     loc, out_dir = outputs.resolve_output(job, output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = [*job.spec["command"], *job.spec.get("args", [])]
+    command = [*(job.typed.command or []), *(job.typed.args or [])]
     env = child_env(job, job.source, out_dir, loc.uri, termination)
     return execute(command, env, out_dir, loc, termination, cluster.chief)
 
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         outputs.write_termination(outputs.failure_message("no command given", "spec.command"), termination)
         return EXIT_SPEC
     try:
-        from kiln_trainer.jobspec import load_job
+        from kiln_trainer.jobspec import DEFAULT_SPEC_PATH, load_job
 
-        spec_path = Path(os.environ.get("KILN_SPEC", "/etc/kiln/trainingjob.yaml"))
+        spec_path = Path(os.environ.get("KILN_SPEC", DEFAULT_SPEC_PATH))
         job = load_job(spec_path) if spec_path.exists() else None
         cluster = distributed.setup()
-        out_dir = Path(os.environ.get("KILN_OUTPUT_DIR") or Path.cwd() / "kiln-output")
-        uri = os.environ.get("KILN_OUTPUT_URI") or (job.spec.get("output", {}).get("uri", "") if job else "")
+        out_dir = Path(os.environ.get("KILN_OUTPUT_DIR") or Path.cwd() / DEFAULT_OUTPUT_DIR)
+        uri = os.environ.get("KILN_OUTPUT_URI") or ((job.typed.output.uri or "") if job else "")
         loc = (storage.Location(uri, remote=uri) if uri.startswith("s3://")
                else storage.Location(uri, path=out_dir))
         out_dir.mkdir(parents=True, exist_ok=True)

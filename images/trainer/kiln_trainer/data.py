@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from kiln.spec import Dataset as DatasetSpec
+from kiln.spec import TrainingJobSpec
 from kiln_trainer.errors import DataError, SpecError
 
 FORMATS = ("csv", "npz", "parquet")
@@ -88,17 +90,17 @@ def _read_table(path: Path, fmt: str) -> Any:
     return df
 
 
-def _table_arrays(df: Any, name: str, ds: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _table_arrays(df: Any, name: str, ds: DatasetSpec) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Feature matrix (float64 with NaN) and raw label column of a CSV/Parquet table."""
     import pandas as pd
 
     columns = list(df.columns)
-    label = ds.get("labelColumn", "label")
+    label = ds.label_column
     if label not in columns:
         raise DataError(
             f"column {label!r} not in {name} (columns: {', '.join(columns)})", "spec.dataset.labelColumn"
         )
-    wanted = ds.get("featureColumns") or [c for c in columns if c != label]
+    wanted = ds.feature_columns or [c for c in columns if c != label]
     for i, col in enumerate(wanted):
         if col not in columns:
             raise DataError(
@@ -188,11 +190,13 @@ def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
     return np.array([index[v] for v in values], dtype="int64"), classes
 
 
-def load(path: Path, source: str, spec: dict[str, Any]) -> Dataset:
+def load(path: Path, source: str, spec: TrainingJobSpec) -> Dataset:
     """Load and clean the dataset of a TrainingJob spec; examples come back shaped like `inputShape`."""
-    ds = spec["dataset"]
-    pp = ds.get("preprocessing", {})
-    fmt = infer_format(path, ds.get("format"))
+    if spec.dataset is None or spec.model is None:
+        raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
+    ds = spec.dataset
+    pp = ds.preprocessing
+    fmt = infer_format(path, ds.format)
     if fmt == "npz":
         x, y, names = _npz_arrays(path)
     else:
@@ -202,14 +206,14 @@ def load(path: Path, source: str, spec: dict[str, Any]) -> Dataset:
 
     keep = ~_label_missing(y)
     report.dropped["missing label"] = int((~keep).sum())
-    if pp.get("dropDuplicates", True):
+    if pp.drop_duplicates:
         dup = np.zeros(len(x), dtype=bool)
         idx = np.flatnonzero(keep)
         dup[idx] = _duplicates(flat[idx], y[idx])
         report.dropped["duplicates"] = int(dup.sum())
         keep &= ~dup
     missing_feat = np.isnan(flat).any(axis=1)
-    if pp.get("missingValues", "drop") == "drop":
+    if pp.missing_values == "drop":
         report.dropped["missing features"] = int((keep & missing_feat).sum())
         keep &= ~missing_feat
     else:
@@ -222,7 +226,7 @@ def load(path: Path, source: str, spec: dict[str, Any]) -> Dataset:
         raise DataError(f"no rows left: {report.line().removeprefix('data: ')}", fld)
 
     y_enc, classes = _encode_labels(y[keep])
-    shape = [int(d) for d in spec["model"]["inputShape"]]
+    shape = [int(d) for d in spec.model.input_shape]
     per_row = int(np.prod(shape))
     if flat.shape[1] != per_row:
         what = f"{flat.shape[1]} feature columns" if fmt != "npz" else f"examples of shape {list(x.shape[1:])}"

@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kiln.spec import TrainingJobSpec
 from kiln_trainer import export
 from kiln_trainer.errors import SpecError, TrainerError
 from kiln_trainer.model import INPUT_NAME
@@ -58,17 +59,17 @@ class FormatResult:
         return d
 
 
-def quantization_mode(spec: dict[str, Any]) -> str:
+def quantization_mode(spec: TrainingJobSpec) -> str:
     """`dynamic` or `static` for onnx-int8: the spec's choice, else static for Conv models.
 
     Dynamic quantization (int8 weights, activations quantized per batch at run time) needs no
     calibration and suits MatMul models; ONNX Runtime's dynamic Conv path is slow and less
     accurate, so Conv models get static quantization calibrated on training rows.
     """
-    mode = str(spec.get("output", {}).get("quantization", "auto"))
+    mode = spec.output.quantization
     if mode in ("dynamic", "static"):
         return mode
-    convs = any(layer.get("type") == "Conv2D" for layer in spec.get("model", {}).get("layers", []))
+    convs = any(layer.type == "Conv2D" for layer in (spec.model.layers if spec.model else []))
     return "static" if convs else "dynamic"
 
 
@@ -193,17 +194,16 @@ def _check(fmt: str, metric: str, value: float, base: float, tolerance: float) -
                         "spec.output.formatTolerance")
 
 
-def export_formats(model: keras.Model, spec: dict[str, Any], out: Path, x_train: np.ndarray, x_val: np.ndarray,
+def export_formats(model: keras.Model, spec: TrainingJobSpec, out: Path, x_train: np.ndarray, x_val: np.ndarray,
                    y_val: np.ndarray, metric: str | None, loss: str) -> list[FormatResult]:
     """Write each format of `spec.output.formats` (model.onnx is already in `out`) and score it.
 
     Returns one entry per format, float onnx first. Raises SpecError when a derived format loses
     more than `spec.output.formatTolerance` of the held-out metric (unless the tolerance is negative).
     """
-    out_spec = spec.get("output", {})
-    wanted = ["onnx", *[f for f in out_spec.get("formats", ["onnx"]) if f != "onnx"]]
-    tolerance = float(out_spec.get("formatTolerance", 0.02))
-    input_shape = [int(d) for d in spec["model"]["inputShape"]]
+    wanted = ["onnx", *[f for f in spec.output.formats if f != "onnx"]]
+    tolerance = float(spec.output.format_tolerance)
+    input_shape = [int(d) for d in spec.model.input_shape] if spec.model else []
     base = None
     if metric:
         keras_pred = np.asarray(model(x_val.astype("float32"), training=False))

@@ -6,6 +6,7 @@ trainer accepts exactly what the API server accepts; schema errors become a Spec
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 from kiln.manifests import load_file
 from kiln.schema import ManifestError, validate
+from kiln.spec import TrainingJobSpec
 from kiln_trainer.errors import SpecError
 
 DEFAULT_SPEC_PATH = "/etc/kiln/trainingjob.yaml"
@@ -30,8 +32,14 @@ class Job:
 
     @property
     def spec(self) -> dict[str, Any]:
+        """The spec as written (defaulted): what the checkpoint hash and the BYO contract see."""
         spec: dict[str, Any] = self.doc["spec"]
         return spec
+
+    @functools.cached_property
+    def typed(self) -> TrainingJobSpec:
+        """The spec as the trainer reads it (kiln.spec: every default the CRD's)."""
+        return TrainingJobSpec.from_dict(self.spec)
 
     @property
     def name(self) -> str:

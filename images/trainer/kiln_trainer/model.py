@@ -8,10 +8,10 @@ The schema allows every field on every layer, so this check lives here, naming `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import keras
 
+from kiln.spec import Layer
 from kiln_trainer.errors import SpecError
 
 # Per layer type: (required fields, optional fields). `type` and `name` apply to all.
@@ -30,42 +30,45 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def _one_layer(i: int, spec: dict[str, Any]) -> keras.layers.Layer:
+def _one_layer(i: int, spec: Layer) -> keras.layers.Layer:
+    """One Keras layer; a field its type does not take (or lacks) is a SpecError naming it.
+
+    The fallbacks below (activation, pool size, strides, padding, momentum) are Keras' own defaults for
+    that layer type; they cannot be CRD defaults, which would put them on every layer of every type.
+    """
     where = f"spec.model.layers[{i}]"
-    kind = spec.get("type")
+    kind = spec.type
     if kind not in LAYER_FIELDS:
         raise SpecError(f"unknown layer type {kind!r} (known: {', '.join(LAYER_FIELDS)})", f"{where}.type")
     required, optional = LAYER_FIELDS[kind]
-    for key in spec:
+    given = spec.to_dict()
+    for key in given:
         if key not in ("type", "name", *required, *optional):
             raise SpecError(f"{kind} does not take {key!r} (it takes: {', '.join((*required, *optional)) or 'nothing'})",
                             f"{where}.{key}")
     for key in required:
-        if key not in spec:
+        if key not in given:
             raise SpecError(f"{kind} needs {key!r}", f"{where}.{key}")
-    name = spec.get("name")
-    act = spec.get("activation", "linear")
-    pool = spec.get("poolSize", 2)
+    name, act, padding = spec.name, spec.activation or "linear", spec.padding or "valid"
     if kind == "Dense":
-        return keras.layers.Dense(int(spec["units"]), activation=act, name=name)
+        return keras.layers.Dense(int(given["units"]), activation=act, name=name)
     if kind == "Dropout":
-        return keras.layers.Dropout(float(spec["rate"]), name=name)
+        return keras.layers.Dropout(float(given["rate"]), name=name)
     if kind == "BatchNormalization":
-        return keras.layers.BatchNormalization(momentum=float(spec.get("momentum", 0.99)), name=name)
+        return keras.layers.BatchNormalization(momentum=float(0.99 if spec.momentum is None else spec.momentum), name=name)
     if kind == "Conv2D":
-        k = int(spec["kernelSize"])
-        return keras.layers.Conv2D(int(spec["filters"]), (k, k), strides=int(spec.get("strides", 1)),
-                                   padding=spec.get("padding", "valid"), activation=act, name=name)
+        k = int(given["kernelSize"])
+        return keras.layers.Conv2D(int(given["filters"]), (k, k), strides=int(spec.strides or 1),
+                                   padding=padding, activation=act, name=name)
     if kind in ("MaxPooling2D", "AveragePooling2D"):
         cls = keras.layers.MaxPooling2D if kind == "MaxPooling2D" else keras.layers.AveragePooling2D
-        strides = spec.get("strides")
-        return cls((int(pool), int(pool)), strides=int(strides) if strides else None,
-                   padding=spec.get("padding", "valid"), name=name)
+        pool = int(spec.pool_size or 2)
+        return cls((pool, pool), strides=int(spec.strides) if spec.strides else None, padding=padding, name=name)
     if kind == "Flatten":
         return keras.layers.Flatten(name=name)
     if kind == "GlobalAveragePooling2D":
         return keras.layers.GlobalAveragePooling2D(name=name)
-    return keras.layers.Reshape(tuple(int(d) for d in spec["targetShape"]), name=name)
+    return keras.layers.Reshape(tuple(int(d) for d in given["targetShape"]), name=name)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class Models:
     training: keras.Model
 
 
-def build(input_shape: list[int], layer_specs: list[dict[str, Any]], pre: keras.layers.Layer | None,
+def build(input_shape: list[int], layer_specs: list[Layer], pre: keras.layers.Layer | None,
           augment: list[keras.layers.Layer]) -> Models:
     """The inference model (input -> preprocessing -> layers) and the training model that shares it."""
     if not layer_specs:
@@ -94,7 +97,7 @@ def build(input_shape: list[int], layer_specs: list[dict[str, Any]], pre: keras.
             t = lay(t)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SpecError(f"{layer_specs[i]['type']} cannot take input of shape {list(h.shape[1:])}: {msg}",
+            raise SpecError(f"{layer_specs[i].type} cannot take input of shape {list(h.shape[1:])}: {msg}",
                             f"spec.model.layers[{i}]") from exc
     inference = keras.Model(inp, h, name="kiln_model")
     training = keras.Model(train_inp, t, name="kiln_training") if augment else inference

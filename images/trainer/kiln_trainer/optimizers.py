@@ -10,6 +10,7 @@ from typing import Any
 
 import keras
 
+from kiln.spec import Optimizer
 from kiln_trainer.errors import SpecError
 
 # spec field -> Keras argument, per optimizer.
@@ -22,15 +23,15 @@ OPTIMIZER_FIELDS: dict[str, dict[str, str]] = {
 _CLASSES = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop", "adamw": "AdamW"}
 
 
-def build(spec: dict[str, Any]) -> keras.optimizers.Optimizer:
+def build(spec: Optimizer) -> keras.optimizers.Optimizer:
     """A fresh Keras optimizer for `spec.training.optimizer` (call it inside the strategy scope)."""
     where = "spec.training.optimizer"
-    name = spec.get("name", "adam")
+    name = spec.name
     if name not in OPTIMIZER_FIELDS:
         raise SpecError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZER_FIELDS)})", f"{where}.name")
     fields = OPTIMIZER_FIELDS[name]
-    kwargs: dict[str, Any] = {"learning_rate": float(spec.get("learningRate", 0.001))}
-    for key, value in spec.items():
+    kwargs: dict[str, Any] = {"learning_rate": float(spec.learning_rate)}
+    for key, value in spec.to_dict().items():  # the fields set (name and learningRate always are)
         if key in ("name", "learningRate"):
             continue
         if key not in fields:

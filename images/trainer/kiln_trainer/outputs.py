@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kiln import DEFAULT_OUTPUT_DIR
 from kiln_trainer import storage
 from kiln_trainer.jobspec import Job
 from kiln_trainer.storage import Location
@@ -40,13 +41,13 @@ def resolve_output(job: Job, override: str | None, env: dict[str, str] | None = 
         loc = storage.resolve(override, Path.cwd(), "--output")
     elif env.get("KILN_OUTPUT_DIR"):
         local = Path(env["KILN_OUTPUT_DIR"])
-        uri = job.spec.get("output", {}).get("uri")
+        uri = job.typed.output.uri
         return (storage.Location(uri, path=local) if uri and not uri.startswith("s3://")
                 else storage.Location(uri, remote=uri) if uri else storage.Location(str(local), path=local)), local
-    elif job.spec.get("output", {}).get("uri"):
-        loc = storage.resolve(job.spec["output"]["uri"], job.base_dir, field)
+    elif job.typed.output.uri:
+        loc = storage.resolve(job.typed.output.uri, job.base_dir, field)
     else:
-        loc = storage.resolve(str(Path.cwd() / "kiln-output" / job.name), Path.cwd(), field)
+        loc = storage.resolve(str(Path.cwd() / DEFAULT_OUTPUT_DIR / job.name), Path.cwd(), field)
     if loc.path is not None:
         return loc, loc.path
     return loc, Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))

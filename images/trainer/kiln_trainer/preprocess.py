@@ -15,6 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from kiln.spec import Preprocessing
 from kiln_trainer.errors import SpecError
 
 
@@ -69,10 +70,10 @@ class PreprocessState:
                    np.asarray(d["scale"], dtype="float64"), bool(d["impute"]), str(d["normalization"]))
 
 
-def fit(x_train: np.ndarray, preprocessing: dict[str, Any]) -> PreprocessState:
+def fit(x_train: np.ndarray, preprocessing: Preprocessing) -> PreprocessState:
     """Fit imputation and normalization on the training split only (no peeking at validation rows)."""
-    missing = preprocessing.get("missingValues", "drop")
-    normalization = preprocessing.get("normalization", "none")
+    missing = preprocessing.missing_values
+    normalization = preprocessing.normalization
     channels = x_train.shape[-1]
     impute = missing in ("mean", "median", "zero")
     if not impute and normalization == "none":  # nothing to fit: skip the pass over the data
@@ -111,11 +112,12 @@ def layer(state: PreprocessState, channels: int) -> Preprocess | None:
     return pre
 
 
-def augmentation(spec: dict[str, Any], input_shape: list[int], seed: int | None) -> list[keras.layers.Layer]:
+def augmentation(spec: Preprocessing, input_shape: list[int], seed: int | None) -> list[keras.layers.Layer]:
     """Random image layers for training only; an error if asked for on inputs that are not H x W x C."""
-    aug = spec.get("augmentation") or {}
-    flip = bool(aug.get("horizontalFlip", False))
-    rotation, zoom, shift = (float(aug.get(k, 0) or 0) for k in ("rotation", "zoom", "translation"))
+    aug = spec.augmentation
+    if aug is None:
+        return []
+    flip, rotation, zoom, shift = aug.horizontal_flip, float(aug.rotation), float(aug.zoom), float(aug.translation)
     if not (flip or rotation or zoom or shift):
         return []
     if len(input_shape) != 3:

@@ -1,21 +1,17 @@
 """Per-epoch progress: one log line, a PATCH of the TrainingJob's `status.progress`, and a Python callback.
 
-Why plain urllib and not the kubernetes client: the trainer image stays small, and the trainer only
-ever makes this one request. A failing PATCH logs a warning and never fails training: progress is
-a convenience, the model is the product.
+The PATCH goes through the shared core's one Kubernetes client (`kiln.kube`, its blocking shim) with the
+pod's service account. A failing PATCH logs a warning and never fails training: progress is a
+convenience, the model is the product.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import os
-import ssl
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +19,10 @@ from typing import Any
 
 import keras
 
+from kiln import API_VERSION, kube
+from kiln.settings import parse_bool
+
 log = logging.getLogger("kiln_trainer.progress")
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 @dataclass
@@ -68,17 +66,13 @@ class StatusPatcher:
 
     def __init__(self, base_url: str, namespace: str, name: str, token_file: Path | None,
                  ca_file: Path | None, insecure: bool, timeout: float = 5.0) -> None:
-        self.url = (f"{base_url.rstrip('/')}/apis/kiln.dev/v1alpha1/namespaces/{namespace}"
-                    f"/trainingjobs/{name}/status")
-        self.token_file = token_file
-        self.timeout = timeout
-        self.context: ssl.SSLContext | None = None
-        if self.url.startswith("https://"):
-            if insecure:
-                self.context = ssl._create_unverified_context()
-            else:
-                self.context = ssl.create_default_context(
-                    cafile=str(ca_file) if ca_file and ca_file.exists() else None)
+        self.namespace, self.name = namespace, name
+        creds = kube.Credentials(base_url.rstrip("/"), kube.token_file(token_file),
+                                 str(ca_file) if ca_file and ca_file.exists() else None, verify=not insecure)
+        self.url = creds.host + kube.path(API_VERSION, "TrainingJob", namespace, name, "status")
+        self.context = creds.ssl_context()
+        # No retries: one attempt per epoch, the next epoch reports again.
+        self.client = kube.Client(kube.AsyncClient(creds, pool_size=1, timeout=timeout, retries=0, user_agent="kiln-trainer"))
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StatusPatcher | None:
@@ -87,34 +81,24 @@ class StatusPatcher:
         name, namespace = env.get("KILN_TRAININGJOB"), env.get("KILN_NAMESPACE")
         if not name or not namespace:
             return None
-        base = env.get("KILN_API_SERVER")
+        base = env.get("KILN_API_SERVER") or kube.service_account_host(env)
         if not base:
-            host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
-            if not host:
-                return None
-            host = f"[{host}]" if ":" in host else host
-            base = f"https://{host}:{port}"
-        token = Path(env.get("KILN_API_TOKEN_FILE", str(SA_DIR / "token")))
+            return None
+        token = Path(env.get("KILN_API_TOKEN_FILE", str(kube.SA_DIR / "token")))
         if "KILN_API_SERVER" not in env and not token.exists():
             return None
-        ca = Path(env.get("KILN_API_CA_FILE", str(SA_DIR / "ca.crt")))
+        ca = Path(env.get("KILN_API_CA_FILE", str(kube.SA_DIR / "ca.crt")))
         return cls(base, namespace, name, token if token.exists() else None, ca,
-                   env.get("KILN_API_INSECURE", "") in ("1", "true", "yes"))
+                   parse_bool(env.get("KILN_API_INSECURE", ""), "KILN_API_INSECURE", strict=False))
 
     def patch(self, progress: Progress) -> bool:
         """Send one progress update; True when the API server accepted it. Never raises."""
-        body = json.dumps({"status": {"progress": progress.to_status()}}).encode()
-        headers = {"Content-Type": "application/merge-patch+json", "Accept": "application/json"}
         try:
-            if self.token_file is not None:
-                headers["Authorization"] = "Bearer " + self.token_file.read_text().strip()
-            req = urllib.request.Request(self.url, data=body, method="PATCH", headers=headers)
-            with urllib.request.urlopen(req, timeout=self.timeout, context=self.context) as resp:
-                resp.read()
+            self.client.patch_status(API_VERSION, "TrainingJob", self.namespace, self.name, {"progress": progress.to_status()})
             return True
-        except urllib.error.HTTPError as exc:
-            detail = exc.read(300).decode(errors="replace").replace("\n", " ")
-            log.warning("progress: PATCH %s failed: HTTP %s %s", self.url, exc.code, detail)
+        except kube.ApiError as exc:
+            detail = exc.body[:300].replace("\n", " ") if exc.body else exc.reason
+            log.warning("progress: PATCH %s failed: HTTP %s %s", self.url, exc.status, detail)
         except Exception as exc:
             log.warning("progress: PATCH %s failed: %s: %s", self.url, type(exc).__name__, exc)
         return False

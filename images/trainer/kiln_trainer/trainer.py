@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.spec import Training, TrainingJobSpec
 from kiln_trainer import checkpoint, data, distributed, export, optimizers, outputs, preprocess, storage
 from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
@@ -31,9 +32,9 @@ CLASSIFICATION = ("sparse_categorical_crossentropy", "categorical_crossentropy",
 def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | None) -> int:
     if resumed is not None:
         return resumed.seed
-    seed = job.spec.get("training", {}).get("seed")
+    seed = job.typed.training.seed
     if seed is not None:
-        return int(seed)
+        return seed
     if cluster.multi_worker:  # every worker must split the data the same way without talking first
         meta = job.doc.get("metadata", {})
         return zlib.crc32(f"{meta.get('namespace')}/{job.name}/{meta.get('uid')}".encode()) & 0x7FFFFFFF
@@ -93,15 +94,13 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
     import keras
     import tensorflow as tf
 
-    spec = job.spec
-    if not spec.get("dataset") or not spec.get("model"):
+    spec = job.typed
+    if spec.dataset is None or spec.model is None:
         raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
     cluster = cluster or distributed.setup()
     strategy = strategy or distributed.strategy(cluster)
-    tr_spec = spec.get("training", {})
-    epochs = int(tr_spec.get("epochs", 10))
-    loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
-    metric_names = list(tr_spec.get("metrics", ["accuracy"]))
+    tr_spec = spec.training
+    epochs, loss, metric_names = tr_spec.epochs, tr_spec.loss, list(tr_spec.metrics)
 
     loc, local_dir = outputs.resolve_output(job, output)
     out = Output(loc, local_dir, cluster.chief)
@@ -109,17 +108,17 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
     try:
         clock = time.perf_counter()
         timings: dict[str, float] = {}
-        digest = checkpoint.spec_hash(spec)
+        digest = checkpoint.spec_hash(job.spec)
         resumed = checkpoint.latest(out.shared_checkpoints, digest)
         seed = _seed(job, cluster, resumed)
         keras.utils.set_random_seed(seed)
-        if tr_spec.get("seed") is not None:
+        if tr_spec.seed is not None:
             tf.config.experimental.enable_op_determinism()
         ds = _load_dataset(job)
         timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
-        x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(spec["dataset"].get("validationSplit", 0.2)), seed)
+        x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, spec.dataset.validation_split, seed)
         state = (preprocess.PreprocessState.from_json(resumed.preprocess) if resumed
-                 else preprocess.fit(x_tr, spec["dataset"].get("preprocessing", {})))
+                 else preprocess.fit(x_tr, spec.dataset.preprocessing))
         models, y_tr, y_val = _compile(spec, strategy, state, y_tr_raw, y_val_raw, seed, metric_names, resumed)
         start = resumed.epoch if resumed else 0
         if resumed is None:  # a fresh run: curves of an earlier run in the same place would overlap
@@ -151,11 +150,11 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
 
 def _load_dataset(job: Job) -> data.Dataset:
     """The cleaned dataset (a remote one is fetched into $TMPDIR and removed once loaded)."""
-    ds_spec = job.spec["dataset"]
-    data_loc = storage.resolve(ds_spec["uri"], job.base_dir, "spec.dataset.uri")
+    uri = job.typed.dataset.uri if job.typed.dataset else ""
+    data_loc = storage.resolve(uri, job.base_dir, "spec.dataset.uri")
     fetched = storage.fetch(data_loc, "spec.dataset.uri")
     try:
-        ds = data.load(fetched, ds_spec["uri"], job.spec)
+        ds = data.load(fetched, uri, job.typed)
     finally:
         if data_loc.is_remote:  # the downloaded copy in $TMPDIR
             storage.rmtree_quiet(fetched.parent)
@@ -163,36 +162,35 @@ def _load_dataset(job: Job) -> data.Dataset:
     return ds
 
 
-def _compile(spec: dict[str, Any], strategy: Any, state: preprocess.PreprocessState, y_tr_raw: np.ndarray,
+def _compile(spec: TrainingJobSpec, strategy: Any, state: preprocess.PreprocessState, y_tr_raw: np.ndarray,
              y_val_raw: np.ndarray, seed: int, metric_names: list[str], resumed: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """The training and inference models (preprocessing inside), compiled, restored from a checkpoint if resuming."""
-    model_spec, tr_spec = spec["model"], spec.get("training", {})
-    loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
-    input_shape = [int(d) for d in model_spec["inputShape"]]
-    pp_spec = spec["dataset"].get("preprocessing", {})
+    assert spec.model is not None and spec.dataset is not None  # train() checked
+    model_spec, tr_spec = spec.model, spec.training
+    loss = tr_spec.loss
+    input_shape = [int(d) for d in model_spec.input_shape]
     with strategy.scope():
-        models = model_lib.build(input_shape, model_spec["layers"], preprocess.layer(state, input_shape[-1]),
-                                 preprocess.augmentation(pp_spec, input_shape, seed))
+        models = model_lib.build(input_shape, model_spec.layers, preprocess.layer(state, input_shape[-1]),
+                                 preprocess.augmentation(spec.dataset.preprocessing, input_shape, seed))
         out_dim = int(models.inference.output_shape[-1])
-        last = len(model_spec["layers"]) - 1
+        last = len(model_spec.layers) - 1
         y_tr = _labels(y_tr_raw, loss, out_dim, last)
         y_val = _labels(y_val_raw, loss, out_dim, last)
-        models.training.compile(optimizer=optimizers.build(tr_spec.get("optimizer", {})), loss=loss,
+        models.training.compile(optimizer=optimizers.build(tr_spec.optimizer), loss=loss,
                                 metrics=export.metric_objects(metric_names, loss))
         if resumed is not None:
             checkpoint.restore(models.training, resumed)
     return models, y_tr, y_val
 
 
-def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, seed: int,
+def _callbacks(tr_spec: Training, resumed: Any, out: Output, digest: str, seed: int,
                state: preprocess.PreprocessState, reporter: ProgressReporter) -> tuple[list[Any], Any]:
     """Early stopping and checkpoints (both resumable), the per-epoch log/progress, TensorBoard summaries."""
     early = None
-    if tr_spec.get("earlyStopping"):
-        es = tr_spec["earlyStopping"]
+    es = tr_spec.early_stopping
+    if es is not None:
         early = checkpoint.ResumableEarlyStopping(
-            resumed.early_stopping if resumed else None, monitor=es.get("monitor", "val_loss"),
-            patience=int(es.get("patience", 3)), min_delta=float(es.get("minDelta", 0)))
+            resumed.early_stopping if resumed else None, monitor=es.monitor, patience=es.patience, min_delta=float(es.min_delta))
     ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
                                          resumed.history if resumed else {}, early)
     callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
@@ -201,12 +199,12 @@ def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, 
 
 
 def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train_xy: tuple[np.ndarray, np.ndarray],
-         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: dict[str, Any], loss: str, seed: int, start: int,
+         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: Training, loss: str, seed: int, start: int,
          callbacks: list[Any]) -> None:
     (x_tr, y_tr), (x_val, y_val) = train_xy, val_xy
-    epochs = int(tr_spec.get("epochs", 10))
-    class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
-    batch = int(tr_spec.get("batchSize", 32))
+    epochs = tr_spec.epochs
+    class_weight = _class_weight(y_tr, loss) if tr_spec.class_weight == "balanced" else None
+    batch = tr_spec.batch_size
     if cluster.multi_worker:
         distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
         train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
@@ -243,14 +241,14 @@ def _distributed_data(tf: Any, x: np.ndarray, y: np.ndarray, batch: int, seed: i
 def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, list[float]], ds: data.Dataset,
             x_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, metric_names: list[str], loss: str,
             seed: int, done: int) -> dict[str, Any]:
-    spec = job.spec
-    out_spec = spec.get("output", {})
+    spec = job.typed
+    assert spec.model is not None  # train() checked
+    out_spec = spec.output
     stage = out.staging
-    input_shape = [int(d) for d in spec["model"]["inputShape"]]
+    input_shape = [int(d) for d in spec.model.input_shape]
     onnx_path = stage / "model.onnx"
-    export.to_onnx(models.inference, input_shape, int(out_spec.get("onnx", {}).get("opset", 17)), onnx_path)
-    diff = export.parity(models.inference, onnx_path, x_val[:PARITY_ROWS],
-                         float(out_spec.get("parityTolerance", 1e-4)))
+    export.to_onnx(models.inference, input_shape, out_spec.onnx.opset, onnx_path)
+    diff = export.parity(models.inference, onnx_path, x_val[:PARITY_ROWS], float(out_spec.parity_tolerance))
     onnx_pred = export.onnx_predict(onnx_path, x_val)
     heldout = export.evaluate(onnx_pred, y_val, metric_names, loss) if metric_names else {}
     metrics = {k: float(v[-1]) for k, v in history.items()}

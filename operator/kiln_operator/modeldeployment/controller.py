@@ -14,10 +14,11 @@ import copy
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
-from kiln import API_VERSION, GROUP, VERSION
-from kiln_operator import aiokube, kube, names
+from kiln import API_VERSION, GROUP, VERSION, kube
+from kiln.kube import ApiError
+from kiln.spec import ModelDeploymentSpec
+from kiln_operator import names
 from kiln_operator.modeldeployment.render import build_modeldeployment, resolve_model
 from kiln_operator.modeldeployment.status import derive_md_status
 from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
@@ -59,7 +60,7 @@ class ModelDeploymentController:
         for body in self.mds.get(key):
             try:
                 await self.reconcile(key, body)
-            except (ApiException, kopf.TemporaryError) as exc:
+            except (ApiError, kopf.TemporaryError) as exc:
                 log.warning("reconcile of ModelDeployment %s/%s failed: %s", key[0], key[1], exc)
 
     # -------------------------------------------------------------------------------- reconcile
@@ -67,7 +68,7 @@ class ModelDeploymentController:
         async with self.writer.locks[key]:
             md = self.writer.view(key, body)
             uid = md["metadata"].get("uid")
-            tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
+            tj_name = ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job
             tj = next(iter(self.trainingjobs.get((key[0], tj_name))), None) if tj_name else None
             resolution = resolve_model(md, tj)
             render_error = ""
@@ -102,21 +103,21 @@ class ModelDeploymentController:
                 continue
             await self._apply(key, md, child, live)
         if key in self.hpas_applied and not any(c["kind"] == "HorizontalPodAutoscaler" for c in children):
-            await aiokube.delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
+            await kube.api().delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
             self.hpas_applied.discard(key)
 
     async def _apply(self, key: Key, md: dict[str, Any], child: dict[str, Any], live: dict[str, Any] | None) -> None:
         kind = child["kind"]
         try:
             if live is None or kind == "HorizontalPodAutoscaler":
-                result = await aiokube.apply(child, self.settings.field_manager)
+                result = await kube.api().apply(child, self.settings.field_manager)
             else:
                 # Put a hand edit back. Server-side apply would merge list entries it does not own
                 # (a hand-added Service port); a merge patch replaces those lists with exactly Kiln's.
                 meta = {k: child["metadata"][k] for k in ("labels", "annotations") if k in child["metadata"]}
-                result = await aiokube.patch(child["apiVersion"], kind, key[0], child["metadata"]["name"],
+                result = await kube.api().patch(child["apiVersion"], kind, key[0], child["metadata"]["name"],
                                              {"metadata": meta, "spec": child["spec"]})
-        except ApiException as exc:
+        except ApiError as exc:
             message = f"could not apply {kind} {child['metadata']['name']}: {kube.error_message(exc)}"
             await post_event(md, "Warning", "ApplyFailed", message)
             raise kopf.TemporaryError(message, delay=5) from exc
@@ -174,7 +175,7 @@ class ModelDeploymentController:
             self.trainingjobs.items[key] = {"": snapshot(body)}
         for md_key in list(self.mds):
             md = next(iter(self.mds.get(md_key)), None)
-            if md_key[0] == namespace and md and ((md.get("spec") or {}).get("model") or {}).get("trainingJob") == name:
+            if md_key[0] == namespace and md and ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job == name:
                 await self.safe_reconcile(md_key)
 
 

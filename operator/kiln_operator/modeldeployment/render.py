@@ -4,11 +4,11 @@ Deployment, Service and HPA for it (`build_modeldeployment`, also behind `kiln r
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 from kiln.serverargs import serve_args
+from kiln.spec import ModelDeploymentSpec, TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -58,11 +58,11 @@ class Resolution:
 
 def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     """Pick the model: `spec.model.uri`, or the result of a succeeded TrainingJob."""
-    spec_model = (md.get("spec") or {}).get("model") or {}
-    fmt = spec_model.get("format") or "onnx"
-    if spec_model.get("uri"):
-        return Resolution(ModelRef(spec_model["uri"], spec_model.get("sha256", ""), "", fmt))
-    name = spec_model.get("trainingJob", "")
+    source = ModelDeploymentSpec.from_dict(md.get("spec")).model
+    fmt = source.format
+    if source.uri:
+        return Resolution(ModelRef(source.uri, source.sha256 or "", "", fmt))
+    name = source.training_job or ""
     served = ((md.get("status") or {}).get("model") or {})
     if tj is None:
         if served.get("uri") and served.get("trainingJob") == name:
@@ -114,6 +114,7 @@ def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[d
 
 
 def model_name(md: dict[str, Any]) -> str:
+    """The name in the V2 routes: `spec.modelName`, else the resource's name."""
     return str((md.get("spec") or {}).get("modelName") or md["metadata"]["name"])
 
 
@@ -128,23 +129,19 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
     model path shows as the TrainingJob's placeholder so the preview is still complete.
     """
-    spec = copy.deepcopy(md.get("spec") or {})
+    spec = ModelDeploymentSpec.from_dict(md.get("spec"))
     meta = md["metadata"]
     name, namespace = meta["name"], meta.get("namespace") or "default"
     if model is None:
-        tj = (spec.get("model") or {}).get("trainingJob", "")
-        uri = (spec.get("model") or {}).get("uri") or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
-        model = ModelRef(uri, (spec.get("model") or {}).get("sha256", ""), tj)
+        tj = spec.model.training_job or ""
+        uri = spec.model.uri or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
+        model = ModelRef(uri, spec.model.sha256 or "", tj)
     path, fetch, volumes, mounts = _model_location(model)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
     args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
-    autoscaling = spec.get("autoscaling")
-    if autoscaling:
-        autoscaling = {"minReplicas": 1, "targetCPUUtilization": 80, **autoscaling}
-    hpa = bool(autoscaling) and settings.features.hpa_v2
-    replicas: int | None = None if hpa else (int(autoscaling["minReplicas"]) if autoscaling else int(spec.get("replicas", 1)))
-    startup = int(spec.get("startupTimeoutSeconds") or 600)
+    hpa = spec.autoscaling is not None and settings.features.hpa_v2
+    replicas: int | None = None if hpa else (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
     ctx = {
         "deployment": names.server_deployment(name),
         "service": names.server_service(name),
@@ -155,24 +152,24 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "pod_annotations": {names.ANNOTATION_MODELDEPLOYMENT: name, ANNOTATION_URI: model.uri, ANNOTATION_SHA: model.sha256 or "unknown"},
         "owner_references": owner_references({**md, "kind": "ModelDeployment"}),
         "replicas": replicas,
-        "progress_deadline": int(spec.get("progressDeadlineSeconds") or 600),
-        "image": spec.get("image") or settings.server_image,
-        "image_pull_policy": spec.get("imagePullPolicy") or settings.image_pull_policy,
-        "image_pull_secrets": spec.get("imagePullSecrets") or [],
-        "scheduling": {"nodeSelector": {}, "priorityClassName": "", **(spec.get("scheduling") or {})},
+        "progress_deadline": spec.progress_deadline_seconds,
+        "image": spec.image or settings.server_image,
+        "image_pull_policy": spec.image_pull_policy or settings.image_pull_policy,
+        "image_pull_secrets": [],  # a ModelDeployment has no imagePullSecrets field (the shared template has)
+        "scheduling": spec.scheduling,
         "tolerations": tolerations(spec),
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
         "fetch": fetch,
         "args": args,
         "port": SERVER_PORT,
-        "startup_failures": max(1, startup // 2),
+        "startup_failures": max(1, spec.startup_timeout_seconds // 2),
         "resources": resources(spec),
         "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],
         "volumes": [{"name": "tmp", "emptyDir": {}}, *volumes],
-        "service_type": (spec.get("service") or {}).get("type", "ClusterIP"),
-        "service_port": int((spec.get("service") or {}).get("port", 80)),
-        "autoscaling": autoscaling,
+        "service_type": spec.service.type,
+        "service_port": spec.service.port,
+        "autoscaling": spec.autoscaling,
     }
     out = render_template("modeldeployment-deployment.yaml.j2", **ctx)
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
@@ -188,9 +185,9 @@ def build_modeldeployment_preview(md: dict[str, Any], settings: OperatorSettings
     A model from a TrainingJob in the same files is previewed at that job's output location (where
     the trainer writes model.onnx); any other TrainingJob's model is only known once it has succeeded.
     """
-    tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
+    tj_name = ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job
     tj = (trainingjobs or {}).get(tj_name or "")
-    output = (((tj or {}).get("spec") or {}).get("output") or {}).get("uri")
+    output = TrainingJobSpec.from_dict(tj.get("spec")).output.uri if tj else None
     if tj_name and output:
         return build_modeldeployment(md, settings, ModelRef(output.rstrip("/") + "/model.onnx", "", tj_name))
     return build_modeldeployment(md, settings, model=None)

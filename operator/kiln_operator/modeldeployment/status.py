@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kiln.spec import ModelDeploymentSpec
 from kiln_operator import names
 from kiln_operator.conditions import now_utc, set_condition
 from kiln_operator.modeldeployment.render import ModelRef, Resolution, service_url
@@ -48,7 +49,7 @@ def _pod_problem(pods: list[dict[str, Any]], gpus: int) -> tuple[str, str] | Non
 def _rollout(md: dict[str, Any], model: ModelRef, deployment: dict[str, Any] | None, pods: list[dict[str, Any]],
              new: dict[str, Any]) -> Outcome:
     """Where serving `model` stands: Ready, Deploying (with the pods' problem) or Failed (no progress)."""
-    spec, old = md.get("spec") or {}, md.get("status") or {}
+    spec, old = ModelDeploymentSpec.from_dict(md.get("spec")), md.get("status") or {}
     dep_status = (deployment or {}).get("status") or {}
     want = (deployment or {}).get("spec", {}).get("replicas", 1)
     ready = int(dep_status.get("readyReplicas") or 0)
@@ -59,7 +60,7 @@ def _rollout(md: dict[str, Any], model: ModelRef, deployment: dict[str, Any] | N
     observed = int(dep_status.get("observedGeneration") or 0) >= int((deployment or {}).get("metadata", {}).get("generation") or 0)
     rolled_out = deployment is not None and observed and updated >= want and total == updated and ready >= want
     new.update(replicas=total, readyReplicas=ready, url=service_url(md))
-    problem = _pod_problem(pods, int((spec.get("resources") or {}).get("gpus") or 0))
+    problem = _pod_problem(pods, spec.resources.gpus)
     if progressing and progressing.get("status") == "False":
         message = progressing.get("message") or "the rollout made no progress"
         if problem:
@@ -76,15 +77,15 @@ def _rollout(md: dict[str, Any], model: ModelRef, deployment: dict[str, Any] | N
 
 def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds: list[dict[str, Any]], now: datetime,
                           gen: int | None) -> list[dict[str, Any]]:
-    spec = md.get("spec") or {}
-    if not spec.get("autoscaling"):
+    autoscaling = ModelDeploymentSpec.from_dict(md.get("spec")).autoscaling
+    if autoscaling is None:
         return conds
     if settings.features.hpa_v2:
         return set_condition(conds, "AutoscalerReady", "True", "HorizontalPodAutoscaler",
                              f"HPA {names.server_deployment(md['metadata']['name'])} scales on CPU", now, gen)
     return set_condition(conds, "AutoscalerReady", "False", "AutoscalingUnavailable",
                          f"autoscaling/v2 is not served by this API server ({settings.features.server_version}); "
-                         f"running spec.autoscaling.minReplicas={spec['autoscaling'].get('minReplicas', 1)} replicas", now, gen)
+                         f"running spec.autoscaling.minReplicas={autoscaling.min_replicas} replicas", now, gen)
 
 
 def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,

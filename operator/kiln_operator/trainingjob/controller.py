@@ -23,10 +23,11 @@ from typing import Any
 
 import kopf
 import yaml
-from kubernetes.client.exceptions import ApiException
 
-from kiln import API_VERSION, GROUP, VERSION
-from kiln_operator import aiokube, kube, names
+from kiln import API_VERSION, GROUP, VERSION, kube
+from kiln.kube import ApiError
+from kiln.spec import TrainingJobSpec
+from kiln_operator import names
 from kiln_operator.conditions import fmt_time, now_utc, set_condition
 from kiln_operator.podstatus import pod_phase
 from kiln_operator.runtime import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
@@ -36,7 +37,7 @@ from kiln_operator.trainingjob.render import build_deployment, build_trainingjob
 from kiln_operator.trainingjob.status import HELD_BACK_MESSAGE, TERMINAL, derive, job_finished
 
 PLURAL = "trainingjobs"
-Outcome = tuple[dict[str, Any], bool] | ApiException
+Outcome = tuple[dict[str, Any], bool] | ApiError
 """What creating one child gave: (the object, created now?) or the API's error."""
 
 
@@ -123,7 +124,7 @@ class TrainingJobController:
             for body in self.trainingjobs.get(key):
                 try:
                     await self.reconcile(key, body)
-                except (ApiException, kopf.TemporaryError) as exc:
+                except (ApiError, kopf.TemporaryError) as exc:
                     log.warning("resync of %s/%s failed: %s", key[0], key[1], exc)
 
     async def reconcile_key(self, key: Key) -> None:
@@ -152,7 +153,7 @@ class TrainingJobController:
         self.trainingjobs.items[key] = {"": snapshot(body)}
         try:
             await self.reconcile(key, self.trainingjobs.items[key][""])
-        except (ApiException, kopf.TemporaryError) as exc:
+        except (ApiError, kopf.TemporaryError) as exc:
             # Not raised to Kopf: event handlers are not retried. The periodic resync tries again.
             self.reconciled.pop(key, None)
             log.warning("reconcile of %s/%s failed (retried by the resync): %s", key[0], key[1], exc)
@@ -183,7 +184,7 @@ class TrainingJobController:
 
     async def _job_not_seen_yet(self, key: Key, job_name: str, uid: str | None) -> dict[str, Any] | None:
         """The watch may simply not have delivered the Job yet: ask before calling it deleted."""
-        live = await aiokube.get("batch/v1", "Job", key[0], job_name)
+        live = await kube.api().get("batch/v1", "Job", key[0], job_name)
         if live is None or not owned_by(live, uid):
             return None
         job = slim_job(live)
@@ -196,7 +197,7 @@ class TrainingJobController:
         if job and job_finished(job) and not any(pod_phase(p) in ("Succeeded", "Failed") for p in job_pods):
             # The Job says it finished but its finished pod has not reached the watch cache yet (an
             # operator restart refills caches stream by stream): read the pods, for the real reason.
-            listed = await aiokube.list_objects("v1", "Pod", key[0], f"{names.LABEL_TRAININGJOB}={names.label_value(key[1])}")
+            listed = await kube.api().list_objects("v1", "Pod", key[0], f"{names.LABEL_TRAININGJOB}={names.label_value(key[1])}")
             for pod in listed:
                 self.pods.update("ADDED", key, slim_pod(pod))
             job_pods = [p for p in self.pods.get(key) if owned_by(p, job_uid)]
@@ -205,11 +206,11 @@ class TrainingJobController:
     async def _follow(self, key: Key, body: dict[str, Any], tj: dict[str, Any], job: dict[str, Any] | None) -> None:
         """Derive the status from the Job and its pods, write it, and deploy the model once it succeeded."""
         job_pods = await self._job_pods(key, job)
-        held_back = bool(((tj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) and not self.features.job_suspend \
+        held_back = TrainingJobSpec.from_dict(tj.get("spec")).run_policy.suspend and not self.features.job_suspend \
             and not tj["status"].get("jobName")
         derived = derive(tj, job, job_pods, held_back=held_back)
         if derived.delete_job and job:
-            await aiokube.delete("batch/v1", "Job", key[0], job["metadata"]["name"])
+            await kube.api().delete("batch/v1", "Job", key[0], job["metadata"]["name"])
         await self.writer.patch(key, derived.status)
         if derived.event:
             await post_event(tj, *derived.event)
@@ -220,8 +221,8 @@ class TrainingJobController:
     async def create_deployment(self, key: Key, tj: dict[str, Any]) -> None:
         md = build_deployment(tj)
         try:
-            _, made = await aiokube.create(md)
-        except ApiException as exc:
+            _, made = await kube.api().create(md)
+        except ApiError as exc:
             message = f"could not create ModelDeployment {md['metadata']['name']}: {kube.error_message(exc)}"
             await post_event(tj, "Warning", "DeployFailed", message)
             raise kopf.TemporaryError(kube.error_message(exc), delay=10) from exc
@@ -241,8 +242,7 @@ class TrainingJobController:
     # -------------------------------------------------------------------------------- children
     async def ensure_children(self, key: Key, tj: dict[str, Any]) -> None:
         """Create the ServiceAccount, Role, RoleBinding (and workers' Service) and the Job (caller holds the lock)."""
-        spec = tj.get("spec") or {}
-        if (spec.get("runPolicy") or {}).get("suspend") and not self.features.job_suspend:
+        if TrainingJobSpec.from_dict(tj.get("spec")).run_policy.suspend and not self.features.job_suspend:
             # No Job suspend on this API server: hold the Job back until the user resumes.
             if tj["status"].get("phase") != "Suspended":
                 await self.writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE})
@@ -256,9 +256,9 @@ class TrainingJobController:
         outcomes = await create_in_stages(children)
         job_name, job_created = "", False
         for obj, outcome in zip(children, outcomes, strict=True):
-            if isinstance(outcome, ApiException) and outcome.status == 0:
+            if isinstance(outcome, ApiError) and outcome.status == 0:
                 continue  # not attempted: an earlier stage failed and is reported below
-            if isinstance(outcome, ApiException):
+            if isinstance(outcome, ApiError):
                 message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(outcome)}"
                 if outcome.status in (400, 422):
                     await self.fail(key, tj, "JobCreationFailed", message)
@@ -278,7 +278,7 @@ class TrainingJobController:
             await post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
 
     async def record_created(self, key: Key, tj: dict[str, Any], job_name: str) -> None:
-        status, spec = tj["status"], tj.get("spec") or {}
+        status, spec = tj["status"], TrainingJobSpec.from_dict(tj.get("spec"))
         now = now_utc()
         generation = tj["metadata"].get("generation")
         update: dict[str, Any] = {
@@ -289,9 +289,8 @@ class TrainingJobController:
         }
         if not status.get("phase") or status.get("phase") == "Suspended":
             update.update(phase="Pending", reason="JobCreated", message=f"Job {job_name} created, waiting for pods")
-        if not status.get("progress") and not spec.get("command"):
-            epochs = int((spec.get("training") or {}).get("epochs") or 10)
-            update["progress"] = {"epoch": 0, "epochs": epochs, "percent": 0}
+        if not status.get("progress") and not spec.command:
+            update["progress"] = {"epoch": 0, "epochs": spec.training.epochs, "percent": 0}
         await self.writer.patch(key, {k: v for k, v in update.items() if status.get(k) != v})
 
     # -------------------------------------------------------------------------------- spec edits
@@ -319,16 +318,16 @@ class TrainingJobController:
         await post_event(tj, "Warning", "SpecChangeIgnored", message)
 
     async def _apply_suspend(self, key: Key, tj: dict[str, Any], job: dict[str, Any]) -> None:
-        spec = tj.get("spec") or {}
-        suspend = bool((spec.get("runPolicy") or {}).get("suspend"))
-        queued = bool((spec.get("scheduling") or {}).get("queueName"))  # a queue (Kueue) owns resuming
+        spec = TrainingJobSpec.from_dict(tj.get("spec"))
+        suspend = spec.run_policy.suspend
+        queued = bool(spec.scheduling.queue_name)  # a queue (Kueue) owns resuming
         if self.features.job_suspend and bool((job.get("spec") or {}).get("suspend")) != suspend and (suspend or not queued):
-            await aiokube.patch("batch/v1", "Job", key[0], job["metadata"]["name"], {"spec": {"suspend": suspend}})
+            await kube.api().patch("batch/v1", "Job", key[0], job["metadata"]["name"], {"spec": {"suspend": suspend}})
             await post_event(tj, "Normal", "Suspended" if suspend else "Resumed", f"Job {job['metadata']['name']} suspend={suspend}")
 
 
 async def create_in_stages(children: list[dict[str, Any]]) -> list[Outcome]:
-    """Create the children in two round trips; a child not attempted (an earlier stage failed) gets ApiException(status=0).
+    """Create the children in two round trips; a child not attempted (an earlier stage failed) gets ApiError(status=0).
 
     A RoleBinding may only be created once its Role exists (RBAC checks that the creator holds what the
     binding grants), and the Job goes second so that its pods find their ServiceAccount and no training
@@ -338,18 +337,18 @@ async def create_in_stages(children: list[dict[str, Any]]) -> list[Outcome]:
     """
     async def create_child(obj: dict[str, Any]) -> Outcome:
         try:
-            return await aiokube.create(obj, decode=False)
-        except ApiException as exc:
+            return await kube.api().create(obj, decode=False)
+        except ApiError as exc:
             return exc
 
     late = {"RoleBinding", "Job"}
     first = [i for i, obj in enumerate(children) if obj["kind"] not in late]
     second = [i for i, obj in enumerate(children) if obj["kind"] in late]
-    outcomes: list[Outcome] = [ApiException(status=0)] * len(children)
+    outcomes: list[Outcome] = [ApiError(status=0)] * len(children)
     for stage in (first, second):
         for i, outcome in zip(stage, await asyncio.gather(*(create_child(children[i]) for i in stage)), strict=True):
             outcomes[i] = outcome
-        if any(isinstance(outcomes[i], ApiException) for i in stage):
+        if any(isinstance(outcomes[i], ApiError) for i in stage):
             break
     return outcomes
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from kiln import API_VERSION
+from kiln import API_VERSION, DEFAULT_OUTPUT_DIR
+from kiln.spec import TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -36,10 +37,10 @@ TRAINER_COMMAND = ["kiln", "train", "--in-cluster"]
 BYO_COMMAND = ["python", "-m", "kiln_trainer.byo", "--"]
 
 
-def _storage(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+def _storage(spec: TrainingJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Volumes and mounts for the dataset/output PVCs, and the local output folder."""
-    dataset_uri = (spec.get("dataset") or {}).get("uri", "")
-    output_uri = (spec.get("output") or {}).get("uri", "")
+    dataset_uri = spec.dataset.uri if spec.dataset else ""
+    output_uri = spec.output.uri or ""
     claims: dict[str, bool] = {}  # claim -> writable
     data_pvc = parse_pvc(dataset_uri, "spec.dataset.uri") if dataset_uri else None
     out_pvc = parse_pvc(output_uri, "spec.output.uri") if output_uri else None
@@ -51,44 +52,43 @@ def _storage(spec: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     for i, (claim, writable) in enumerate(sorted(claims.items())):
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable})
-    output_dir = f"{PVC_ROOT}/{out_pvc[0]}/{out_pvc[1]}".rstrip("/") if out_pvc else "/tmp/kiln-output"
+    output_dir = f"{PVC_ROOT}/{out_pvc[0]}/{out_pvc[1]}".rstrip("/") if out_pvc else f"/tmp/{DEFAULT_OUTPUT_DIR}"
     return volumes, mounts, output_dir
 
 
 def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
     """What the schema cannot say but a cluster needs; raises RenderError naming the field."""
-    spec = tj.get("spec") or {}
-    output_uri = (spec.get("output") or {}).get("uri")
-    if not spec.get("command"):
-        for key in ("dataset", "model"):
-            if not spec.get(key):
+    spec = TrainingJobSpec.from_dict(tj.get("spec"))
+    output_uri = spec.output.uri
+    if not spec.command:
+        for key, value in (("dataset", spec.dataset), ("model", spec.model)):
+            if not value:
                 raise RenderError(f"spec.{key}", "required for the built-in trainer (or set spec.command)")
         if not output_uri:
             raise RenderError("spec.output.uri", "required in a cluster: pvc://CLAIM/PATH or s3://BUCKET/PREFIX")
     if output_uri and output_uri.split("://")[0] not in ("pvc", "s3") :
         raise RenderError("spec.output.uri", f"{output_uri!r}: a cluster needs pvc:// or s3:// (the pod's filesystem is temporary)")
-    if int(spec.get("workers") or 1) > 1 and not features.indexed_jobs:
+    if spec.workers > 1 and not features.indexed_jobs:
         version = features.server_version or "older"
         raise RenderError("spec.workers", f"more than 1 worker needs Indexed Jobs (Kubernetes 1.21+); the API server is {version}")
 
 
-def _env(spec: dict[str, Any], name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
+def _env(spec: TrainingJobSpec, name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
     """The trainer's environment: HOME/TMPDIR on the writable /tmp, the user's env, then Kiln's contract."""
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
-    env += copy.deepcopy(spec.get("env") or [])
+    env += [e.to_dict() for e in spec.env or []]
     env += [
         {"name": "KILN_SPEC", "value": SPEC_FILE},
         {"name": "KILN_TRAININGJOB", "value": name},
         {"name": "KILN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "KILN_OUTPUT_URI", "value": (spec.get("output") or {}).get("uri", "")},
+        {"name": "KILN_OUTPUT_URI", "value": spec.output.uri or ""},
         {"name": "KILN_OUTPUT_DIR", "value": output_dir},
         {"name": "KILN_PVC_ROOT", "value": PVC_ROOT},
         {"name": "KILN_TERMINATION_LOG", "value": "/dev/termination-log"},
     ]
-    workers = int(spec.get("workers") or 1)
-    if workers > 1:
+    if spec.workers > 1:
         job, service = names.job_name(name), names.workers_service(name)
-        hosts = ",".join(f"{job}-{i}.{service}.{namespace}.svc:{WORKER_PORT}" for i in range(workers))
+        hosts = ",".join(f"{job}-{i}.{service}.{namespace}.svc:{WORKER_PORT}" for i in range(spec.workers))
         env += [
             {"name": "KILN_WORKER_HOSTS", "value": hosts},
             {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
@@ -114,39 +114,39 @@ def _spec_document(tj: dict[str, Any], spec: dict[str, Any], name: str, namespac
 
 def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     """Everything the TrainingJob templates need, computed once."""
-    spec = copy.deepcopy(tj.get("spec") or {})
+    raw = copy.deepcopy(tj.get("spec") or {})
+    spec = TrainingJobSpec.from_dict(raw)
     name, namespace = tj["metadata"]["name"], tj["metadata"].get("namespace") or "default"
-    run_policy = {"backoffLimit": 0, "restartPolicy": "Never", "suspend": False, **(spec.get("runPolicy") or {})}
-    scheduling = {"nodeSelector": {}, "priorityClassName": "", "queueName": "", **(spec.get("scheduling") or {})}
+    queue = spec.scheduling.queue_name
     volumes, mounts, output_dir = _storage(spec)
     labels = {**names.standard_labels(name, "trainer", "kiln-trainer"), names.LABEL_TRAININGJOB: names.label_value(name)}
-    job_labels = {**labels, KUEUE_LABEL: scheduling["queueName"]} if scheduling.get("queueName") else dict(labels)
+    job_labels = {**labels, KUEUE_LABEL: queue} if queue else dict(labels)
     annotations = {names.ANNOTATION_TRAININGJOB: name}
     return {
         "trainingjob": name,
         "namespace": namespace,
         "job": names.job_name(name),
         "service": names.workers_service(name),
-        "account": spec.get("serviceAccountName") or names.trainer_account(name),
+        "account": spec.service_account_name or names.trainer_account(name),
         "labels": labels,
         "job_labels": job_labels,
         "pod_labels": labels,
         "selector": {names.LABEL_TRAININGJOB: names.label_value(name)},
         "annotations": annotations,
-        "pod_annotations": {**annotations, names.ANNOTATION_SPEC: _spec_document(tj, spec, name, namespace)},
+        "pod_annotations": {**annotations, names.ANNOTATION_SPEC: _spec_document(tj, raw, name, namespace)},
         "owner_references": owner_references({**tj, "kind": "TrainingJob"}),
-        "run_policy": run_policy,
-        "restart_policy": run_policy["restartPolicy"],
-        "suspend": bool(run_policy.get("suspend")) or bool(scheduling.get("queueName")),
-        "workers": int(spec.get("workers") or 1),
+        "run_policy": spec.run_policy,
+        "restart_policy": spec.run_policy.restart_policy,
+        "suspend": spec.run_policy.suspend or bool(queue),
+        "workers": spec.workers,
         "worker_port": WORKER_PORT,
-        "scheduling": scheduling,
+        "scheduling": spec.scheduling,
         "tolerations": tolerations(spec),
-        "image": spec.get("image") or settings.trainer_image,
-        "image_pull_policy": spec.get("imagePullPolicy") or settings.image_pull_policy,
-        "image_pull_secrets": spec.get("imagePullSecrets") or [],
-        "command": BYO_COMMAND + list(spec["command"]) if spec.get("command") else list(TRAINER_COMMAND),
-        "args": list(spec.get("args") or []),
+        "image": spec.image or settings.trainer_image,
+        "image_pull_policy": spec.image_pull_policy or settings.image_pull_policy,
+        "image_pull_secrets": [s.to_dict() for s in spec.image_pull_secrets or []],
+        "command": BYO_COMMAND + spec.command if spec.command else list(TRAINER_COMMAND),
+        "args": list(spec.args or []),
         "env": _env(spec, name, namespace, output_dir),
         "resources": resources(spec),
         "pod_security_context": POD_SECURITY_CONTEXT,
@@ -158,7 +158,7 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
             "path": SPEC_FILE.rsplit("/", 1)[1],
             "fieldRef": {"fieldPath": f"metadata.annotations['{names.ANNOTATION_SPEC}']"}}]}},
             {"name": "tmp", "emptyDir": {}}, *volumes],
-        "create_account": not spec.get("serviceAccountName"),
+        "create_account": not spec.service_account_name,
     }
 
 
@@ -178,8 +178,12 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
 def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
     """The ModelDeployment that `spec.deploy` asks for (not owned by the TrainingJob: see docs)."""
     deploy = copy.deepcopy(tj["spec"]["deploy"])
-    md_name = deploy.pop("name", None) or tj["metadata"]["name"]
-    model = {"trainingJob": tj["metadata"]["name"], "format": (deploy.pop("model", None) or {}).get("format", "onnx")}
+    typed = TrainingJobSpec.from_dict(tj["spec"]).deploy
+    assert typed is not None  # the caller checked spec.deploy
+    deploy.pop("name", None)
+    deploy.pop("model", None)
+    md_name = typed.name or tj["metadata"]["name"]
+    model = {"trainingJob": tj["metadata"]["name"], "format": typed.model.format}
     return {
         "apiVersion": API_VERSION,
         "kind": "ModelDeployment",

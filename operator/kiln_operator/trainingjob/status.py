@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kiln.spec import TrainingJobSpec
 from kiln_operator.conditions import fmt_time, now_utc, parse_time, set_condition
 from kiln_operator.podstatus import START_FAILURES, pod_phase, problems, statuses, termination_summary, waits_for_gpu
 
@@ -38,7 +39,7 @@ class Derived:
     """(type, reason, message) of the transition, when phase or reason changed."""
 
 
-def pod_failure(pod: dict[str, Any], spec: dict[str, Any]) -> tuple[str, str] | None:
+def pod_failure(pod: dict[str, Any], spec: TrainingJobSpec) -> tuple[str, str] | None:
     """(reason, message) of a failed pod: eviction, OOM kill, or a non-zero exit with its message."""
     st = pod.get("status") or {}
     if st.get("reason") == "Evicted":
@@ -50,7 +51,7 @@ def pod_failure(pod: dict[str, Any], spec: dict[str, Any]) -> tuple[str, str] | 
         if not term or int(term.get("exitCode", 0)) == 0:
             continue
         if term.get("reason") == "OOMKilled":
-            limit = (spec.get("resources") or {}).get("memory")
+            limit = spec.resources.memory
             where = f" (memory limit {limit})" if limit else ""
             return "OOMKilled", f"container {cs.get('name')} was killed for running out of memory{where}; raise spec.resources.memory"
         summary = termination_summary(term.get("message"))
@@ -102,7 +103,7 @@ def job_finished(job: dict[str, Any]) -> bool:
     return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
 
 
-def _last_failure(pods: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[str, str] | None:
+def _last_failure(pods: list[dict[str, Any]], spec: TrainingJobSpec) -> tuple[str, str] | None:
     failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed_pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
     return next((c for c in (pod_failure(p, spec) for p in reversed(failed_pods)) if c), None)
@@ -121,20 +122,20 @@ def _succeeded(job: dict[str, Any], complete: dict[str, Any], pods: list[dict[st
     return "Succeeded", "Succeeded", message
 
 
-def _failed(spec: dict[str, Any], job: dict[str, Any], failed: dict[str, Any], pods: list[dict[str, Any]],
+def _failed(spec: TrainingJobSpec, job: dict[str, Any], failed: dict[str, Any], pods: list[dict[str, Any]],
             now: datetime) -> Outcome | None:
     """The Failed outcome with the most precise reason, or None to wait for the failed pod to arrive."""
-    run_policy = spec.get("runPolicy") or {}
+    run_policy = spec.run_policy
     cause = _last_failure(pods, spec)
     if cause is None and failed.get("reason") != "DeadlineExceeded" and _lagging(failed, now):
         return None  # the failed pod has not reached us yet; its reason is worth waiting for
     if failed.get("reason") == "DeadlineExceeded":
         return ("Failed", "DeadlineExceeded",
-                f"the job ran longer than spec.runPolicy.activeDeadlineSeconds={run_policy.get('activeDeadlineSeconds')}")
-    if int(run_policy.get("backoffLimit", 0)) > 0 or cause is None:
+                f"the job ran longer than spec.runPolicy.activeDeadlineSeconds={run_policy.active_deadline_seconds}")
+    if run_policy.backoff_limit > 0 or cause is None:
         failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
         attempts = int((job.get("status") or {}).get("failed") or len(failed_pods) or 1)
-        message = f"failed {attempts} time(s), spec.runPolicy.backoffLimit={run_policy.get('backoffLimit', 0)}"
+        message = f"failed {attempts} time(s), spec.runPolicy.backoffLimit={run_policy.backoff_limit}"
         if cause:
             message += f"; last failure: {cause[0]}: {cause[1]}"
         elif failed.get("message"):
@@ -146,7 +147,7 @@ def _failed(spec: dict[str, Any], job: dict[str, Any], failed: dict[str, Any], p
 def _outcome(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, Any]], now: datetime,
              held_back: bool, new: dict[str, Any]) -> tuple[Outcome, bool] | None:
     """((phase, reason, message), delete_job), or None when nothing is to be written yet."""
-    spec, old = tj.get("spec") or {}, tj.get("status") or {}
+    spec, old = TrainingJobSpec.from_dict(tj.get("spec")), tj.get("status") or {}
     if job is None:
         if held_back:
             return ("Suspended", "Suspended", HELD_BACK_MESSAGE), False
@@ -238,12 +239,12 @@ def _pod_trouble(pod: dict[str, Any], gpus: int, start_timeout: int, now: dateti
     return None
 
 
-def _active(spec: dict[str, Any], job: dict[str, Any], pods: list[dict[str, Any]],
+def _active(spec: TrainingJobSpec, job: dict[str, Any], pods: list[dict[str, Any]],
             now: datetime) -> tuple[str, str, str, str | None, bool]:
     """(phase, reason, message, startTime, delete_job) of a Job that has neither completed nor failed."""
-    run_policy = spec.get("runPolicy") or {}
-    gpus = int((spec.get("resources") or {}).get("gpus") or 0)
-    start_timeout = int(run_policy.get("startTimeoutSeconds") or 600)
+    run_policy = spec.run_policy
+    gpus = spec.resources.gpus
+    start_timeout = run_policy.start_timeout_seconds
     live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")
             and not (p.get("metadata") or {}).get("deletionTimestamp")]
     live.sort(key=_pod_index)
@@ -259,11 +260,11 @@ def _active(spec: dict[str, Any], job: dict[str, Any], pods: list[dict[str, Any]
         failed_before = int((job.get("status") or {}).get("failed") or 0)
         if failed_before:
             cause = _last_failure(pods, spec)
-            msg = f"attempt {failed_before + 1} of {int(run_policy.get('backoffLimit', 0)) + 1}"
+            msg = f"attempt {failed_before + 1} of {run_policy.backoff_limit + 1}"
             if cause:
                 msg += f" after {cause[0]}: {cause[1]}"
             return "Running", "Restarting", msg, start, False
-        return "Running", "Running", f"{len(running)}/{int(spec.get('workers') or 1)} worker(s) running", start, False
+        return "Running", "Running", f"{len(running)}/{spec.workers} worker(s) running", start, False
     if live:
         return "Pending", "PodPending", f"{len(live)} pod(s) created, waiting to start", None, False
     return "Pending", "JobCreated", f"Job {job['metadata']['name']} created, waiting for pods", None, False
