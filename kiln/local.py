@@ -323,6 +323,37 @@ def _startup_timeout(raw_spec: dict[str, Any]) -> float:
     return float(raw_spec.get("startupTimeoutSeconds") or 120)
 
 
+def _wanted(path: str, manifests: list[Manifest], trained: dict[str, Trained], root: Path) -> list[Wanted]:
+    """The servers to start: one per ModelDeployment, and one per trained `spec.deploy` not already served."""
+    wanted: list[Wanted] = []
+    for m in manifests:
+        if m.kind != "ModelDeployment":
+            continue
+        spec = ModelDeploymentSpec.from_dict(m.doc["spec"])
+        name, ref, where = spec.model_name or m.name, spec.model, f"{path}: ModelDeployment/{m.name}"
+        timeout = _startup_timeout(m.raw.get("spec") or {})
+        if ref.training_job:
+            t = trained.get(ref.training_job)
+            if t is None:
+                raise LocalError(f"{where}: spec.model.trainingJob {ref.training_job!r} is not a TrainingJob in this file")
+            wanted.append(Wanted(name, spec, t, *_model_file(t, ref.format), timeout))
+        elif (ref.uri or "").startswith(REMOTE_MODEL_SCHEMES):
+            wanted.append(Wanted(name, spec, None, ref.uri or "", ref.sha256 or "", timeout))
+        else:
+            try:
+                model = _local_path(ref.uri or "", m.base_dir, root)
+            except LocalError as exc:
+                raise LocalError(f"{where}: spec.model.uri: {exc}") from exc
+            wanted.append(Wanted(name, spec, None, str(model), ref.sha256 or "", timeout))
+    for t in trained.values():
+        deploy = TrainingJobSpec.from_dict(t.doc["spec"]).deploy
+        if deploy is not None and not any(w.trained is t for w in wanted):
+            raw_deploy = (t.manifest.raw.get("spec") or {}).get("deploy") or {}
+            wanted.append(Wanted(deploy.model_name or deploy.name or t.name, deploy, t,
+                                 *_model_file(t, deploy.model.format), _startup_timeout(raw_deploy)))
+    return wanted
+
+
 def run(path: str, *, once: bool, port: int | None, output: str | None, stream: TextIO = sys.stdout,
         min_score: float | None = None, pvc_root: str | None = None, warn: TextIO | None = None) -> int:
     foreign: list[str] = []
@@ -340,33 +371,7 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
     for m in manifests:
         if m.kind == "TrainingJob":
             trained[m.name] = train(m, outputs[m.name], stream, root)
-    wanted: list[Wanted] = []
-    for m in manifests:
-        if m.kind == "ModelDeployment":
-            spec = ModelDeploymentSpec.from_dict(m.doc["spec"])
-            name = spec.model_name or m.name
-            ref = spec.model
-            timeout = _startup_timeout(m.raw.get("spec") or {})
-            if ref.training_job:
-                t = trained.get(ref.training_job)
-                if t is None:
-                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref.training_job!r} "
-                                     f"is not a TrainingJob in this file")
-                wanted.append(Wanted(name, spec, t, *_model_file(t, ref.format), timeout))
-            elif (ref.uri or "").startswith(REMOTE_MODEL_SCHEMES):
-                wanted.append(Wanted(name, spec, None, ref.uri or "", ref.sha256 or "", timeout))
-            else:
-                try:
-                    model = _local_path(ref.uri or "", m.base_dir, root)
-                except LocalError as exc:
-                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.uri: {exc}") from exc
-                wanted.append(Wanted(name, spec, None, str(model), ref.sha256 or "", timeout))
-    for t in trained.values():
-        deploy = TrainingJobSpec.from_dict(t.doc["spec"]).deploy
-        if deploy is not None and not any(w.trained is t for w in wanted):
-            raw_deploy = (t.manifest.raw.get("spec") or {}).get("deploy") or {}
-            wanted.append(Wanted(deploy.model_name or deploy.name or t.name, deploy, t,
-                                 *_model_file(t, deploy.model.format), _startup_timeout(raw_deploy)))
+    wanted = _wanted(path, manifests, trained, root)
     if not wanted:
         stream.write("nothing to serve (no ModelDeployment and no spec.deploy in the file)\n")
         return 0

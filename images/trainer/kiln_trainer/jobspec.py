@@ -7,7 +7,6 @@ trainer accepts exactly what the API server accepts; schema errors become a Spec
 from __future__ import annotations
 
 import functools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from kiln.manifests import load_file
 from kiln.schema import ManifestError, validate
 from kiln.spec import TrainingJobSpec
 from kiln_trainer.errors import SpecError
+from kiln_trainer.settings import TrainerSettings
 
 DEFAULT_SPEC_PATH = "/etc/kiln/trainingjob.yaml"
 _FIELD_LINE = re.compile(r"^\s+(\S+?): (.*)$")
@@ -63,7 +63,7 @@ def spec_error(exc: ManifestError) -> SpecError:
 
 def load_job(path: str | Path | None, name: str | None = None) -> Job:
     """The TrainingJob in `path` (first one, or the one called `name`); None means the mounted spec."""
-    source = Path(path) if path else Path(os.environ.get("KILN_SPEC", DEFAULT_SPEC_PATH))
+    source = Path(path) if path else Path(TrainerSettings.from_env().spec or DEFAULT_SPEC_PATH)
     try:
         manifests = load_file(source, kinds=("TrainingJob",))
     except ManifestError as exc:

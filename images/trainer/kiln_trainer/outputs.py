@@ -18,6 +18,7 @@ from typing import Any
 from kiln import DEFAULT_OUTPUT_DIR
 from kiln_trainer import storage
 from kiln_trainer.jobspec import Job
+from kiln_trainer.settings import TrainerSettings
 from kiln_trainer.storage import Location
 
 RESULT = "result.json"
@@ -151,9 +152,9 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
 
 def termination_path(env: dict[str, str] | None = None) -> Path | None:
     """KILN_TERMINATION_LOG, else /dev/termination-log when it exists and is writable, else None."""
-    env = dict(os.environ if env is None else env)
-    if env.get("KILN_TERMINATION_LOG"):
-        return Path(env["KILN_TERMINATION_LOG"])
+    configured = TrainerSettings.from_env(env).termination_log
+    if configured:
+        return Path(configured)
     default = Path("/dev/termination-log")
     if default.exists() and os.access(default, os.W_OK):
         return default

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 import keras
 
 from kiln import API_VERSION, kube
-from kiln.settings import parse_bool
+from kiln.settings import SettingsError
+from kiln_trainer.settings import TrainerSettings
 
 log = logging.getLogger("kiln_trainer.progress")
 
@@ -75,21 +76,24 @@ class StatusPatcher:
         self.client = kube.Client(kube.AsyncClient(creds, pool_size=1, timeout=timeout, retries=0, user_agent="kiln-trainer"))
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> StatusPatcher | None:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StatusPatcher | None:
         """A patcher when running in a cluster (or pointed at an API server by env), else None."""
-        env = dict(os.environ if env is None else env)
-        name, namespace = env.get("KILN_TRAININGJOB"), env.get("KILN_NAMESPACE")
-        if not name or not namespace:
+        env = os.environ if env is None else env
+        try:
+            s = TrainerSettings.from_env(env)
+        except SettingsError as exc:  # progress is a convenience: a bad variable only turns it off
+            log.warning("progress: not reported: %s", exc)
             return None
-        base = env.get("KILN_API_SERVER") or kube.service_account_host(env)
+        if not s.trainingjob or not s.namespace:
+            return None
+        base = s.api_server or kube.service_account_host(env)
         if not base:
             return None
-        token = Path(env.get("KILN_API_TOKEN_FILE", str(kube.SA_DIR / "token")))
-        if "KILN_API_SERVER" not in env and not token.exists():
+        token = Path(s.api_token_file or kube.SA_DIR / "token")
+        if not s.api_server and not token.exists():
             return None
-        ca = Path(env.get("KILN_API_CA_FILE", str(kube.SA_DIR / "ca.crt")))
-        return cls(base, namespace, name, token if token.exists() else None, ca,
-                   parse_bool(env.get("KILN_API_INSECURE", ""), "KILN_API_INSECURE", strict=False))
+        ca = Path(s.api_ca_file or kube.SA_DIR / "ca.crt")
+        return cls(base, s.namespace, s.trainingjob, token if token.exists() else None, ca, s.api_insecure)
 
     def patch(self, progress: Progress) -> bool:
         """Send one progress update; True when the API server accepted it. Never raises."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln_trainer.errors import DataError, SpecError, TrainerError
+from kiln_trainer.settings import TrainerSettings
 
 PVC_ROOT_DEFAULT = "/kiln/pvc"
 
@@ -46,7 +47,7 @@ class Location:
 
 def pvc_root() -> Path:
     """Where the operator mounts PVCs named in `pvc://claim/path` URIs."""
-    return Path(os.environ.get("KILN_PVC_ROOT", PVC_ROOT_DEFAULT))
+    return Path(TrainerSettings.from_env().pvc_root or PVC_ROOT_DEFAULT)
 
 
 def resolve(uri: str, base_dir: Path, field: str) -> Location:
