@@ -16,6 +16,8 @@ when a kubeconfig is used; in a pod the service account's files are read directl
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import functools
 import inspect
 import json
@@ -325,6 +327,13 @@ class Client:
         self.aio = aio
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="kiln-kube", daemon=True).start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Close the shim's session (at exit: an open aiohttp session warns when it is collected)."""
+        if self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.aio.close(), self._loop).result(timeout=5)
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run one coroutine on the shim's loop and wait for its result."""

@@ -42,13 +42,13 @@ class OperatorSettings:
     image_pull_policy: str = "IfNotPresent"
     """Pull policy for the default images."""
     reconcile_interval: float = field(default=5.0, metadata=option(
-        "--reconcile-interval", help="seconds between periodic status reconciles of each resource"))
+        "--reconcile-interval", kind="duration", help="seconds between periodic status reconciles of each resource"))
     """Seconds between status reconciliations of each resource (events trigger them sooner)."""
     watch_server_timeout: int = 300
     """Server-side watch timeout: the API server ends idle watches so they are re-established."""
     watch_client_timeout: int = 330
     """Client-side watch timeout: catches watches that went silent without being closed."""
-    request_timeout: float = 30.0
+    request_timeout: float = field(default=30.0, metadata=option(kind="duration"))
     """Timeout of single API requests."""
     liveness: str = field(default="http://0.0.0.0:8080/healthz", metadata=option(
         "--liveness", help="liveness endpoint URL ('' to disable)"))

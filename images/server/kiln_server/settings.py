@@ -86,15 +86,15 @@ class Settings:
     (`--intra-op-threads`, `KILN_INTRA_OP_THREADS`)."""
 
     graceful_timeout_s: float = field(default=30.0, metadata=
-        option("--graceful-timeout", env="KILN_GRACEFUL_TIMEOUT", help="SIGTERM drain (s)"))
+        option("--graceful-timeout", kind="duration", env="KILN_GRACEFUL_TIMEOUT", help="SIGTERM drain (s)"))
     """On SIGTERM, how long in-flight requests may take to finish (`--graceful-timeout`, `KILN_GRACEFUL_TIMEOUT`)."""
 
     keep_alive_timeout_s: float = field(default=75.0, metadata=
-        option("--keep-alive-timeout", env="KILN_KEEP_ALIVE_TIMEOUT", help="idle close (s)"))
+        option("--keep-alive-timeout", kind="duration", env="KILN_KEEP_ALIVE_TIMEOUT", help="idle close (s)"))
     """Idle keep-alive connections close after this (`--keep-alive-timeout`, `KILN_KEEP_ALIVE_TIMEOUT`)."""
 
     request_timeout_s: float = field(default=60.0, metadata=
-        option("--request-timeout", env="KILN_REQUEST_TIMEOUT", help="slow request 408 (s)"))
+        option("--request-timeout", kind="duration", env="KILN_REQUEST_TIMEOUT", help="slow request 408 (s)"))
     """A request whose headers and body take longer than this to arrive gets 408
     (`--request-timeout`, `KILN_REQUEST_TIMEOUT`)."""
 
