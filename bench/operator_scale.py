@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ def watch_first(ns: str, kind: str, seen: dict[str, float], stop: threading.Even
 
     w = kubernetes.watch.Watch()
     # The official client's watch helper (kiln.kube has no watch: Kopf does the operator's watching).
+    # The test control plane's kubeconfig skips TLS verification: a warning per request adds nothing.
+    import urllib3
+
+    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
     api = kubernetes.config.new_client_from_config(config_file=os.environ["KUBECONFIG"])
     list_fn = (kubernetes.client.BatchV1Api(api).list_namespaced_job if kind == "Job"
                else kubernetes.client.CoreV1Api(api).list_namespaced_pod)

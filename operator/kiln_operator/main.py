@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from kiln import kube
+from kiln import GROUP, kube
 from kiln import settings as settings_reader
 from kiln_operator.settings import Features, OperatorSettings
 
@@ -78,11 +78,11 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         settings.watching.connect_timeout = 30
         settings.networking.request_timeout = ops.request_timeout
         # Keep Kopf's bookkeeping out of `status` (a structural schema would prune it).
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kiln.dev")
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = (
-            kopf.AnnotationsDiffBaseStorage(prefix="kiln.dev", key="last-handled-configuration") if change_handlers
-            else NoDiffBase(prefix="kiln.dev", key="last-handled-configuration"))
-        settings.persistence.finalizer = "kiln.dev/finalizer"
+            kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration") if change_handlers
+            else NoDiffBase(prefix=GROUP, key="last-handled-configuration"))
+        settings.persistence.finalizer = f"{GROUP}/finalizer"
         # Kiln posts its own transition events; Kopf's per-handler chatter would cost an API call each.
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = ops.max_workers

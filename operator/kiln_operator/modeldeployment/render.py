@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kiln import GROUP
 from kiln.serverargs import serve_args
 from kiln.spec import ModelDeploymentSpec, TrainingJobSpec
 from kiln_operator import names
@@ -24,8 +25,8 @@ from kiln_operator.templating import RenderError, render_template
 
 SERVER_PORT = 8080
 FETCH_DIR = "/models"
-ANNOTATION_SHA = "kiln.dev/model-sha256"
-ANNOTATION_URI = "kiln.dev/model-uri"
+ANNOTATION_SHA = f"{GROUP}/model-sha256"
+ANNOTATION_URI = f"{GROUP}/model-uri"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kiln import API_VERSION, DEFAULT_OUTPUT_DIR
+from kiln import API_VERSION, DEFAULT_OUTPUT_DIR, GROUP
 from kiln.spec import TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
@@ -124,6 +124,7 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
     annotations = {names.ANNOTATION_TRAININGJOB: name}
     return {
         "trainingjob": name,
+        "group": GROUP,
         "namespace": namespace,
         "job": names.job_name(name),
         "service": names.workers_service(name),
