@@ -9,6 +9,10 @@ one request at a time, so ONNX Runtime never runs on the event loop either way.
 
 If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
 its neighbours.
+
+A request may carry a deadline (monotonic time): one still waiting when it passes is answered with
+`DeadlineExceeded` instead of running (checked when a batch is formed and again in the inference
+thread right before the call); a request already running is not interrupted.
 """
 
 from __future__ import annotations
@@ -32,20 +36,30 @@ Key = tuple[Any, ...]
 Callback = Callable[[Any, BaseException | None], None]
 
 
-class _Item:
-    """One submitted request: its inputs, wanted outputs, rows, merge key (None: never merged) and callback."""
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while it waited for inference: it was not run."""
 
-    __slots__ = ("callback", "feeds", "key", "outputs", "rows", "t0")
+
+class _Item:
+    """One submitted request: its inputs, wanted outputs, rows, merge key (None: never merged), callback, deadline."""
+
+    __slots__ = ("callback", "deadline", "feeds", "key", "outputs", "rows", "t0")
 
     def __init__(
-        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, callback: Callback
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, callback: Callback,
+        deadline: float,
     ) -> None:
         self.feeds = feeds
         self.outputs = outputs
         self.rows = rows
         self.key = key
         self.callback = callback
+        self.deadline = deadline  # time.monotonic() value, 0.0 = none
         self.t0 = time.monotonic()
+
+
+def _expired(item: _Item, now: float) -> bool:
+    return 0.0 < item.deadline < now
 
 
 class Batcher:
@@ -84,6 +98,7 @@ class Batcher:
         self.pending: deque[_Item] = deque()
         self.running = 0
         self.inflight = 0  # requests submitted and not yet answered
+        self.expired = 0  # requests answered with DeadlineExceeded (never run)
         self._timer: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -97,8 +112,14 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback) -> None:
-        """Queue one request; `callback(outputs, None)` or `callback(None, error)` runs on the loop later."""
+    def submit(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback, deadline: float = 0.0
+    ) -> None:
+        """Queue one request; `callback(outputs, None)` or `callback(None, error)` runs on the loop later.
+
+        `deadline` (a `time.monotonic()` value, 0 = none): past it, a request not yet run gets
+        `DeadlineExceeded`.
+        """
         key: Key | None = None
         if self.enabled and rows <= self.max_batch_size:
             parts: list[Any] = []
@@ -110,7 +131,7 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        self.pending.append(_Item(feeds, outputs, rows, key, callback))
+        self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))
         self.inflight += 1
         if not self._scheduled:
             self._scheduled = True
@@ -130,8 +151,12 @@ class Batcher:
         """Form batches from the queue while threads are free; a partial batch may wait up to `max_latency`."""
         pending = self.pending
         jobs: list[list[_Item]] = []
+        late: list[_Item] = []
         while pending and self.running + len(jobs) < self.max_running:
             first = pending[0]
+            if first.deadline and _expired(first, time.monotonic()):
+                late.append(pending.popleft())
+                continue
             if first.key is None:
                 pending.popleft()
                 jobs.append([first])
@@ -157,6 +182,8 @@ class Batcher:
                 chosen = set(map(id, batch))
                 self.pending = pending = deque(i for i in pending if id(i) not in chosen)
             jobs.append(batch)
+        if late:
+            self._answer_late(late)
         if not jobs:
             return
         self.running += len(jobs)
@@ -165,6 +192,16 @@ class Batcher:
         else:
             for job in jobs:
                 self._work.put([job])
+
+    def _answer_late(self, items: list[_Item]) -> None:
+        """On the loop: requests whose deadline passed before they could be batched get DeadlineExceeded."""
+        self.inflight -= len(items)
+        self.expired += len(items)
+        for item in items:
+            try:
+                item.callback(None, DeadlineExceeded("the request's deadline passed while it was queued"))
+            except Exception:
+                log.exception("inference callback failed")
 
     def _on_timer(self) -> None:
         """The oldest request's deadline has passed: run what there is."""
@@ -205,14 +242,25 @@ class Batcher:
             self._dispatch(self.max_latency)
 
     def _run(self, batch: list[_Item]) -> list[Any]:
-        """Runs in an inference thread: one ORT call for the whole batch, then per-request slices."""
+        """Runs in an inference thread: one ORT call for the whole batch, then per-request slices.
+
+        Requests whose deadline has passed by now are not run (their result is DeadlineExceeded).
+        """
         model = self.model
         if len(batch) == 1:
             item = batch[0]
+            if item.deadline and _expired(item, time.monotonic()):
+                return [DeadlineExceeded("the request's deadline passed while it was queued")]
             try:
                 return [model.run(item.feeds, item.outputs)]
             except Exception as exc:
                 return [exc]
+        now = time.monotonic()
+        if any(_expired(it, now) for it in batch):
+            live = [it for it in batch if not _expired(it, now)]
+            done = iter(self._run(live) if live else [])
+            late = DeadlineExceeded("the request's deadline passed while it was queued")
+            return [late if _expired(it, now) else next(done) for it in batch]
         names = list(batch[0].feeds)
         feeds = {n: np.concatenate([it.feeds[n] for it in batch]) for n in names}
         total = sum(it.rows for it in batch)
@@ -241,6 +289,8 @@ class Batcher:
         self.running -= 1
         self.inflight -= len(batch)
         for item, res in zip(batch, results, strict=True):
+            if type(res) is DeadlineExceeded:
+                self.expired += 1
             try:
                 if isinstance(res, BaseException):
                     item.callback(None, res)

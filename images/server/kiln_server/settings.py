@@ -7,6 +7,7 @@ people on a laptop type flags; both land here. A flag always wins over its varia
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,19 @@ class Settings:
     """A request whose headers and body take longer than this to arrive gets 408
     (`--request-timeout`, `KILN_REQUEST_TIMEOUT`)."""
 
+    warmup: int = 3
+    """Inferences on synthetic inputs at each batch size the batcher uses, before ready turns true
+    (`--warmup`, `KILN_WARMUP`); 0 = none."""
+
+    max_queue: int = 1024
+    """Most inference requests queued or running; past it 503 with Retry-After at once
+    (`--max-queue`, `KILN_MAX_QUEUE`); 0 = no limit."""
+
+    request_deadline_ms: float = 0.0
+    """A request still queued this long after it arrived is answered 504 without running
+    (`--request-deadline-ms`, `KILN_REQUEST_DEADLINE_MS`); 0 = none. Clients may ask for less with
+    the `X-Request-Deadline-Ms` header."""
+
     log_level: str = "INFO"
     """Log level (`--log-level`, `KILN_LOG_LEVEL`)."""
 
@@ -116,6 +130,9 @@ _FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--graceful-timeout", "graceful_timeout_s", "KILN_GRACEFUL_TIMEOUT", float, "SIGTERM drain (s)"),
     ("--keep-alive-timeout", "keep_alive_timeout_s", "KILN_KEEP_ALIVE_TIMEOUT", float, "idle close (s)"),
     ("--request-timeout", "request_timeout_s", "KILN_REQUEST_TIMEOUT", float, "slow request 408 (s)"),
+    ("--warmup", "warmup", "KILN_WARMUP", int, "warmup inferences per batch size before ready (0 = none)"),
+    ("--max-queue", "max_queue", "KILN_MAX_QUEUE", int, "most queued inference requests, then 503 (0 = no limit)"),
+    ("--request-deadline-ms", "request_deadline_ms", "KILN_REQUEST_DEADLINE_MS", float, "queue deadline, then 504"),
     ("--log-level", "log_level", "KILN_LOG_LEVEL", str, "DEBUG, INFO, WARNING, ERROR"),
 ]
 _BOOL_FLAGS: list[tuple[str, str, str, str]] = [
@@ -182,8 +199,9 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"port {s.port} is out of range 1-65535")
     if s.max_batch_size < 1:
         raise SettingsError("max batch size must be >= 1 (1 turns dynamic batching off)")
-    if s.max_latency_ms < 0:
-        raise SettingsError("max latency must be >= 0 ms")
+    if not (math.isfinite(s.max_latency_ms) and s.max_latency_ms >= 0):
+        raise SettingsError(f"max latency must be a finite number >= 0 ms, got {s.max_latency_ms}")
+    _validate_limits(s)
     if s.max_body_bytes < 1024:
         raise SettingsError("max body bytes must be at least 1024")
     if s.max_elements < 1:
@@ -196,3 +214,21 @@ def _validate(s: Settings) -> None:
         raise SettingsError("sha256 must be 64 hex digits")
     if "/" in s.model_name or not s.model_name:
         raise SettingsError(f"model name {s.model_name!r} must be non-empty and contain no '/'")
+
+
+def _validate_limits(s: Settings) -> None:
+    """Timeouts must be finite and positive: `nan` compares false with everything and would disable them."""
+    for flag, value in (
+        ("--keep-alive-timeout", s.keep_alive_timeout_s),
+        ("--request-timeout", s.request_timeout_s),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"{flag} must be a finite number of seconds > 0, got {value}")
+    if not (math.isfinite(s.graceful_timeout_s) and s.graceful_timeout_s >= 0):
+        raise SettingsError(f"--graceful-timeout must be a finite number of seconds >= 0, got {s.graceful_timeout_s}")
+    if not (math.isfinite(s.request_deadline_ms) and s.request_deadline_ms >= 0):
+        raise SettingsError(f"--request-deadline-ms must be a finite number >= 0 (0 = none), got {s.request_deadline_ms}")
+    if s.warmup < 0:
+        raise SettingsError("--warmup must be >= 0 (0 = none)")
+    if s.max_queue < 0:
+        raise SettingsError("--max-queue must be >= 0 (0 = no limit)")
