@@ -43,6 +43,9 @@ _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason
 _MAX_PIPELINE = 32
 _MAX_HEADER_BYTES = 64 * 1024
 _MAX_URL_BYTES = 8192
+# Reading pauses once this many body bytes of pipelined requests wait (or _MAX_PIPELINE requests):
+# a client that sends and does not read pins at most this plus one request, not 33 bodies.
+_MAX_QUEUED_BYTES = 4 * 1024 * 1024
 
 
 class _Reject(Exception):
@@ -251,7 +254,7 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.append(Request(parser.get_method(), path, query, self._headers, body, parser.should_keep_alive()))
         self.queued_bytes += len(body)
         if (
-            len(self.queue) > _MAX_PIPELINE or self.queued_bytes > self.server.max_body_bytes
+            len(self.queue) > _MAX_PIPELINE or self.queued_bytes > _MAX_QUEUED_BYTES
         ) and self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
@@ -275,7 +278,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.queued_bytes <= self.server.max_body_bytes // 2:
+        if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.queued_bytes <= _MAX_QUEUED_BYTES // 2:
             self.read_paused = False
             transport.resume_reading()
         if self.busy or self.queue:
