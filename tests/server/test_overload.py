@@ -146,10 +146,13 @@ def test_client_deadline_header(queue_server: Server, slow: tuple[Path, int, flo
     assert r.status_code == 400 and "X-Request-Deadline-Ms" in r.json()["error"]
     r = requests.post(url, data=body, headers={**headers, "X-Request-Deadline-Ms": "60000"}, timeout=30)
     assert r.status_code == 200
-    # Behind a request already computing, a 1 ms budget has passed before its turn: 504, not run.
+    # Behind a request already computing (about 20 T), a 1 ms budget has passed before its turn: 504, not run.
     before = _counter(queue_server.metrics(), "kiln_requests_expired_total")
     results: dict[str, int] = {}
-    blocker = threading.Thread(target=lambda: results.setdefault("first", requests.post(url, data=body, headers=headers, timeout=60).status_code))
+    long_body, long_headers = _request(rows * 20)
+    blocker = threading.Thread(
+        target=lambda: results.setdefault("first", requests.post(url, data=long_body, headers=long_headers, timeout=60).status_code)
+    )
     blocker.start()
     wait_until(lambda: "kiln_inflight_requests 1.0" in queue_server.metrics(), timeout=20, interval=0.005)
     r = requests.post(url, data=body, headers={**headers, "X-Request-Deadline-Ms": "1"}, timeout=30)
@@ -194,3 +197,29 @@ def test_warmup_zero_and_default(mlp_server: Server, slow: tuple[Path, int, floa
         assert ready["warmup_inferences"] == 0 and ready["warmup_seconds"] == 0
     finally:
         s.stop()
+
+
+def test_fast_model_runs_inline_and_a_slow_one_never_blocks_liveness(
+    mlp_server: Server, queue_server: Server, slow: tuple[Path, int, float]
+) -> None:
+    """Short calls run on the event loop (no thread hand-off); a slow model's calls stay in the thread."""
+    doc = {"inputs": [{"name": "input", "shape": [1, 1000], "datatype": "FP32", "data": [0.5] * 1000}]}
+    for _ in range(5):
+        assert mlp_server.infer(doc).status_code == 200
+    assert _counter(mlp_server.metrics(), "kiln_inline_inferences_total") >= 3
+    _, rows, t = slow
+    body, headers = _request(rows * 20)  # about 20 T of compute in one call
+    url = queue_server.url + "/v2/models/slow/infer"
+    done: dict[str, int] = {}
+    worker = threading.Thread(target=lambda: done.setdefault("status", requests.post(url, data=body, headers=headers, timeout=60).status_code))
+    worker.start()
+    wait_until(lambda: "kiln_inflight_requests 1.0" in queue_server.metrics(), timeout=20, interval=0.005)
+    t0 = time.perf_counter()
+    assert queue_server.get("/v2/health/live").status_code == 200
+    live_s = time.perf_counter() - t0
+    still_running = "kiln_inflight_requests 1.0" in queue_server.metrics()
+    worker.join(timeout=60)
+    assert done["status"] == 200
+    assert still_running, "the slow call finished before liveness was asked; the check proves nothing"
+    assert live_s < 10 * t, (live_s, t)
+    assert _counter(queue_server.metrics(), "kiln_inline_inferences_total") == 0

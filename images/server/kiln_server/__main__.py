@@ -135,7 +135,7 @@ class _Service:
         )
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)
-        metrics.track_overload(lambda: self.state.shed, lambda: batcher.expired)
+        metrics.track_overload(lambda: self.state.shed, lambda: batcher.expired, lambda: batcher.inline)
         metrics.set_loaded(seconds, True)
         meta = model.metadata()
         fields = {

@@ -5,7 +5,13 @@ every queued request with the same key (input names, dtypes, shapes past dim 0, 
 outputs) are concatenated on dim 0, up to `max_batch_size` rows, run in the thread pool, and the
 outputs are sliced back per request. A partial batch waits at most `max_latency_ms` for more rows
 (counted from its oldest request). With `max_batch_size == 1` the same queue simply feeds the pool
-one request at a time, so ONNX Runtime never runs on the event loop either way.
+one request at a time.
+
+Inline calls: without merging, and when nothing is queued or running, a request whose estimated
+call time (the recent calls' seconds per row, times its rows) is under `INLINE_MAX_S` runs on the
+event loop itself. The hand-off to an inference thread and back costs about as much loop CPU as
+a small model's whole call (the floors in docs/benchmarks.md); a slow model, or a large request,
+still goes to the thread, so the loop never stalls for longer than that bound.
 
 If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
 its neighbours.
@@ -31,6 +37,9 @@ import numpy as np
 from kiln_server.model import OnnxModel
 
 log = logging.getLogger("kiln_server.batching")
+
+INLINE_MAX_S = 0.00025
+"""Longest estimated ONNX Runtime call run on the event loop (250 us: a few hand-offs' worth)."""
 
 Key = tuple[Any, ...]
 Callback = Callable[[Any, BaseException | None], None]
@@ -99,6 +108,10 @@ class Batcher:
         self.running = 0
         self.inflight = 0  # requests submitted and not yet answered
         self.expired = 0  # requests answered with DeadlineExceeded (never run)
+        self.inline = 0  # requests run on the event loop (see INLINE_MAX_S)
+        # Seconds per row of recent calls (an exponential average, updated by every call); unknown
+        # (infinite) until the first call, so a model is never run inline before it was measured.
+        self.per_row_s = float("inf")
         self._timer: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -131,11 +144,35 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
+        if not self.enabled and not self.running and not self.pending and rows * self.per_row_s < INLINE_MAX_S:
+            self._run_inline(feeds, outputs, rows, callback)
+            return
         self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))
         self.inflight += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
+
+    def _run_inline(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback) -> None:
+        """Run a short call on the loop and answer at once (no queue, so no deadline can pass)."""
+        self.inline += 1
+        t0 = time.perf_counter()
+        try:
+            result = self.model.run(feeds, outputs)
+        except Exception as exc:
+            callback(None, exc)
+            return
+        finally:
+            self._measured(time.perf_counter() - t0, rows)
+        if self.observe_batch is not None:
+            self.observe_batch(rows, 1)
+        callback(result, None)
+
+    def _measured(self, seconds: float, rows: int) -> None:
+        """Fold one call's time into the seconds-per-row estimate (any thread: one float store)."""
+        per_row = seconds / max(rows, 1)
+        old = self.per_row_s
+        self.per_row_s = per_row if old == float("inf") else 0.8 * old + 0.2 * per_row
 
     def close(self) -> None:
         """Stop the inference threads once they finish what they have."""
@@ -251,10 +288,13 @@ class Batcher:
             item = batch[0]
             if item.deadline and _expired(item, time.monotonic()):
                 return [DeadlineExceeded("the request's deadline passed while it was queued")]
+            t0 = time.perf_counter()
             try:
                 return [model.run(item.feeds, item.outputs)]
             except Exception as exc:
                 return [exc]
+            finally:
+                self._measured(time.perf_counter() - t0, item.rows)
         now = time.monotonic()
         if any(_expired(it, now) for it in batch):
             live = [it for it in batch if not _expired(it, now)]
