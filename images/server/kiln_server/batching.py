@@ -8,8 +8,8 @@ outputs are sliced back per request. A partial batch waits at most `max_latency_
 one request at a time.
 
 Inline calls: without merging, and when nothing is queued or running, a request whose estimated
-call time (the recent calls' seconds per row, times its rows) is under `INLINE_MAX_S` runs on the
-event loop itself. The hand-off to an inference thread and back costs about as much loop CPU as
+call time (the recent calls' seconds per input element, times its elements) is under
+`INLINE_MAX_S` runs on the event loop itself. The hand-off to an inference thread and back costs about as much loop CPU as
 a small model's whole call (the floors in docs/benchmarks.md); a slow model, or a large request,
 still goes to the thread, so the loop never stalls for longer than that bound.
 
@@ -109,9 +109,9 @@ class Batcher:
         self.inflight = 0  # requests submitted and not yet answered
         self.expired = 0  # requests answered with DeadlineExceeded (never run)
         self.inline = 0  # requests run on the event loop (see INLINE_MAX_S)
-        # Seconds per row of recent calls (an exponential average, updated by every call); unknown
+        # Seconds per input element of recent calls (an exponential average over every call); unknown
         # (infinite) until the first call, so a model is never run inline before it was measured.
-        self.per_row_s = float("inf")
+        self.per_element_s = float("inf")
         self._timer: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -144,16 +144,22 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        if not self.enabled and not self.running and not self.pending and rows * self.per_row_s < INLINE_MAX_S:
-            self._run_inline(feeds, outputs, rows, callback)
-            return
+        if not self.enabled and not self.running and not self.pending:
+            elements = 0
+            for arr in feeds.values():
+                elements += arr.size
+            if elements * self.per_element_s < INLINE_MAX_S:
+                self._run_inline(feeds, outputs, rows, elements, callback)
+                return
         self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))
         self.inflight += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
 
-    def _run_inline(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback) -> None:
+    def _run_inline(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, elements: int, callback: Callback
+    ) -> None:
         """Run a short call on the loop and answer at once (no queue, so no deadline can pass)."""
         self.inline += 1
         t0 = time.perf_counter()
@@ -163,16 +169,21 @@ class Batcher:
             callback(None, exc)
             return
         finally:
-            self._measured(time.perf_counter() - t0, rows)
+            self._measured(time.perf_counter() - t0, elements)
         if self.observe_batch is not None:
             self.observe_batch(rows, 1)
         callback(result, None)
 
-    def _measured(self, seconds: float, rows: int) -> None:
-        """Fold one call's time into the seconds-per-row estimate (any thread: one float store)."""
-        per_row = seconds / max(rows, 1)
-        old = self.per_row_s
-        self.per_row_s = per_row if old == float("inf") else 0.8 * old + 0.2 * per_row
+    def _measured(self, seconds: float, elements: int) -> None:
+        """Fold one call's time into the seconds-per-element estimate (any thread: one float store).
+
+        The average moves 30 % of the way per call: one call slowed by a busy CPU sends a few calls
+        to the thread, a few normal ones bring inline back, and a model that turns slow leaves the
+        loop after one or two calls.
+        """
+        per = seconds / max(elements, 1)
+        old = self.per_element_s
+        self.per_element_s = per if old == float("inf") else 0.7 * old + 0.3 * per
 
     def close(self) -> None:
         """Stop the inference threads once they finish what they have."""
@@ -294,7 +305,7 @@ class Batcher:
             except Exception as exc:
                 return [exc]
             finally:
-                self._measured(time.perf_counter() - t0, item.rows)
+                self._measured(time.perf_counter() - t0, sum(a.size for a in item.feeds.values()))
         now = time.monotonic()
         if any(_expired(it, now) for it in batch):
             live = [it for it in batch if not _expired(it, now)]
