@@ -156,7 +156,9 @@ def test_settings_errors() -> None:
         settings_mod.from_args(["--model", "m.onnx", "--max-batch-size", "0"], {})
 
 
-@pytest.mark.parametrize("flag", ["--keep-alive-timeout", "--request-timeout", "--graceful-timeout", "--request-deadline-ms", "--max-latency-ms"])
+@pytest.mark.parametrize(
+    "flag", ["--keep-alive-timeout", "--request-timeout", "--graceful-timeout", "--request-deadline-ms", "--max-latency-ms", "--inline-max-us"]
+)
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
 def test_timeouts_must_be_finite_and_not_negative(flag: str, value: str) -> None:
     """Black-box finding: negative values and nan were accepted (nan silently disabled the timeout)."""

@@ -131,7 +131,7 @@ class _Service:
         metrics.warmup_seconds.labels(self.name, s.version).set(warm_s)
         batcher = Batcher(
             model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch,
-            may_grow=self.server.has_idle_connection,
+            may_grow=self.server.has_idle_connection, inline_max_s=s.inline_max_us / 1e6,
         )
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)
@@ -144,7 +144,7 @@ class _Service:
             "providers": model.providers, "load_seconds": round(seconds, 4), "host": s.host, "port": self.server.port,
             "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms, "batching": batcher.enabled,
             "warmup_seconds": round(warm_s, 4), "warmup_inferences": warm_calls, "max_queue": s.max_queue,
-            "request_deadline_ms": s.request_deadline_ms,
+            "request_deadline_ms": s.request_deadline_ms, "inline_max_us": s.inline_max_us if not batcher.enabled else 0,
         }
         if warm_error:
             fields["warmup_error"] = warm_error

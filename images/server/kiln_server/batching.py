@@ -7,11 +7,12 @@ outputs are sliced back per request. A partial batch waits at most `max_latency_
 (counted from its oldest request). With `max_batch_size == 1` the same queue simply feeds the pool
 one request at a time.
 
-Inline calls: without merging, and when nothing is queued or running, a request whose estimated
-call time (the recent calls' seconds per input element, times its elements) is under
-`INLINE_MAX_S` runs on the event loop itself. The hand-off to an inference thread and back costs about as much loop CPU as
-a small model's whole call (the floors in docs/benchmarks.md); a slow model, or a large request,
-still goes to the thread, so the loop never stalls for longer than that bound.
+Inline calls (`inline_max_s` > 0, off by default): without merging, and when nothing is queued
+or running, a request whose estimated call time (the recent calls' seconds per input element,
+times its elements) is under `inline_max_s` runs on the event loop itself, skipping the hand-off
+to an inference thread and back; a slow model, or a large request, still goes to the thread, so
+the loop never stalls for much longer than that bound. Off by default: on the shared 2-CPU bench
+machine it measured slower than the thread (docs/benchmarks.md, "Per-request cost").
 
 If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
 its neighbours.
@@ -37,9 +38,6 @@ import numpy as np
 from kiln_server.model import OnnxModel
 
 log = logging.getLogger("kiln_server.batching")
-
-INLINE_MAX_S = 0.00025
-"""Longest estimated ONNX Runtime call run on the event loop (250 us: a few hand-offs' worth)."""
 
 Key = tuple[Any, ...]
 Callback = Callable[[Any, BaseException | None], None]
@@ -94,6 +92,7 @@ class Batcher:
         max_latency_ms: float,
         observe_batch: Callable[[int, int], None] | None = None,
         may_grow: Callable[[], bool] | None = None,
+        inline_max_s: float = 0.0,
     ) -> None:
         self.model = model
         self.threads = threads
@@ -108,7 +107,8 @@ class Batcher:
         self.running = 0
         self.inflight = 0  # requests submitted and not yet answered
         self.expired = 0  # requests answered with DeadlineExceeded (never run)
-        self.inline = 0  # requests run on the event loop (see INLINE_MAX_S)
+        self.inline = 0  # requests run on the event loop (see inline_max_s)
+        self.inline_max_s = inline_max_s if not self.enabled else 0.0
         # Seconds per input element of recent calls (an exponential average over every call); unknown
         # (infinite) until the first call, so a model is never run inline before it was measured.
         self.per_element_s = float("inf")
@@ -144,11 +144,11 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        if not self.enabled and not self.running and not self.pending:
+        if self.inline_max_s and not self.running and not self.pending:
             elements = 0
             for arr in feeds.values():
                 elements += arr.size
-            if elements * self.per_element_s < INLINE_MAX_S:
+            if elements * self.per_element_s < self.inline_max_s:
                 self._run_inline(feeds, outputs, rows, elements, callback)
                 return
         self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))

@@ -95,6 +95,10 @@ class Settings:
     (`--request-deadline-ms`, `KILN_REQUEST_DEADLINE_MS`); 0 = none. Clients may ask for less with
     the `X-Request-Deadline-Ms` header."""
 
+    inline_max_us: float = 0.0
+    """Batching off: run an ONNX Runtime call estimated under this many microseconds on the event
+    loop instead of the inference thread (`--inline-max-us`, `KILN_INLINE_MAX_US`); 0 = never."""
+
     log_level: str = "INFO"
     """Log level (`--log-level`, `KILN_LOG_LEVEL`)."""
 
@@ -133,6 +137,7 @@ _FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--warmup", "warmup", "KILN_WARMUP", int, "warmup inferences per batch size before ready (0 = none)"),
     ("--max-queue", "max_queue", "KILN_MAX_QUEUE", int, "most queued inference requests, then 503 (0 = no limit)"),
     ("--request-deadline-ms", "request_deadline_ms", "KILN_REQUEST_DEADLINE_MS", float, "queue deadline, then 504"),
+    ("--inline-max-us", "inline_max_us", "KILN_INLINE_MAX_US", float, "run shorter ORT calls on the loop (0 = never)"),
     ("--log-level", "log_level", "KILN_LOG_LEVEL", str, "DEBUG, INFO, WARNING, ERROR"),
 ]
 _BOOL_FLAGS: list[tuple[str, str, str, str]] = [
@@ -228,6 +233,8 @@ def _validate_limits(s: Settings) -> None:
         raise SettingsError(f"--graceful-timeout must be a finite number of seconds >= 0, got {s.graceful_timeout_s}")
     if not (math.isfinite(s.request_deadline_ms) and s.request_deadline_ms >= 0):
         raise SettingsError(f"--request-deadline-ms must be a finite number >= 0 (0 = none), got {s.request_deadline_ms}")
+    if not (math.isfinite(s.inline_max_us) and s.inline_max_us >= 0):
+        raise SettingsError(f"--inline-max-us must be a finite number >= 0 (0 = never), got {s.inline_max_us}")
     if s.warmup < 0:
         raise SettingsError("--warmup must be >= 0 (0 = none)")
     if s.max_queue < 0:
