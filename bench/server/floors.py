@@ -12,7 +12,8 @@ share of the `infer` floor's in the same run.
 
     .venv/bin/python bench/server/floors.py [--seconds 5] [--rounds 3]
 
-Raw numbers: bench/results/server_floors.json; the table is printed (copy it to docs/benchmarks.md).
+Raw numbers: bench/results/server_floors.json (one entry per --label); the table is printed (copy it
+to docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--kiln-args", default="", help="extra `kiln serve` flags, space-separated")
+    ap.add_argument("--label", default="default", help="key of this run in bench/results/server_floors.json")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
@@ -115,7 +117,9 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     out = run.RESULTS / "server_floors.json"
-    out.write_text(json.dumps({"meta": meta, "points": [p.__dict__ for p in points]}, indent=1) + "\n")
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved[args.label] = {"meta": meta, "points": [p.__dict__ for p in points]}
+    out.write_text(json.dumps(saved, indent=1) + "\n")
     return 0
 
 
