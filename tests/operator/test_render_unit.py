@@ -161,6 +161,21 @@ def test_modeldeployment_renders_valid_objects() -> None:
     assert old[0]["spec"]["template"]["spec"]["initContainers"][0]["name"] == "fetch-model"
 
 
+def test_termination_grace_exceeds_prestop_plus_server_drain() -> None:
+    """The kubelet kills at terminationGracePeriodSeconds, counting the preStop sleep and the server's
+    drain (--graceful-timeout): the rendered number must stay above both, whatever either becomes."""
+    from kiln_server.settings import Settings
+
+    dep = build_modeldeployment(md(), NEW, ModelRef("s3://b/m.onnx"))[0]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    drain = float(env.get("KILN_GRACEFUL_TIMEOUT") or Settings(model="m").graceful_timeout_s)
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > float(pre[1]) + drain, (pod["terminationGracePeriodSeconds"], pre, drain)
+
+
 def test_local_validation_names_document_and_field(tmp_path: Path) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(yaml.safe_dump_all([

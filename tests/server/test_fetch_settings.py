@@ -156,6 +156,31 @@ def test_settings_errors() -> None:
         settings_mod.from_args(["--model", "m.onnx", "--max-batch-size", "0"], {})
 
 
+@pytest.mark.parametrize(
+    "flag", ["--keep-alive-timeout", "--request-timeout", "--graceful-timeout", "--request-deadline-ms", "--max-latency-ms", "--inline-max-us"]
+)
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_timeouts_must_be_finite_and_not_negative(flag: str, value: str) -> None:
+    """Black-box finding: negative values and nan were accepted (nan silently disabled the timeout)."""
+    with pytest.raises(SettingsError, match="finite number"):
+        settings_mod.from_args(["--model", "m.onnx", flag, value], {})
+    env = {"--keep-alive-timeout": "KILN_KEEP_ALIVE_TIMEOUT", "--request-timeout": "KILN_REQUEST_TIMEOUT"}
+    if flag in env:
+        with pytest.raises(SettingsError, match="finite number"):
+            settings_mod.from_args(["--model", "m.onnx"], {env[flag]: value})
+
+
+def test_overload_and_warmup_settings() -> None:
+    s = settings_mod.from_args(["--model", "m.onnx", "--max-queue", "8", "--request-deadline-ms", "250", "--warmup", "0"], {})
+    assert (s.max_queue, s.request_deadline_ms, s.warmup) == (8, 250.0, 0)
+    assert settings_mod.from_args(["--model", "m.onnx"], {"KILN_MAX_QUEUE": "0", "KILN_WARMUP": "7"}).warmup == 7
+    with pytest.raises(SettingsError, match="--max-queue must be >= 0"):
+        settings_mod.from_args(["--model", "m.onnx", "--max-queue", "-1"], {})
+    with pytest.raises(SettingsError, match="--warmup must be >= 0"):
+        settings_mod.from_args(["--model", "m.onnx", "--warmup", "-2"], {})
+    assert settings_mod.from_args(["--model", "m.onnx", "--graceful-timeout", "0"], {}).graceful_timeout_s == 0
+
+
 def test_cli_bad_flag_exits_2(tmp_path: Path) -> None:
     p = subprocess.run(
         [sys.executable, "-m", "kiln_server", "--model", "m.onnx", "--port", "0x"], capture_output=True, text=True, timeout=30

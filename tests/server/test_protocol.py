@@ -72,10 +72,18 @@ def test_fast_and_general_paths_agree(datatype: str, data: Any, shape: list[int]
     ("datatype", "data", "shape", "needle"),
     [
         ("FP32", [1, 2], [1, 3], "2 elements"),
-        ("FP32", [1, "a", 3], [1, 3], "regular array"),
+        ("FP32", [1, "a", 3], [1, 3], "must be numbers, got strings"),
+        # Position does not matter (black-box finding: only a first null or "2" was refused).
+        ("FP32", [1, 2, None], [1, 3], "must be numbers, got mixed or null values"),
+        ("FP32", [None, 2, 3], [1, 3], "must be numbers"),
+        ("FP32", [1, "2", 3], [1, 3], "must be numbers, got strings"),
+        ("FP32", [[1, 2, 3], [4, 5, None]], [2, 3], "must be numbers"),
+        ("FP32", [[1, 2, 3], [4, "5", 6]], [2, 3], "must be numbers"),
+        ("FP32", [1, 1e39, 3], [1, 3], "out of range for FP32"),
+        ("FP32", [[1e39, 2, 3]], [1, 3], "out of range for FP32"),
+        ("FP16", [1, 70000, 3], [1, 3], "out of range for FP16"),
         ("FP32", [1, [2, 3]], [1, 3], "regular array"),
         ("FP32", [[1, 2, 3], [4, 5]], [2, 3], "regular array"),
-        ("FP32", [1, None, 3], [1, 3], ""),
         ("INT8", [1, 200, 3], [1, 3], "out of range for INT8"),
         ("UINT8", [1, -1, 3], [1, 3], "out of range for UINT8"),
         ("INT64", [1, 2.5, 3], [1, 3], "must be integers"),
@@ -86,10 +94,6 @@ def test_fast_and_general_paths_agree(datatype: str, data: Any, shape: list[int]
 def test_fast_and_general_paths_refuse_alike(datatype: str, data: Any, shape: list[int], needle: str) -> None:
     results = _both(datatype, data, shape)
     for res in results:
-        if datatype == "FP32" and data == [1, None, 3]:
-            # JSON null in float data: NaN on both paths (JSON has no NaN literal)
-            assert isinstance(res, np.ndarray) and np.isnan(res[0, 1])
-            continue
         assert isinstance(res, tuple), f"accepted {data!r} as {res!r}"
         status, message = res
         assert status == 400
@@ -136,3 +140,32 @@ def test_tensor_data_stays_lazy_for_the_typed_buffer_path() -> None:
     np.testing.assert_array_equal(req.inputs["input"], np.array([[0.5, 1.5, 2.5, 3.5]], dtype=np.float32))
     # A key simdjson cannot look up again (an escape) still decodes, through orjson.
     assert loader.load(b'{"a\\u0000b": 1, "inputs": []}') == {"a\x00b": 1, "inputs": []}
+
+
+def test_non_finite_outputs_go_binary_in_v2_and_as_strings_in_v1() -> None:
+    """JSON has no NaN/Infinity (orjson would write null, which is not a V2 number): documented forms."""
+    spec = TensorSpec("y", "FP32", [-1, 3])
+    finite = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    body, head_len = protocol.encode_infer_response("m", "1", None, [(spec, finite, False)])
+    assert head_len is None and orjson.loads(body)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+    bad = np.array([[np.nan, np.inf, -1.0]], dtype=np.float32)
+    body, head_len = protocol.encode_infer_response("m", "1", None, [(spec, bad, False)])
+    assert head_len is not None
+    entry = orjson.loads(body[:head_len])["outputs"][0]
+    assert "data" not in entry and entry["parameters"]["binary_data_size"] == 12
+    got = np.frombuffer(body[head_len:], dtype=np.float32)
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -1.0
+    assert protocol.json_safe(bad) == [["NaN", "Infinity", -1.0]]
+    assert protocol.json_safe(finite) is finite
+
+
+def test_inputs_sharing_a_named_dim_must_agree() -> None:
+    """Black-box finding: a [1,3] and a [2,3] input to one Add reached ONNX Runtime and came back as a 500."""
+    specs = {n: TensorSpec(n, "FP32", [-1, 3], ("batch", None)) for n in ("a", "b")}
+    doc = {"inputs": [
+        {"name": "a", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]},
+        {"name": "b", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]},
+    ]}
+    with pytest.raises(ProtocolError, match=r"input 'b': dimension 0 \('batch'\) is 2 but input 'a' gives 'batch' = 1") as info:
+        parse_infer_request(orjson.dumps(doc), None, specs, OUT, 100)
+    assert info.value.status == 400

@@ -159,3 +159,31 @@ def gather(path: Path) -> Path:
         [table],
     )
     return _save(graph, path)
+
+
+def unnamed_dims_add(path: Path) -> Path:
+    """Inputs a, b FP32 [?, 3] with unnamed dim 0 -> a + b: differing first dims fail inside ONNX Runtime."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "unnamed_add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+    )
+    return _save(graph, path)
+
+
+def sqrt_model(path: Path) -> Path:
+    """Input x FP32 [batch, 3] -> sqrt(x) and 1/x: finite inputs that give NaN and Infinity outputs."""
+    graph = helper.make_graph(
+        [helper.make_node("Sqrt", ["x"], ["root"]), helper.make_node("Reciprocal", ["x"], ["inverse"])],
+        "sqrt",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [
+            helper.make_tensor_value_info("root", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("inverse", TensorProto.FLOAT, ["batch", 3]),
+        ],
+    )
+    return _save(graph, path)

@@ -137,3 +137,41 @@ def ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class RawResponse:
+    """One HTTP response read off a raw socket: status, lower-cased headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def read_response(f: Any, head_only: bool = False) -> RawResponse:
+    """Read exactly one response (a 1xx has no body; `head_only` for HEAD) from `sock.makefile("rb")`."""
+    line = f.readline()
+    if not line:
+        raise ConnectionError("the server closed the connection")
+    status = int(line.split(b" ", 2)[1])
+    headers: dict[str, str] = {}
+    while (h := f.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = h.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if status < 200 or head_only:
+        return RawResponse(status, headers, b"")
+    return RawResponse(status, headers, f.read(int(headers.get("content-length", "0"))))
+
+
+def raw_connection(port: int, timeout: float = 10.0) -> tuple[socket.socket, Any]:
+    """A TCP connection to the server and a buffered reader over it (for pipelining and malformed bytes)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return sock, sock.makefile("rb")
+
+
+def post_bytes(path: str, body: bytes, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 POST with a JSON body, as raw bytes."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body

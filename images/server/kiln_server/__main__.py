@@ -82,7 +82,7 @@ class _Service:
         self.s = s
         self.name = s.model_name
         self.handle = ModelHandle(self.name, s.version)
-        self.state = ServingState(self.handle, s.max_body_bytes, s.max_elements)
+        self.state = ServingState(self.handle, s.max_body_bytes, s.max_elements, s.max_queue, s.request_deadline_ms)
         self.metrics = Metrics(self.name, s.version)
         app = App(V2Handler(self.state, _version()), V1Handler(self.state), self.metrics, self.name, s.version, s.access_log)
         self.server = HttpServer(app, s.max_body_bytes, s.keep_alive_timeout_s, s.request_timeout_s)
@@ -106,24 +106,36 @@ class _Service:
     async def load(self) -> None:
         """Load in the background; then serve, or report the failure (and stop, with exit-on-load-failure)."""
         start = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(None, self._load_blocking)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, self._load_blocking)
         seconds = result.seconds if result is not None else time.perf_counter() - start
         if self.handle.ready and result is not None and result.model is not None:
-            self._ready(result.model, seconds)
+            warm = await loop.run_in_executor(None, self._warmup_blocking, result.model)
+            self._ready(result.model, seconds, warm)
         else:
             self._failed(seconds)
 
-    def _ready(self, model: OnnxModel, seconds: float) -> None:
-        """Start the batcher (inference may begin) and log the model and the serving settings."""
+    def _warmup_blocking(self, model: OnnxModel) -> tuple[float, int, str]:
+        """`--warmup` calls at each batch size the batcher will form; runs in an executor thread."""
+        from kiln_server.warmup import batch_sizes, run_warmup
+
+        sizes = batch_sizes(self.s.max_batch_size, self.s.max_batch_size > 1 and model.batchable)
+        return run_warmup(model, self.s.warmup, sizes)
+
+    def _ready(self, model: OnnxModel, seconds: float, warm: tuple[float, int, str]) -> None:
+        """Start the batcher (inference may begin) and log the model, the warmup and the serving settings."""
         from kiln_server.batching import Batcher
 
         s, metrics = self.s, self.metrics
+        warm_s, warm_calls, warm_error = warm
+        metrics.warmup_seconds.labels(self.name, s.version).set(warm_s)
         batcher = Batcher(
             model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch,
-            may_grow=self.server.has_idle_connection,
+            may_grow=self.server.has_idle_connection, inline_max_s=s.inline_max_us / 1e6,
         )
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)
+        metrics.track_overload(lambda: self.state.shed, lambda: batcher.expired, lambda: batcher.inline)
         metrics.set_loaded(seconds, True)
         meta = model.metadata()
         fields = {
@@ -131,7 +143,13 @@ class _Service:
             "path": model.path, "sha256": model.sha256, "inputs": meta["inputs"], "outputs": meta["outputs"],
             "providers": model.providers, "load_seconds": round(seconds, 4), "host": s.host, "port": self.server.port,
             "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms, "batching": batcher.enabled,
+            "warmup_seconds": round(warm_s, 4), "warmup_inferences": warm_calls, "max_queue": s.max_queue,
+            "request_deadline_ms": s.request_deadline_ms, "inline_max_us": s.inline_max_us if not batcher.enabled else 0,
         }
+        if warm_error:
+            fields["warmup_error"] = warm_error
+            log.warning("warmup stopped: the model failed on synthetic inputs", extra={"fields": {
+                "event": "warmup_failed", "model_name": self.name, "reason": warm_error}})
         log.info("model ready", extra={"fields": fields})
         if s.max_batch_size > 1 and not batcher.enabled:
             log.warning(

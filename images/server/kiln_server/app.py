@@ -70,20 +70,27 @@ class App:
     def handle(self, req: Request) -> Response | Deferred:
         """Route one request; returns a Response, or a Deferred one for inference."""
         route = self.routes.get(req.path)
+        if route is None and "%" in req.path:
+            # Any percent-encoding of the same path routes alike (`%6Dlp`, lower-case hex escapes).
+            route = self.routes.get(unquote(req.path))
         if route is None:
             return self._unrouted(req)
         label, methods = route
         req.route = label
         handler = methods.get(req.method)
+        if handler is None and req.method == b"HEAD":
+            handler = methods.get(b"GET")  # the transport writes the GET answer's head only
         if handler is None:
-            allowed = ", ".join(m.decode() for m in methods)
+            allowed = ", ".join(m.decode() for m in methods) + (", HEAD" if b"GET" in methods else "")
             resp = error_response(405, f"method {req.method.decode('latin-1')} is not allowed on {req.path}; use {allowed}")
             resp.extra = f"allow: {allowed}\r\n".encode()
             return resp
         try:
             return handler(req)
         except ProtocolError as exc:
-            return error_response(exc.status, exc.message)
+            resp = error_response(exc.status, exc.message)
+            resp.extra = exc.extra
+            return resp
         except Exception:
             log.exception("handler for %s failed", label)
             return error_response(500, "internal server error")

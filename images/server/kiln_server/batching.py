@@ -5,10 +5,21 @@ every queued request with the same key (input names, dtypes, shapes past dim 0, 
 outputs) are concatenated on dim 0, up to `max_batch_size` rows, run in the thread pool, and the
 outputs are sliced back per request. A partial batch waits at most `max_latency_ms` for more rows
 (counted from its oldest request). With `max_batch_size == 1` the same queue simply feeds the pool
-one request at a time, so ONNX Runtime never runs on the event loop either way.
+one request at a time.
+
+Inline calls (`inline_max_s` > 0, off by default): without merging, and when nothing is queued
+or running, a request whose estimated call time (the recent calls' seconds per input element,
+times its elements) is under `inline_max_s` runs on the event loop itself, skipping the hand-off
+to an inference thread and back; a slow model, or a large request, still goes to the thread, so
+the loop never stalls for much longer than that bound. Off by default: on the shared 2-CPU bench
+machine it measured slower than the thread (docs/benchmarks.md, "Per-request cost").
 
 If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
 its neighbours.
+
+A request may carry a deadline (monotonic time): one still waiting when it passes is answered with
+`DeadlineExceeded` instead of running (checked when a batch is formed and again in the inference
+thread right before the call); a request already running is not interrupted.
 """
 
 from __future__ import annotations
@@ -32,20 +43,30 @@ Key = tuple[Any, ...]
 Callback = Callable[[Any, BaseException | None], None]
 
 
-class _Item:
-    """One submitted request: its inputs, wanted outputs, rows, merge key (None: never merged) and callback."""
+class DeadlineExceeded(Exception):
+    """The request's deadline passed while it waited for inference: it was not run."""
 
-    __slots__ = ("callback", "feeds", "key", "outputs", "rows", "t0")
+
+class _Item:
+    """One submitted request: its inputs, wanted outputs, rows, merge key (None: never merged), callback, deadline."""
+
+    __slots__ = ("callback", "deadline", "feeds", "key", "outputs", "rows", "t0")
 
     def __init__(
-        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, callback: Callback
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, key: Key | None, callback: Callback,
+        deadline: float,
     ) -> None:
         self.feeds = feeds
         self.outputs = outputs
         self.rows = rows
         self.key = key
         self.callback = callback
+        self.deadline = deadline  # time.monotonic() value, 0.0 = none
         self.t0 = time.monotonic()
+
+
+def _expired(item: _Item, now: float) -> bool:
+    return 0.0 < item.deadline < now
 
 
 class Batcher:
@@ -71,6 +92,7 @@ class Batcher:
         max_latency_ms: float,
         observe_batch: Callable[[int, int], None] | None = None,
         may_grow: Callable[[], bool] | None = None,
+        inline_max_s: float = 0.0,
     ) -> None:
         self.model = model
         self.threads = threads
@@ -84,6 +106,12 @@ class Batcher:
         self.pending: deque[_Item] = deque()
         self.running = 0
         self.inflight = 0  # requests submitted and not yet answered
+        self.expired = 0  # requests answered with DeadlineExceeded (never run)
+        self.inline = 0  # requests run on the event loop (see inline_max_s)
+        self.inline_max_s = inline_max_s if not self.enabled else 0.0
+        # Seconds per input element of recent calls (an exponential average over every call); unknown
+        # (infinite) until the first call, so a model is never run inline before it was measured.
+        self.per_element_s = float("inf")
         self._timer: asyncio.TimerHandle | None = None
         self._scheduled = False
         self._loop = asyncio.get_running_loop()
@@ -97,8 +125,14 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback) -> None:
-        """Queue one request; `callback(outputs, None)` or `callback(None, error)` runs on the loop later."""
+    def submit(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, callback: Callback, deadline: float = 0.0
+    ) -> None:
+        """Queue one request; `callback(outputs, None)` or `callback(None, error)` runs on the loop later.
+
+        `deadline` (a `time.monotonic()` value, 0 = none): past it, a request not yet run gets
+        `DeadlineExceeded`.
+        """
         key: Key | None = None
         if self.enabled and rows <= self.max_batch_size:
             parts: list[Any] = []
@@ -110,11 +144,46 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        self.pending.append(_Item(feeds, outputs, rows, key, callback))
+        if self.inline_max_s and not self.running and not self.pending:
+            elements = 0
+            for arr in feeds.values():
+                elements += arr.size
+            if elements * self.per_element_s < self.inline_max_s:
+                self._run_inline(feeds, outputs, rows, elements, callback)
+                return
+        self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))
         self.inflight += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
+
+    def _run_inline(
+        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, elements: int, callback: Callback
+    ) -> None:
+        """Run a short call on the loop and answer at once (no queue, so no deadline can pass)."""
+        self.inline += 1
+        t0 = time.perf_counter()
+        try:
+            result = self.model.run(feeds, outputs)
+        except Exception as exc:
+            callback(None, exc)
+            return
+        finally:
+            self._measured(time.perf_counter() - t0, elements)
+        if self.observe_batch is not None:
+            self.observe_batch(rows, 1)
+        callback(result, None)
+
+    def _measured(self, seconds: float, elements: int) -> None:
+        """Fold one call's time into the seconds-per-element estimate (any thread: one float store).
+
+        The average moves 30 % of the way per call: one call slowed by a busy CPU sends a few calls
+        to the thread, a few normal ones bring inline back, and a model that turns slow leaves the
+        loop after one or two calls.
+        """
+        per = seconds / max(elements, 1)
+        old = self.per_element_s
+        self.per_element_s = per if old == float("inf") else 0.7 * old + 0.3 * per
 
     def close(self) -> None:
         """Stop the inference threads once they finish what they have."""
@@ -130,8 +199,12 @@ class Batcher:
         """Form batches from the queue while threads are free; a partial batch may wait up to `max_latency`."""
         pending = self.pending
         jobs: list[list[_Item]] = []
+        late: list[_Item] = []
         while pending and self.running + len(jobs) < self.max_running:
             first = pending[0]
+            if first.deadline and _expired(first, time.monotonic()):
+                late.append(pending.popleft())
+                continue
             if first.key is None:
                 pending.popleft()
                 jobs.append([first])
@@ -157,6 +230,8 @@ class Batcher:
                 chosen = set(map(id, batch))
                 self.pending = pending = deque(i for i in pending if id(i) not in chosen)
             jobs.append(batch)
+        if late:
+            self._answer_late(late)
         if not jobs:
             return
         self.running += len(jobs)
@@ -165,6 +240,16 @@ class Batcher:
         else:
             for job in jobs:
                 self._work.put([job])
+
+    def _answer_late(self, items: list[_Item]) -> None:
+        """On the loop: requests whose deadline passed before they could be batched get DeadlineExceeded."""
+        self.inflight -= len(items)
+        self.expired += len(items)
+        for item in items:
+            try:
+                item.callback(None, DeadlineExceeded("the request's deadline passed while it was queued"))
+            except Exception:
+                log.exception("inference callback failed")
 
     def _on_timer(self) -> None:
         """The oldest request's deadline has passed: run what there is."""
@@ -205,14 +290,28 @@ class Batcher:
             self._dispatch(self.max_latency)
 
     def _run(self, batch: list[_Item]) -> list[Any]:
-        """Runs in an inference thread: one ORT call for the whole batch, then per-request slices."""
+        """Runs in an inference thread: one ORT call for the whole batch, then per-request slices.
+
+        Requests whose deadline has passed by now are not run (their result is DeadlineExceeded).
+        """
         model = self.model
         if len(batch) == 1:
             item = batch[0]
+            if item.deadline and _expired(item, time.monotonic()):
+                return [DeadlineExceeded("the request's deadline passed while it was queued")]
+            t0 = time.perf_counter()
             try:
                 return [model.run(item.feeds, item.outputs)]
             except Exception as exc:
                 return [exc]
+            finally:
+                self._measured(time.perf_counter() - t0, sum(a.size for a in item.feeds.values()))
+        now = time.monotonic()
+        if any(_expired(it, now) for it in batch):
+            live = [it for it in batch if not _expired(it, now)]
+            done = iter(self._run(live) if live else [])
+            late = DeadlineExceeded("the request's deadline passed while it was queued")
+            return [late if _expired(it, now) else next(done) for it in batch]
         names = list(batch[0].feeds)
         feeds = {n: np.concatenate([it.feeds[n] for it in batch]) for n in names}
         total = sum(it.rows for it in batch)
@@ -241,6 +340,8 @@ class Batcher:
         self.running -= 1
         self.inflight -= len(batch)
         for item, res in zip(batch, results, strict=True):
+            if type(res) is DeadlineExceeded:
+                self.expired += 1
             try:
                 if isinstance(res, BaseException):
                     item.callback(None, res)

@@ -9,10 +9,13 @@ a raw ASGI adapter costs about 1.4x (uvicorn) and 2x (granian) the server CPU pe
 (docs/benchmarks.md, "Why the server has its own HTTP layer"), and the model server's headline
 is throughput.
 
-Supported: keep-alive, pipelining (responses in request order, reading paused when too many are
-queued), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an announced
-Content-Length over the limit is refused with 413 before the body is read), `Expect: 100-continue`,
-idle and slow-request timeouts, and a graceful drain for SIGTERM.
+Supported: keep-alive, pipelining (responses in request order, reading paused when too many
+requests or bytes are queued, and a client that stops reading its answers dropped after the
+request timeout), Content-Length and chunked request bodies (both limited by `max_body_bytes`; an
+announced Content-Length over the limit is refused with 413 before the body is read; chunked
+trailers are read and ignored), `Expect: 100-continue` (HTTP/1.1 only, sent once the earlier
+pipelined answers are written), HEAD on every GET route, exactly one `Host` on HTTP/1.1, idle and
+slow-request timeouts, and a graceful drain for SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,12 +36,16 @@ log = logging.getLogger("kiln_server.http")
 
 REASONS = {
     100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
-    500: "Internal Server Error", 503: "Service Unavailable",
+    408: "Request Timeout", 413: "Content Too Large", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
 _STATUS_LINES = {code: f"HTTP/1.1 {code} {reason}\r\n".encode() for code, reason in REASONS.items()}
 _MAX_PIPELINE = 32
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_URL_BYTES = 8192
+# Reading pauses once this many body bytes of pipelined requests wait (or _MAX_PIPELINE requests):
+# a client that sends and does not read pins at most this plus one request, not 33 bodies.
+_MAX_QUEUED_BYTES = 4 * 1024 * 1024
 
 
 class _Reject(Exception):
@@ -56,7 +63,9 @@ class HttpProtocol(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.app = server.app
-        self.parser = httptools.HttpRequestParser(self)
+        # The parser holds this protocol (its callbacks) and this protocol the parser: a cycle that
+        # connection_lost breaks, so a closed connection's buffers go at once, not at the next full GC.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Request] = deque()
         self.busy = False
@@ -67,6 +76,11 @@ class HttpProtocol(asyncio.Protocol):
         self.in_message = False
         self.last_activity = time.monotonic()
         self.message_start = 0.0
+        self.stalled_since = 0.0  # when the client stopped reading our answers (write side paused)
+        self.queued_bytes = 0  # request bodies parsed and not yet handled
+        self._in_trailers = False
+        self._expect_continue = False
+        self._host_seen = False
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
@@ -91,10 +105,16 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
+        self.queued_bytes = 0
+        self.parser = None
+        self._body = []
+        self._headers = {}
+        self._pending_fail = None
 
     def pause_writing(self) -> None:
         """The client reads slower than we answer: stop handling its queued requests until it catches up."""
         self.write_paused = True
+        self.stalled_since = time.monotonic()
 
     def resume_writing(self) -> None:
         """The write buffer drained: carry on with the queued requests."""
@@ -103,11 +123,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; an unreadable request is answered (4xx) and ends the connection."""
-        if self.discarding:
+        parser = self.parser
+        if self.discarding or parser is None:
             return
         self.last_activity = time.monotonic()
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError:
             reject, self._reject = self._reject, None
             if reject is not None:
@@ -146,22 +167,41 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body = []
         self._body_size = 0
+        self._in_trailers = False
+        self._expect_continue = False
+        self._host_seen = False
 
     def on_url(self, url: bytes) -> None:
         """Collect the URL (it may come in pieces), bounded."""
         self._url += url
-        if len(self._url) > 8192:
-            raise self._rejecting(431, "request URL is longer than 8192 bytes")
+        if len(self._url) > _MAX_URL_BYTES:
+            raise self._rejecting(414, f"request URI is longer than {_MAX_URL_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Keep one header under its lower-case name (the last one wins), bounded in total size."""
+        """Keep one header under its lower-case name (the last one wins), bounded in total size.
+
+        Chunked trailers arrive through here too, after the headers: they are counted and ignored
+        (a trailer must not pose as a header such as Content-Type). A second Host is refused.
+        """
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             raise self._rejecting(431, "request headers are larger than 64 KiB")
-        self._headers[name.lower()] = value
+        if self._in_trailers:
+            return
+        key = name.lower()
+        if key == b"host":
+            if self._host_seen:
+                raise self._rejecting(400, "request has more than one Host header")
+            self._host_seen = True
+        self._headers[key] = value
 
     def on_headers_complete(self) -> None:
         """Refuse an announced body over the limit before reading it; answer `Expect: 100-continue`."""
+        self._in_trailers = True
+        parser = self.parser
+        http11 = parser is not None and parser.get_http_version() == "1.1"
+        if http11 and not self._host_seen:
+            raise self._rejecting(400, "HTTP/1.1 request has no Host header")
         limit = self.server.max_body_bytes
         cl = self._headers.get(b"content-length")
         if cl is not None:
@@ -174,7 +214,16 @@ class HttpProtocol(asyncio.Protocol):
                     413, f"request body of {announced} bytes is larger than the limit of {limit} bytes"
                 )
         expect = self._headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and self.transport is not None:
+        if expect is not None and http11 and expect.lower() == b"100-continue":
+            # HTTP/1.0 clients must have the expectation ignored (RFC 9110 10.1.1). The interim answer
+            # may not overtake earlier pipelined answers: it waits in `_drain` until they are written.
+            self._expect_continue = True
+            self._send_continue()
+
+    def _send_continue(self) -> None:
+        """Write the awaited `100 Continue` once no earlier answer is outstanding."""
+        if self._expect_continue and not self.queue and not self.busy and self.transport is not None:
+            self._expect_continue = False
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -187,8 +236,12 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        """Queue the complete request; stop reading when too many pipelined requests wait."""
+        """Queue the complete request; stop reading when too many pipelined requests or bytes wait."""
         self.in_message = False
+        self._expect_continue = False  # the body is here: no interim answer is due any more
+        parser = self.parser
+        if parser is None:
+            return
         url = self._url
         qpos = url.find(b"?")
         if qpos >= 0:
@@ -197,10 +250,12 @@ class HttpProtocol(asyncio.Protocol):
             path, query = url.decode("latin-1"), ""
         parts = self._body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.queue.append(
-            Request(self.parser.get_method(), path, query, self._headers, body, self.parser.should_keep_alive())
-        )
-        if len(self.queue) > _MAX_PIPELINE and self.transport is not None and not self.read_paused:
+        self._body = []  # the request owns the body now; the connection must not pin it
+        self.queue.append(Request(parser.get_method(), path, query, self._headers, body, parser.should_keep_alive()))
+        self.queued_bytes += len(body)
+        if (
+            len(self.queue) > _MAX_PIPELINE or self.queued_bytes > _MAX_QUEUED_BYTES
+        ) and self.transport is not None and not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
 
@@ -210,6 +265,7 @@ class HttpProtocol(asyncio.Protocol):
         """Handle queued requests in order; an async handler blocks the queue until it answers."""
         while self.queue and not self.busy and not self.write_paused and self.transport is not None:
             req = self.queue.popleft()
+            self.queued_bytes -= len(req.body)
             result = self.app.handle(req)
             if type(result) is Response:
                 self._send(req, result)
@@ -219,11 +275,21 @@ class HttpProtocol(asyncio.Protocol):
                 self.busy = True
                 self.server.inflight += 1
                 result.callback = lambda resp, r=req: self._deferred_done(resp, r)
-        if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.transport is not None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.read_paused and len(self.queue) <= _MAX_PIPELINE // 2 and self.queued_bytes <= _MAX_QUEUED_BYTES // 2:
             self.read_paused = False
-            self.transport.resume_reading()
-        if self.peer_closed and not self.busy and not self.queue and self.transport is not None:
-            self.transport.close()
+            transport.resume_reading()
+        if self.busy or self.queue:
+            return
+        if self._pending_fail is not None:  # a parse error behind the answered requests: answer it last
+            resp, self._pending_fail = self._pending_fail, None
+            self._send_final(resp)
+            return
+        self._send_continue()
+        if self.peer_closed:
+            transport.close()
 
     def _deferred_done(self, resp: Response, req: Request) -> None:
         """An inference answer arrived: send it, then the queued requests (or a parse error held back)."""
@@ -233,10 +299,6 @@ class HttpProtocol(asyncio.Protocol):
             self.app.record(req, resp)
             return
         self._send(req, resp)
-        if self._pending_fail is not None:
-            self._send_final(self._pending_fail)
-            self._pending_fail = None
-            return
         self._drain()
 
     def _send(self, req: Request, resp: Response, final: bool = False) -> None:
@@ -259,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
                 b"\r\n" if keep else b"connection: close\r\n\r\n",
             )
         )
-        body = resp.body
+        body = resp.body if req.method != b"HEAD" else b""
         if len(body) < 16384:
             transport.write(head + body)
         else:
@@ -272,19 +334,17 @@ class HttpProtocol(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         """Answer an unreadable request, then stop reading requests from this connection.
 
-        The write side is shut after the answer but bytes still arriving are read and dropped for a
-        moment, so the client sees the status instead of a reset while it is still sending.
+        Requests parsed before the bad bytes (same read, pipelined) are answered first, in order;
+        the error comes last. The write side is shut after it but bytes still arriving are read and
+        dropped for a moment, so the client sees the status instead of a reset while it is still sending.
         """
         if self.transport is None:
             return
-        resp = self.app.error_response(status, message)
-        self.queue.clear()
+        self._pending_fail = self.app.error_response(status, message)
         self.discarding = True
         self.in_message = False
-        if self.busy:
-            self._pending_fail = resp  # answered after the request in flight
-            return
-        self._send_final(resp)
+        self._expect_continue = False
+        self._drain()
 
     def _send_final(self, resp: Response) -> None:
         """Write a last answer and shut the write side (the read side discards until the client closes)."""
@@ -297,10 +357,18 @@ class HttpProtocol(asyncio.Protocol):
                 transport.close()
 
     def idle_check(self, now: float, keep_alive: float, request_timeout: float) -> None:
-        """Close idle keep-alive connections and answer too-slow requests with 408."""
+        """Close idle keep-alive connections, answer too-slow requests with 408, drop non-reading clients.
+
+        A client that pipelines requests but does not read the answers holds at most its queued
+        requests (bounded in count and bytes) and the transport's write buffer; once it has not
+        read for `request_timeout` it is disconnected.
+        """
         if self.transport is None:
             return
-        if self.discarding and now - self.last_activity > 2.0:
+        if self.write_paused and now - self.stalled_since > request_timeout:
+            log.info("closing a connection whose client stopped reading its answers")
+            self.transport.abort()
+        elif self.discarding and not self.busy and now - self.last_activity > 2.0:
             self.transport.close()
         elif self.in_message and now - self.message_start > request_timeout:
             self._fail(408, f"request not received within {request_timeout:g} s")

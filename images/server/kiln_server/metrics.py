@@ -78,6 +78,14 @@ class _Collector(Collector):
             fam = HistogramMetricFamily(name, doc, labels=["model"])
             fam.add_metric([m.model], h.buckets(), h.total)
             yield fam
+        for name, doc, count in (
+            ("kiln_requests_shed", "Inference requests refused with 503 because the queue was full (--max-queue).", m.shed),
+            ("kiln_requests_expired", "Inference requests answered 504: their deadline passed while queued.", m.expired),
+            ("kiln_inline_inferences", "ONNX Runtime calls run on the event loop (short calls, batching off).", m.inline),
+        ):
+            fam_c = CounterMetricFamily(name, doc, labels=["model"])
+            fam_c.add_metric([m.model], count())
+            yield fam_c
 
 
 class Metrics:
@@ -91,7 +99,14 @@ class Metrics:
         self.latency: dict[str, _Histogram] = {}
         self.batch_rows = _Histogram(BATCH_BUCKETS)
         self.batch_reqs = _Histogram(BATCH_BUCKETS)
+        self.shed: Callable[[], float] = lambda: 0
+        self.expired: Callable[[], float] = lambda: 0
+        self.inline: Callable[[], float] = lambda: 0
         self.registry.register(_Collector(self))
+        self.warmup_seconds = Gauge(
+            "kiln_model_warmup_seconds", "Seconds the warmup inferences took before the model turned ready (--warmup).",
+            ["model", "version"], registry=self.registry,
+        )
         self.load_seconds = Gauge(
             "kiln_model_load_seconds", "Seconds the last model load took (file check + session).",
             ["model", "version"], registry=self.registry,
@@ -124,6 +139,12 @@ class Metrics:
     def track_inflight(self, count: Callable[[], float]) -> None:
         """Read the in-flight count at scrape time (no per-request cost)."""
         self.inflight.set_function(count)
+
+    def track_overload(self, shed: Callable[[], float], expired: Callable[[], float], inline: Callable[[], float]) -> None:
+        """Read the shed (503), expired (504) and inline-call counts at scrape time."""
+        self.shed = shed
+        self.expired = expired
+        self.inline = inline
 
     def set_loaded(self, seconds: float, ready: bool) -> None:
         """Record the outcome of a load."""

@@ -84,8 +84,10 @@ def _spec(node: Any) -> TensorSpec:
     datatype = ONNX_TO_DATATYPE.get(node.type)
     if datatype is None:
         raise ModelLoadError(f"tensor '{node.name}' has type {node.type}, which V2 cannot carry")
-    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or [])]
-    return TensorSpec(node.name, datatype, shape)
+    dims = node.shape or []
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in dims]
+    symbols = tuple(d if isinstance(d, str) and d else None for d in dims)
+    return TensorSpec(node.name, datatype, shape, symbols if any(symbols) else ())
 
 
 class OnnxModel:

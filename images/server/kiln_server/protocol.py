@@ -4,12 +4,18 @@ Includes the binary tensor data extension (Triton/KServe): a JSON header of
 `Inference-Header-Content-Length` bytes followed by raw tensors, each input announcing its
 `parameters.binary_data_size`. Everything a client can get wrong raises `ProtocolError` with the
 HTTP status and a message naming the problem, so no client input turns into a 500.
+
+Non-finite floats: JSON cannot write NaN or Infinity, so a JSON input value that is not finite
+once converted to the tensor's datatype (`1e39` in FP32) is refused with 400; binary inputs carry
+IEEE values unchanged. An output that holds NaN or Infinity and was asked for as JSON is sent with
+the binary tensor data extension instead (`parameters.binary_data_size`), the one valid V2 form.
 """
 
 from __future__ import annotations
 
 import array
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,17 +72,25 @@ _ARRAY_CODES: dict[str, str] = {
 }
 _ARRAY_CODES = {k: v for k, v in _ARRAY_CODES.items() if array.array(v).itemsize == DATATYPE_TO_NUMPY[k].itemsize}
 
+# A JSON float beyond the datatype's range (1e39 in FP32) becomes inf in the cast and is then refused
+# by `_finite` with a 400; numpy's warning about the same cast would only be noise on stderr.
+warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+
 _OPT_NUMPY = orjson.OPT_SERIALIZE_NUMPY
 _NUMPY_NATIVE = frozenset("biuf")  # orjson serializes these numpy kinds directly
 
 
 class ProtocolError(Exception):
-    """A request the server refuses: `status` is the HTTP status, the message names the problem."""
+    """A request the server refuses: `status` is the HTTP status, the message names the problem.
 
-    def __init__(self, status: int, message: str) -> None:
+    `extra`: pre-encoded header lines for the answer (`retry-after: 1\r\n` on a 503).
+    """
+
+    def __init__(self, status: int, message: str, extra: bytes = b"") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.extra = extra
 
 
 @dataclass(slots=True)
@@ -86,6 +100,8 @@ class TensorSpec:
     name: str
     datatype: str
     shape: list[int]
+    symbols: tuple[str | None, ...] = ()
+    """The model's names of symbolic dims (None where a dim is fixed or unnamed)."""
 
     @property
     def dtype(self) -> np.dtype[Any]:
@@ -208,7 +224,14 @@ def _from_simd(name: str, data: Any, spec: TensorSpec, shape: list[int], count: 
         info = np.iinfo(dtype)
         if buf.min() < info.min or buf.max() > info.max:
             raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype}")
-    return buf.astype(dtype, copy=False).reshape(shape)
+    return _finite(name, spec, buf.astype(dtype, copy=False)).reshape(shape)
+
+
+def _finite(name: str, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
+    """Refuse a JSON float that overflowed the datatype (JSON has no NaN/Infinity, so that is the only way)."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype} (not finite once converted)")
+    return arr
 
 
 def error_body(message: str) -> bytes:
@@ -271,26 +294,9 @@ def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], c
                 raise ProtocolError(
                     400, f"input '{name}': data has {len(buf)} elements but shape {shape} needs {count}"
                 )
-            return np.frombuffer(buf, dtype=dtype).reshape(shape)
-    if dtype.kind == "f":
-        # Fast path for nested float data: convert straight to the float dtype. numpy would also accept
-        # numeric strings and null (-> NaN); the first leaf is checked to refuse the usual mistake.
-        leaf = data
-        while type(leaf) is list and leaf:
-            leaf = leaf[0]
-        if type(leaf) not in (float, int, bool, list):
-            raise ProtocolError(
-                400, f"input '{name}': data for datatype {spec.datatype} must be numbers, got {type(leaf).__name__}"
-            )
-        try:
-            arr = np.array(data, dtype=dtype)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ProtocolError(400, f"input '{name}': data is not a regular array of numbers: {exc}") from None
-        if arr.size != count:
-            raise ProtocolError(
-                400, f"input '{name}': data has {arr.size} elements but shape {shape} needs {count}"
-            )
-        return arr.reshape(shape)
+            return _finite(name, spec, np.frombuffer(buf, dtype=dtype)).reshape(shape)
+    # The general path: numpy infers the element type of the whole array, so a null or a numeric
+    # string anywhere (not only first) shows as an object or string dtype and is refused below.
     try:
         arr = np.array(data)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -309,7 +315,7 @@ def tensor_from_json(name: str, data: Any, spec: TensorSpec, shape: list[int], c
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
             raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype}")
-    return arr.astype(dtype, copy=False).reshape(shape)
+    return _finite(name, spec, arr.astype(dtype, copy=False)).reshape(shape)
 
 
 def _describe(arr: np.ndarray) -> str:
@@ -414,6 +420,7 @@ def _decode_inputs(
     offset = header_length if header_length is not None else len(body)
     view = memoryview(body) if header_length is not None else None
     rows = -1
+    bound: dict[str, tuple[int, str]] = {}
     for item in req_inputs:
         if type(item) is not dict:
             raise ProtocolError(400, "each entry of 'inputs' must be an object")
@@ -456,12 +463,29 @@ def _decode_inputs(
             arrays[name] = tensor_from_json(name, item["data"], spec, shape, count)
         if rows < 0:
             rows = shape[0] if shape else 1
+        _bind_symbols(name, shape, spec, bound)
     if view is not None and offset != len(body):
         raise ProtocolError(400, f"request body has {len(body) - offset} bytes after the last binary tensor")
     missing = [n for n in inputs if n not in arrays]
     if missing:
         raise ProtocolError(400, f"missing input(s) {missing}; the model needs {sorted(inputs)}")
     return arrays, rows
+
+
+def _bind_symbols(name: str, shape: list[int], spec: TensorSpec, bound: dict[str, tuple[int, str]]) -> None:
+    """Inputs that share a named dim (`batch`) must agree on it: ONNX Runtime would fail the call (a 500)."""
+    for axis, symbol in enumerate(spec.symbols):
+        if symbol is None or axis >= len(shape):
+            continue
+        seen = bound.get(symbol)
+        if seen is None:
+            bound[symbol] = (shape[axis], name)
+        elif seen[0] != shape[axis]:
+            raise ProtocolError(
+                400,
+                f"input '{name}': dimension {axis} ('{symbol}') is {shape[axis]} but input '{seen[1]}' "
+                f"gives '{symbol}' = {seen[0]}; inputs sharing a dimension must agree",
+            )
 
 
 def _requested_outputs(
@@ -496,6 +520,23 @@ def _bytes_element(x: Any) -> bytes:
     return x if isinstance(x, bytes) else str(x).encode("utf-8")
 
 
+def json_safe(arr: np.ndarray) -> Any:
+    """For V1 (no binary form): a float array holding NaN/Infinity as a list with those as strings."""
+    if arr.dtype.kind != "f" or np.isfinite(arr).all():
+        return arr
+    return _nonfinite_strings(arr.tolist())
+
+
+def _nonfinite_strings(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_nonfinite_strings(v) for v in value]
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
 def _json_data(arr: np.ndarray) -> Any:
     if arr.dtype.kind in _NUMPY_NATIVE:
         return np.ascontiguousarray(arr).reshape(-1)
@@ -523,6 +564,8 @@ def encode_infer_response(
     out_docs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for spec, arr, binary in outputs:
+        if not binary and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            binary = True  # JSON cannot carry NaN/Infinity: the binary extension can (documented)
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
         if binary:
             raw = _raw_bytes(arr)

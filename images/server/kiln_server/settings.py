@@ -8,6 +8,7 @@ always wins over its variable).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,27 @@ class Settings:
     """A request whose headers and body take longer than this to arrive gets 408
     (`--request-timeout`, `KILN_REQUEST_TIMEOUT`)."""
 
+    warmup: int = field(default=3, metadata=
+        option("--warmup", env="KILN_WARMUP", help="warmup inferences per batch size before ready (0 = none)"))
+    """Inferences on synthetic inputs at each batch size the batcher uses, before ready turns true
+    (`--warmup`, `KILN_WARMUP`); 0 = none."""
+
+    max_queue: int = field(default=1024, metadata=
+        option("--max-queue", env="KILN_MAX_QUEUE", help="most queued inference requests, then 503 (0 = no limit)"))
+    """Most inference requests queued or running; past it 503 with Retry-After at once
+    (`--max-queue`, `KILN_MAX_QUEUE`); 0 = no limit."""
+
+    request_deadline_ms: float = field(default=0.0, metadata=
+        option("--request-deadline-ms", env="KILN_REQUEST_DEADLINE_MS", help="queue deadline, then 504"))
+    """A request still queued this long after it arrived is answered 504 without running
+    (`--request-deadline-ms`, `KILN_REQUEST_DEADLINE_MS`); 0 = none. Clients may ask for less with
+    the `X-Request-Deadline-Ms` header."""
+
+    inline_max_us: float = field(default=0.0, metadata=
+        option("--inline-max-us", env="KILN_INLINE_MAX_US", help="run shorter ORT calls on the loop (0 = never)"))
+    """Batching off: run an ONNX Runtime call estimated under this many microseconds on the event
+    loop instead of the inference thread (`--inline-max-us`, `KILN_INLINE_MAX_US`); 0 = never."""
+
     log_level: str = field(default="INFO", metadata=option("--log-level", env="KILN_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR"))
     """Log level (`--log-level`, `KILN_LOG_LEVEL`)."""
 
@@ -140,8 +162,9 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"port {s.port} is out of range 1-65535")
     if s.max_batch_size < 1:
         raise SettingsError("max batch size must be >= 1 (1 turns dynamic batching off)")
-    if s.max_latency_ms < 0:
-        raise SettingsError("max latency must be >= 0 ms")
+    if not (math.isfinite(s.max_latency_ms) and s.max_latency_ms >= 0):
+        raise SettingsError(f"max latency must be a finite number >= 0 ms, got {s.max_latency_ms}")
+    _validate_limits(s)
     if s.max_body_bytes < 1024:
         raise SettingsError("max body bytes must be at least 1024")
     if s.max_elements < 1:
@@ -154,3 +177,23 @@ def _validate(s: Settings) -> None:
         raise SettingsError("sha256 must be 64 hex digits")
     if "/" in s.model_name or not s.model_name:
         raise SettingsError(f"model name {s.model_name!r} must be non-empty and contain no '/'")
+
+
+def _validate_limits(s: Settings) -> None:
+    """Timeouts must be finite and positive: `nan` compares false with everything and would disable them."""
+    for flag, value in (
+        ("--keep-alive-timeout", s.keep_alive_timeout_s),
+        ("--request-timeout", s.request_timeout_s),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"{flag} must be a finite number of seconds > 0, got {value}")
+    if not (math.isfinite(s.graceful_timeout_s) and s.graceful_timeout_s >= 0):
+        raise SettingsError(f"--graceful-timeout must be a finite number of seconds >= 0, got {s.graceful_timeout_s}")
+    if not (math.isfinite(s.request_deadline_ms) and s.request_deadline_ms >= 0):
+        raise SettingsError(f"--request-deadline-ms must be a finite number >= 0 (0 = none), got {s.request_deadline_ms}")
+    if not (math.isfinite(s.inline_max_us) and s.inline_max_us >= 0):
+        raise SettingsError(f"--inline-max-us must be a finite number >= 0 (0 = never), got {s.inline_max_us}")
+    if s.warmup < 0:
+        raise SettingsError("--warmup must be >= 0 (0 = none)")
+    if s.max_queue < 0:
+        raise SettingsError("--max-queue must be >= 0 (0 = no limit)")

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from kiln_server.messages import Deferred, Request, Response
-from kiln_server.protocol import ProtocolError, TensorSpec, error_body, tensor_from_json
+from kiln_server.protocol import ProtocolError, TensorSpec, error_body, json_safe, tensor_from_json
 from kiln_server.serving import ServingState
 
 log = logging.getLogger("kiln_server.v1")
@@ -43,6 +43,7 @@ class V1Handler:
         batcher = state.batcher
         if batcher is None or state.draining:
             return Response(503, orjson.dumps({"error": state.unavailable_reason, "ready": False}))
+        deadline = state.admit(req, batcher)
         model = batcher.model
         ctype = req.headers.get(b"content-type")
         if ctype is not None and ctype.split(b";", 1)[0].strip().lower() not in _JSON_TYPES:
@@ -70,7 +71,7 @@ class V1Handler:
         def done(arrays: list[Any] | None, exc: BaseException | None) -> None:
             deferred.resolve(self._respond(arrays, exc, names))
 
-        batcher.submit(feeds, names, n, done)
+        batcher.submit(feeds, names, n, done, deadline)
         return deferred
 
     @staticmethod
@@ -130,7 +131,9 @@ def _columns(specs: list[TensorSpec], instances: list[Any]) -> dict[str, list[An
 def _plain(arr: Any) -> Any:
     """A prediction as orjson can write it: numeric arrays as they are, others as lists or scalars."""
     if isinstance(arr, np.ndarray) and arr.dtype.kind in "biuf":
-        return np.ascontiguousarray(arr)
+        return json_safe(np.ascontiguousarray(arr))  # NaN/Infinity as strings: JSON has no such numbers
     if isinstance(arr, np.ndarray):
         return arr.tolist()
+    if isinstance(arr, np.floating) and not np.isfinite(arr):
+        return json_safe(np.array([arr]))[0]
     return arr.item() if isinstance(arr, np.generic) else arr

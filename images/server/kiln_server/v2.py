@@ -92,6 +92,7 @@ class V2Handler:
         batcher = state.batcher
         if batcher is None or state.draining:
             return not_ready(state)
+        deadline = state.admit(req, batcher)
         model = batcher.model
         header_length = _header_length(req.headers)
         body = state.decode_body(req)
@@ -108,7 +109,7 @@ class V2Handler:
         def done(arrays: list[Any] | None, exc: BaseException | None) -> None:
             deferred.resolve(self._respond(model, arrays, exc, names, binary, rid))
 
-        batcher.submit(parsed.inputs, names, parsed.rows, done)
+        batcher.submit(parsed.inputs, names, parsed.rows, done, deadline)
         return deferred
 
     def _respond(

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Kiln next to the floors of its own stack, one run: V2 JSON batch 1 on the reference MLP, wrk -c8.
+
+Rows (bench/server/floor_server.py, all httptools + uvloop, one process):
+- `http`: HTTP only (fixed answer);
+- `parse`: + simdjson parse of the body into an FP32 array;
+- `infer`: + ONNX Runtime inline on the loop and the V2 JSON reply (the minimal inline server);
+- `kiln`: `kiln serve` with its defaults (batching off).
+Rounds alternate the servers' order; each server's number is its median round. Server pinned to
+CPU 0 and wrk to CPU 1 (taskset) when the machine has 2+ CPUs. The headline is Kiln's req/s as a
+share of the `infer` floor's in the same run.
+
+    .venv/bin/python bench/server/floors.py [--seconds 5] [--rounds 3]
+
+Raw numbers: bench/results/server_floors.json (one entry per --label); the table is printed (copy it
+to docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run  # noqa: E402  (model builder, wrk driver, process helpers of the main server bench)
+
+LEVELS = ("http", "parse", "infer")
+
+
+def start_floor(level: str, model: Path, work: Path, cpus: str | None) -> run.Server:
+    """One floor server on a free port."""
+    port = run.free_port()
+    cmd = [sys.executable, str(HERE / "floor_server.py"), "--level", level, "--model", str(model), "--port", str(port)]
+    log = work / f"floor-{level}.log"
+    server = run.Server(f"floor-{level}", run._popen(cmd, log, cpus), port, "/v2/models/mlp/infer", log)
+    run.wait_http(server.url + "/v2/health/ready")
+    return server
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--kiln-args", default="", help="extra `kiln serve` flags, space-separated")
+    ap.add_argument("--label", default="default", help="key of this run in bench/results/server_floors.json")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    pin = (os.cpu_count() or 1) >= 2
+    srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
+    work = Path(tempfile.mkdtemp(prefix="kiln-floors-"))
+    model = run.build_mlp(work / "mlp.onnx")
+    import onnxruntime as ort
+
+    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
+    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    body = run.json_body(x1)
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
+        "rounds": args.rounds, "pinned": pin, "connections": args.connections, "kiln_args": args.kiln_args,
+        "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+    }
+    servers: dict[str, run.Server] = {}
+    points: list[run.Point] = []
+    try:
+        for level in LEVELS:
+            servers[f"floor-{level}"] = start_floor(level, model, work, srv_cpus)
+        servers["kiln"] = run.start_kiln(model, work, srv_cpus, *args.kiln_args.split())
+        for name in ("floor-infer", "kiln"):
+            run.check_answer(servers[name], body, expected)
+        for rnd in range(args.rounds):
+            print(f"round {rnd + 1}/{args.rounds}", flush=True)
+            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+            for name in order:
+                p = run.run_wrk(servers[name], body, {"Content-Type": "application/json"}, args.connections, args.seconds,
+                                wrk_cpus, "json-b1", 1, work)
+                p.extra["round"] = rnd + 1
+                points.append(p)
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    med: dict[str, run.Point] = {}
+    for name in servers:
+        group = sorted((p for p in points if p.server == name), key=lambda p: p.rps)
+        med[name] = group[len(group) // 2]
+    floor = med["floor-infer"].rps
+    lines = [
+        f"Measured {meta['date']} on {meta['cpus']} CPUs, loopback, wrk 1 thread, c={args.connections}, "
+        f"{args.seconds:g} s per point after a 2 s warm-up, {args.rounds} rounds alternating the order, median round; "
+        + ("server on CPU 0, wrk on CPU 1. " if pin else "no pinning. ")
+        + f"Load average before/after: {meta['load_before']} / {meta['load_after']}.",
+        "",
+        "| server | req/s (median) | rounds | server CPU per request (us) | p50 / p99 ms | share of the inline floor |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {"floor-http": "HTTP only (httptools + uvloop)", "floor-parse": "+ simdjson parse",
+              "floor-infer": "+ inline ONNX Runtime and V2 reply (the minimal inline server)",
+              "kiln": "**Kiln** (`kiln serve`" + (f" {args.kiln_args}" if args.kiln_args else "") + ")"}
+    for name, p in med.items():
+        rounds = ", ".join(f"{q.rps:,.0f}" for q in points if q.server == name)
+        cpu_us = p.server_cpu_cores / p.rps * 1e6 if p.rps else 0.0
+        lines.append(f"| {labels[name]} | {p.rps:,.0f} | {rounds} | {cpu_us:.1f} | {p.p50_ms:.2f} / {p.p99_ms:.2f} | {p.rps / floor:.0%} |")
+    text = "\n".join(lines)
+    print(text)
+    out = run.RESULTS / "server_floors.json"
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved[args.label] = {"meta": meta, "points": [p.__dict__ for p in points]}
+    out.write_text(json.dumps(saved, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
