@@ -92,6 +92,8 @@ class Metrics:
         self.batch_rows = _Histogram(BATCH_BUCKETS)
         self.batch_reqs = _Histogram(BATCH_BUCKETS)
         self.registry.register(_Collector(self))
+        # `--workers`: replaced by the pod-wide merge of every worker's samples (workers.SharedMetrics).
+        self.render_hook: Callable[[], bytes] | None = None
         self.load_seconds = Gauge(
             "kiln_model_load_seconds", "Seconds the last model load took (file check + session).",
             ["model", "version"], registry=self.registry,
@@ -132,4 +134,6 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text."""
+        if self.render_hook is not None:
+            return self.render_hook()
         return generate_latest(self.registry)

@@ -35,6 +35,13 @@ class Settings:
     port: int = 8080
     """TCP port (`--port`, `KILN_PORT`)."""
 
+    grpc_port: int = 0
+    """Port of the Open Inference Protocol's gRPC service (`--grpc-port`, `KILN_GRPC_PORT`); 0 = no gRPC."""
+
+    workers: int = 1
+    """Server processes sharing the ports with SO_REUSEPORT, each with its own model session
+    (`--workers`, `KILN_WORKERS`); 1 = this process serves alone."""
+
     max_batch_size: int = 1
     """Dynamic batching: most rows per ONNX Runtime call (`--max-batch-size`, `KILN_MAX_BATCH_SIZE`); 1 = off."""
 
@@ -103,6 +110,8 @@ _FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--version", "version", "KILN_MODEL_VERSION", str, "model version (default 1)"),
     ("--host", "host", "KILN_HOST", str, "listen address (default 127.0.0.1)"),
     ("--port", "port", "KILN_PORT", int, "listen port (default 8080)"),
+    ("--grpc-port", "grpc_port", "KILN_GRPC_PORT", int, "gRPC (Open Inference Protocol) port, 0 = off"),
+    ("--workers", "workers", "KILN_WORKERS", int, "server processes sharing the ports (default 1)"),
     ("--max-batch-size", "max_batch_size", "KILN_MAX_BATCH_SIZE", int, "dynamic batching rows, 1 = off"),
     ("--max-latency-ms", "max_latency_ms", "KILN_MAX_LATENCY_MS", float, "dynamic batching wait (ms)"),
     ("--max-body-bytes", "max_body_bytes", "KILN_MAX_BODY_BYTES", int, "largest request body"),
@@ -180,6 +189,10 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> 
 def _validate(s: Settings) -> None:
     if not 0 < s.port < 65536:
         raise SettingsError(f"port {s.port} is out of range 1-65535")
+    if not 0 <= s.grpc_port < 65536 or (s.grpc_port and s.grpc_port == s.port):
+        raise SettingsError(f"gRPC port {s.grpc_port} must be 0 (off) or 1-65535 and differ from the HTTP port")
+    if not 1 <= s.workers <= 256:
+        raise SettingsError(f"workers {s.workers} must be between 1 and 256")
     if s.max_batch_size < 1:
         raise SettingsError("max batch size must be >= 1 (1 turns dynamic batching off)")
     if s.max_latency_ms < 0:
