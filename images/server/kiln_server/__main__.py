@@ -155,9 +155,12 @@ class _Service:
         from kiln_server.batching import Batcher
 
         s, metrics = self.s, self.metrics
+        may_grow = self.server.has_idle_connection
+        if self.grpc is not None:
+            http_may_grow, grpc_may_grow = may_grow, self.grpc_service.may_grow
+            may_grow = lambda: http_may_grow() or grpc_may_grow()  # noqa: E731
         batcher = Batcher(
-            model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch,
-            may_grow=self.server.has_idle_connection,
+            model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch, may_grow=may_grow,
         )
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)

@@ -84,6 +84,20 @@ class InferenceService:
         self.server_version = server_version
         self.metrics = _GrpcMetrics()
         metrics.registry.register(self.metrics)
+        # Inference calls waiting for their answer, and the most seen at once in this second and the
+        # last: HTTP/2 multiplexes calls, so the number of connections says nothing about how many
+        # clients there are; the recent peak of concurrent calls does (see `may_grow`).
+        self.inflight = 0
+        self._peak = self._peak_prev = 0
+        self._peak_at = time.monotonic()
+
+    def may_grow(self) -> bool:
+        """For the batcher: may more inference calls arrive soon? True while fewer wait than recently did."""
+        now = time.monotonic()
+        if now - self._peak_at >= 1.0:
+            self._peak_prev, self._peak = (self._peak if now - self._peak_at < 2.0 else 0), self.inflight
+            self._peak_at = now
+        return self.inflight < max(self._peak, self._peak_prev)
 
     def _check_model(self, name: str, version: str) -> None:
         """NOT_FOUND for a model or version this server does not serve."""
@@ -142,12 +156,16 @@ class InferenceService:
             else:
                 future.set_result(arrays)
 
+        self.inflight += 1
+        self._peak = max(self._peak, self.inflight)
         batcher.submit(parsed.feeds, parsed.outputs, parsed.rows, done)
         try:
             arrays = await future
         except Exception as exc:
             status, message = state.inference_failure(exc)
             raise RpcError(_STATUS.get(status, grpc.StatusCode.INTERNAL), message) from None
+        finally:
+            self.inflight -= 1
         specs = [model.outputs[n] for n in parsed.outputs]
         return encode_response(model.name, model.version, req.id, specs, arrays, parsed.raw)
 
