@@ -28,4 +28,6 @@ def serve_args(spec: dict[str, Any], *, model: str, name: str, host: str, port: 
         args += ["--max-body-bytes", str(limits["maxBodyBytes"])]
     if limits.get("maxElements"):
         args += ["--max-elements", str(limits["maxElements"])]
+    if spec.get("workers"):
+        args += ["--workers", str(spec["workers"])]
     return args

@@ -23,6 +23,8 @@ from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError, render_template
 
 SERVER_PORT = 8080
+SERVER_GRPC_PORT = 9000
+DEFAULT_GRPC_SERVICE_PORT = 9000
 FETCH_DIR = "/models"
 ANNOTATION_SHA = "kiln.dev/model-sha256"
 ANNOTATION_URI = "kiln.dev/model-uri"
@@ -122,6 +124,52 @@ def service_url(md: dict[str, Any]) -> str:
     return f"http://{names.server_service(meta['name'])}.{meta.get('namespace') or 'default'}.svc.cluster.local/v2/models/{model_name(md)}"
 
 
+def grpc_service_port(md: dict[str, Any]) -> int:
+    """The Service's gRPC port; 0 when gRPC is off."""
+    service = (md.get("spec") or {}).get("service") or {}
+    return int(service.get("grpcPort", DEFAULT_GRPC_SERVICE_PORT))
+
+
+def grpc_address(md: dict[str, Any]) -> str:
+    """In-cluster `host:port` of the gRPC API ("" when it is off): gRPC clients take an address, not a URL."""
+    port = grpc_service_port(md)
+    if not port:
+        return ""
+    meta = md["metadata"]
+    return f"{names.server_service(meta['name'])}.{meta.get('namespace') or 'default'}.svc.cluster.local:{port}"
+
+
+def cpu_count(quantity: Any) -> float:
+    """A CPU quantity (`2`, `1.5`, `500m`) as a number of CPUs; 0 when it cannot be read."""
+    text = str(quantity).strip()
+    try:
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return 0.0
+
+
+def workers(spec: dict[str, Any]) -> int:
+    """`spec.workers`, or the CPU request rounded down (at least 1): one event loop per CPU the pod may use."""
+    if spec.get("workers"):
+        return int(spec["workers"])
+    cpu = (spec.get("resources") or {}).get("cpu")
+    return max(1, int(cpu_count(cpu))) if cpu is not None else 1
+
+
+def _server_args(md: dict[str, Any], spec: dict[str, Any], path: str, sha256: str) -> list[str]:
+    """`kiln serve` arguments: the shared mapping, plus the pod-only gRPC port and the workers default."""
+    args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=sha256)
+    grpc_port = grpc_service_port(md)
+    if grpc_port:
+        if grpc_port == int((spec.get("service") or {}).get("port", 80)):
+            raise RenderError("spec.service.grpcPort", f"port {grpc_port} is also spec.service.port; the two must differ")
+        args += ["--grpc-port", str(SERVER_GRPC_PORT)]
+    n = workers(spec)
+    if n > 1 and "--workers" not in args:
+        args += ["--workers", str(n)]
+    return args
+
+
 def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None) -> list[dict[str, Any]]:
     """Deployment, Service and (when asked and served by the API) HPA for a ModelDeployment.
 
@@ -138,7 +186,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     path, fetch, volumes, mounts = _model_location(model)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
-    args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
+    args = _server_args(md, spec, path, model.sha256)
     autoscaling = spec.get("autoscaling")
     if autoscaling:
         autoscaling = {"minReplicas": 1, "targetCPUUtilization": 80, **autoscaling}
@@ -166,6 +214,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "fetch": fetch,
         "args": args,
         "port": SERVER_PORT,
+        "grpc_port": SERVER_GRPC_PORT if grpc_service_port(md) else 0,
+        "grpc_service_port": grpc_service_port(md),
         "startup_failures": max(1, startup // 2),
         "resources": resources(spec),
         "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],
