@@ -176,7 +176,7 @@ MD_SPEC_PROPS: dict[str, Any] = {
             "grpcPort": s("integer", "Service port of the Open Inference Protocol's gRPC API (port name `grpc`, `appProtocol: grpc`); 0 turns gRPC off. Must differ from `port`.", minimum=0, maximum=65535, default=9000),
         },
     ),
-    "workers": s("integer", "Server processes per pod, sharing its ports (`kiln serve --workers`), each with its own model session. Default: the CPU request rounded down (at least 1); 1 without a CPU request.", minimum=1, maximum=256),
+    "workers": s("integer", "Server processes per pod, sharing its ports (`kiln serve --workers`), each with its own model session. Default: the CPU request rounded down (at least 1); 1 without a CPU request or with GPUs (each worker would hold its own copy of the model on the GPU).", minimum=1, maximum=256),
     "scheduling": SCHEDULING,
     "progressDeadlineSeconds": s("integer", "A rollout that makes no progress for this long fails (Deployment progressDeadlineSeconds).", minimum=1, default=600),
     "startupTimeoutSeconds": s("integer", "How long a server may take to load its model before the startup probe gives up.", minimum=10, maximum=86400, default=600),

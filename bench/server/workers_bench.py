@@ -77,11 +77,19 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[dict[str, Any
     return rows, meta
 
 
+def _per_core(row: dict[str, Any]) -> float:
+    """Requests per CPU-second the server used: what a worker costs, whatever CPU the shared machine left it."""
+    return float(row["rps"] / row["server_cpu_cores"]) if row["server_cpu_cores"] else 0.0
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> str:
     one = [r for r in rows if r["workers"] == 1]
     two = [r for r in rows if r["workers"] == 2]
     ratios = [b["rps"] / a["rps"] for a, b in zip(one, two, strict=True)]
     med = sorted(ratios)[len(ratios) // 2]
+    per_one = sorted(_per_core(r) for r in one)[len(one) // 2]
+    per_two = sorted(_per_core(r) for r in two)[len(two) // 2]
+    extra_cost = 100 * (per_one / per_two - 1) if per_two else 0.0
 
     def median(xs: list[float]) -> float:
         return sorted(xs)[len(xs) // 2]
@@ -93,15 +101,19 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> st
         f"{meta['rounds']} rounds alternating the two configurations. Load average before/after: "
         f"{meta['load_before']} / {meta['load_after']} (the machine is shared with other engineers' work; 'others' is "
         "the CPU other processes used during the point)."), "",
-        "| round | 1 worker req/s | 2 workers req/s | ratio | server CPU 1 / 2 workers (cores) | p99 ms 1 / 2 | others (cores) |",
-        "|---|---|---|---|---|---|---|"]
+        "| round | 1 worker req/s | 2 workers req/s | ratio | server CPU 1 / 2 workers (cores) | req/s per server core 1 / 2 "
+        "| p99 ms 1 / 2 | others (cores) |",
+        "|---|---|---|---|---|---|---|---|"]
     for a, b, ratio in zip(one, two, ratios, strict=True):
         lines.append(f"| {a['round']} | {a['rps']:,.0f} | {b['rps']:,.0f} | {ratio:.2f}x | {a['server_cpu_cores']:.2f} / "
-                     f"{b['server_cpu_cores']:.2f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
+                     f"{b['server_cpu_cores']:.2f} | {_per_core(a):,.0f} / {_per_core(b):,.0f} | {a['p99_ms']:.2f} / {b['p99_ms']:.2f} | "
                      f"{max(a['other_cpu_cores'], b['other_cpu_cores']):.2f} |")
     lines += ["", (f"Median: 1 worker {median([r['rps'] for r in one]):,.0f} req/s, 2 workers {median([r['rps'] for r in two]):,.0f} "
                    f"req/s; **2 workers / 1 worker = {med:.2f}x** (median round ratio; spread {min(ratios):.2f}x - "
-                   f"{max(ratios):.2f}x; target >= 1.7x)."), "",
+                   f"{max(ratios):.2f}x; target >= 1.7x). Per server CPU-second: 1 worker "
+                   f"{median([_per_core(r) for r in one]):,.0f}, 2 workers {median([_per_core(r) for r in two]):,.0f} req/s "
+                   f"(CPU per request {extra_cost:+.0f} % "
+                   "with two workers: beyond that, the req/s ratio follows how much CPU the shared machine left the server)."), "",
               f"Command: `{command}`", "Raw numbers: `bench/results/workers.json`.", ""]
     return "\n".join(lines)
 

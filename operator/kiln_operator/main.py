@@ -40,6 +40,7 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then KUBECONFIG)")
     p.add_argument("--trainer-image", default=settings.trainer_image)
     p.add_argument("--server-image", default=settings.server_image)
+    p.add_argument("--server-gpu-image", default=settings.server_gpu_image)
     p.add_argument("--reconcile-interval", type=float, default=settings.reconcile_interval,
                    help="seconds between periodic status reconciles of each resource")
     p.add_argument("--liveness", default=settings.liveness, help="liveness endpoint URL ('' to disable)")
@@ -56,6 +57,7 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
         settings.exclude_namespaces = args.exclude
     settings.trainer_image = args.trainer_image
     settings.server_image = args.server_image
+    settings.server_gpu_image = args.server_gpu_image
     settings.reconcile_interval = args.reconcile_interval
     settings.liveness = args.liveness
     settings.peering = args.peering

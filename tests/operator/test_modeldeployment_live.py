@@ -227,3 +227,14 @@ def test_grpc_port_clashing_with_the_http_port_is_refused(api: Any, operator: An
     st = wait_md(api, namespace, "clash", "Failed", "InvalidSpec")["status"]
     assert "spec.service.grpcPort" in st["message"] and "must differ" in st["message"]
     assert api.get("apps/v1", "Deployment", namespace, "clash-server") is None
+
+
+def test_gpus_without_a_gpu_server_image_are_refused(api: Any, operator: Any, namespace: str) -> None:
+    """The CPU image would hold a GPU it never uses: the status says why nothing is deployed."""
+    api.call("POST", api.path(API, "ModelDeployment", namespace), {
+        "apiVersion": API, "kind": "ModelDeployment", "metadata": {"name": "gpu"},
+        "spec": {"model": {"uri": "pvc://models/m/model.onnx"}, "resources": {"gpus": 1}}})
+    st = wait_md(api, namespace, "gpu", "Failed", "InvalidSpec")["status"]
+    assert "asks for 1 GPU(s) but the operator has no GPU server image" in st["message"]
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
+    assert api.get("apps/v1", "Deployment", namespace, "gpu-server") is None

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.unit]
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW = OperatorSettings(features=Features(job_suspend=True, indexed_jobs=True, hpa_v2=True, server_version="v1.30.0"))
+GPU = OperatorSettings(features=NEW.features, server_gpu_image="localhost/kiln/server-gpu:1")
 OLD = OperatorSettings(features=Features(job_suspend=False, indexed_jobs=False, hpa_v2=False, server_version="v1.20.2"))
 
 
@@ -146,7 +147,7 @@ def test_values_cannot_break_out_of_the_yaml(evil: str) -> None:
 
 
 def test_modeldeployment_renders_valid_objects() -> None:
-    docs = build_modeldeployment(md(autoscaling={"maxReplicas": 4}, resources={"gpus": 1}, batching={"maxBatchSize": 8}), NEW,
+    docs = build_modeldeployment(md(autoscaling={"maxReplicas": 4}, resources={"gpus": 1}, batching={"maxBatchSize": 8}), GPU,
                                  ModelRef("pvc://models/demo/model.onnx", "f" * 64, "demo"))
     strict(docs)
     assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
@@ -279,3 +280,21 @@ def test_workers_default_from_the_cpu_request(spec: dict[str, Any], expected: st
     container, _ = _server(build_modeldeployment(md(**spec), NEW, ModelRef("pvc://models/demo/model.onnx")))
     args = container["args"]
     assert (args[args.index("--workers") + 1] if "--workers" in args else None) == expected
+
+
+def test_gpus_need_the_gpu_server_image() -> None:
+    """GPUs run on the GPU image with `--providers cuda` (no silent CPU fallback); without a GPU image: refused."""
+    gpu_md = md(resources={"gpus": 1, "cpu": "4"})
+    container, _ = _server(build_modeldeployment(gpu_md, GPU, ModelRef("pvc://models/demo/model.onnx")))
+    assert container["image"] == "localhost/kiln/server-gpu:1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    args = container["args"]
+    assert args[args.index("--providers") + 1] == "cuda"
+    assert "--workers" not in args, "GPU pods default to one worker (one CUDA context and model copy)"
+    cpu_container, _ = _server(build_modeldeployment(md(resources={"cpu": "1"}), GPU, ModelRef("pvc://models/demo/model.onnx")))
+    assert cpu_container["image"] == GPU.server_image and "--providers" not in cpu_container["args"]
+    with pytest.raises(RenderError, match=r"asks for 1 GPU\(s\) but the operator has no GPU server image") as info:
+        build_modeldeployment(gpu_md, NEW, ModelRef("pvc://models/demo/model.onnx"))
+    assert info.value.field == "spec.resources.gpus" and "server.gpuImage" in str(info.value)
+    own, _ = _server(build_modeldeployment(md(resources={"gpus": 2}, image="my/cuda-server:2"), NEW, ModelRef("pvc://models/demo/model.onnx")))
+    assert own["image"] == "my/cuda-server:2"

@@ -165,6 +165,7 @@ class _Service:
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)
         metrics.set_loaded(seconds, True)
+        metrics.set_providers(model.providers)
         meta = model.metadata()
         fields = {
             "event": "model_ready", "model_name": self.name, "model_version": s.version, "model": s.model,

@@ -108,6 +108,15 @@ class Metrics:
             registry=self.registry,
         )
 
+    def set_providers(self, providers: list[str]) -> None:
+        """The ONNX Runtime execution providers the session uses, in priority order (1 each)."""
+        gauge = Gauge(
+            "kiln_model_execution_providers", "ONNX Runtime execution providers in use (1), e.g. CUDAExecutionProvider.",
+            ["model", "provider"], registry=self.registry,
+        )
+        for p in providers:
+            gauge.labels(self.model, p).set(1)
+
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         """Count one response and record its latency (event-loop thread only)."""
         key = (route, code)

@@ -149,11 +149,37 @@ def cpu_count(quantity: Any) -> float:
 
 
 def workers(spec: dict[str, Any]) -> int:
-    """`spec.workers`, or the CPU request rounded down (at least 1): one event loop per CPU the pod may use."""
+    """`spec.workers`, or the CPU request rounded down (at least 1): one event loop per CPU the pod may use.
+
+    GPU pods default to 1: each worker would hold its own CUDA context and copy of the model on the GPU.
+    """
     if spec.get("workers"):
         return int(spec["workers"])
+    if int((spec.get("resources") or {}).get("gpus") or 0) > 0:
+        return 1
     cpu = (spec.get("resources") or {}).get("cpu")
     return max(1, int(cpu_count(cpu))) if cpu is not None else 1
+
+
+def server_image(spec: dict[str, Any], settings: OperatorSettings) -> str:
+    """`spec.image`, else the GPU server image when GPUs are asked for, else the CPU one.
+
+    GPUs without a GPU image is refused: the CPU image's ONNX Runtime has no CUDA provider, so the pod
+    would hold GPUs it never uses.
+    """
+    if spec.get("image"):
+        return str(spec["image"])
+    gpus = int((spec.get("resources") or {}).get("gpus") or 0)
+    if gpus <= 0:
+        return settings.server_image
+    if not settings.server_gpu_image:
+        raise RenderError(
+            "spec.resources.gpus",
+            f"asks for {gpus} GPU(s) but the operator has no GPU server image (chart value server.gpuImage, "
+            f"KILN_SERVER_GPU_IMAGE); its CPU image {settings.server_image} cannot use GPUs. Configure a GPU image, "
+            "name a CUDA-enabled server image in spec.image, or remove resources.gpus",
+        )
+    return settings.server_gpu_image
 
 
 def _server_args(md: dict[str, Any], spec: dict[str, Any], path: str, sha256: str) -> list[str]:
@@ -167,6 +193,8 @@ def _server_args(md: dict[str, Any], spec: dict[str, Any], path: str, sha256: st
     n = workers(spec)
     if n > 1 and "--workers" not in args:
         args += ["--workers", str(n)]
+    if int((spec.get("resources") or {}).get("gpus") or 0) > 0:
+        args += ["--providers", "cuda"]  # a pod holding GPUs must run on them: fail loudly, never fall back to CPU
     return args
 
 
@@ -204,7 +232,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "owner_references": owner_references({**md, "kind": "ModelDeployment"}),
         "replicas": replicas,
         "progress_deadline": int(spec.get("progressDeadlineSeconds") or 600),
-        "image": spec.get("image") or settings.server_image,
+        "image": server_image(spec, settings),
         "image_pull_policy": spec.get("imagePullPolicy") or settings.image_pull_policy,
         "image_pull_secrets": spec.get("imagePullSecrets") or [],
         "scheduling": {"nodeSelector": {}, "priorityClassName": "", **(spec.get("scheduling") or {})},
