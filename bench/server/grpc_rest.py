@@ -85,7 +85,9 @@ def grpc_ok_count(server: run.Server) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def run_h2load(server: run.Server, gport: int, body: bytes, seconds: float, cpus: str | None, scenario: str, work: Path) -> run.Point:
+def run_h2load(
+    server: run.Server, gport: int, body: bytes, seconds: float, cpus: str | None, scenario: str, work: Path, check: bool = True
+) -> run.Point:
     """One gRPC point: h2load for `seconds` after a 2 s warm-up; server CPU measured as wrk's points are."""
     body_file = work / f"{scenario}.bin"
     body_file.write_bytes(body)
@@ -94,7 +96,7 @@ def run_h2load(server: run.Server, gport: int, body: bytes, seconds: float, cpus
            "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers", url]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    before = grpc_ok_count(server)
+    before = grpc_ok_count(server) if check else 0.0
     srv0 = server.cpu_seconds()
     t0 = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -104,13 +106,37 @@ def run_h2load(server: run.Server, gport: int, body: bytes, seconds: float, cpus
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
     assert done is not None, out
     mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
-    ok = grpc_ok_count(server) - before
+    ok = grpc_ok_count(server) - before if check else float(done.group(2))
     # the warm-up's calls count on the server too: the server must have answered at least h2load's measured ones with OK
     assert ok >= int(done.group(2)) and int(done.group(3)) == 0 and int(done.group(4)) == 0, out
     point = run.Point("kiln", scenario, CONNS, 1, rps, run._ms(mean.group(1)) if mean else float("nan"), float("nan"),
                       0, srv_cpu / elapsed, 0.0)
     print(f"  {scenario:14s} {rps:9.0f} req/s mean {point.p50_ms:6.2f} ms server {point.server_cpu_cores:.2f} cores", flush=True)
     return point
+
+
+def floor_points(x: np.ndarray, seconds: float, rounds: int, work: Path) -> list[run.Point]:
+    """The grpc.aio floor (grpc_floor.py: a fixed answer, no decoding, no inference), pinned like the server."""
+    port = run.free_port()
+    proc = run._popen([sys.executable, str(HERE / "grpc_floor.py"), str(port)], work / "grpc-floor.log", "0")
+    floor = run.Server("grpc-floor", proc, port, "", work / "grpc-floor.log")
+    body = grpc_body(x, True)
+    body_file = work / "grpc-floor.bin"
+    body_file.write_bytes(body)
+    points = []
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run([*h2load_cmd(), "-n", "1", "-d", str(body_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                              f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"],
+                             capture_output=True, text=True).stdout.count("1 succeeded") == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("grpc floor server did not start")
+            time.sleep(0.2)
+        for _ in range(rounds):
+            points.append(run_h2load(floor, port, body, seconds, "1", "grpc-floor", work, check=False))
+    finally:
+        floor.stop()
+    return points
 
 
 def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], dict[str, Any]]:
@@ -139,6 +165,7 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], d
                 points.append(run_h2load(server, gport, body, seconds, "1", scenario, work))
     finally:
         server.stop()
+    points += floor_points(x, seconds, rounds, work)
     meta = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "seconds": seconds, "rounds": rounds,
             "load": " ".join(f"{v:.2f}" for v in os.getloadavg())}
     return run.median_points(points), meta
@@ -159,7 +186,8 @@ def render(points: list[run.Point], meta: dict[str, Any], command: str) -> str:
         "| form | req/s | vs REST JSON | latency ms | server CPU (cores) | req/s per server core | rounds (req/s) |",
         "|---|---|---|---|---|---|---|"]
     labels = {"rest-json": "REST V2 JSON", "rest-binary": "REST V2 binary tensors",
-              "grpc-raw": "gRPC `raw_input_contents`", "grpc-typed": "gRPC typed `fp32_contents`"}
+              "grpc-raw": "gRPC `raw_input_contents`", "grpc-typed": "gRPC typed `fp32_contents`",
+              "grpc-floor": "floor: grpc.aio answering a fixed response (no decoding, no inference; grpc_floor.py)"}
     for scenario, label in labels.items():
         p = by.get(scenario)
         if p is None:
