@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from support.server import Server, start_server, wait_until
 
 pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_providers_in_metadata_metric_and_log(mlp_server: Server) -> None:
@@ -26,3 +30,11 @@ def test_cuda_demanded_without_cuda_is_not_ready_with_the_reason(model_dir: Path
         assert "--providers cuda was requested but ONNX Runtime offers only" in doc["error"]
     finally:
         s.stop()
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU machine runs the real check, not this one")
+def test_gpu_check_says_no_gpu_and_exits_0() -> None:
+    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "no GPU on this machine" in out.stdout
