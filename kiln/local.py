@@ -39,10 +39,10 @@ from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
 
 LOCAL_FIELDS = {
     "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command"},
-    "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds"},
+    "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds", "workers"},
 }
 """The spec fields `kiln run` acts on (TrainingJob `command` is refused); any other field the user set is named."""
-LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds"}
+LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds", "workers"}
 """The same for a TrainingJob's `spec.deploy`."""
 REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://", "gs://")
 """Model URIs `kiln serve` downloads itself (into the run's folder)."""

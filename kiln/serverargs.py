@@ -26,4 +26,6 @@ def serve_args(spec: ServingSpec, *, model: str, name: str, host: str, port: int
         args += ["--max-batch-size", str(spec.batching.max_batch_size), "--max-latency-ms", str(spec.batching.max_latency_ms)]
     if spec.limits is not None:
         args += ["--max-body-bytes", str(spec.limits.max_body_bytes), "--max-elements", str(spec.limits.max_elements)]
+    if spec.workers:
+        args += ["--workers", str(spec.workers)]
     return args

@@ -237,6 +237,7 @@ class Batching(Model):
 class Service(Model):
     type: str
     port: int
+    grpc_port: int
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ class ServingSpec(Model):
     progress_deadline_seconds: int
     startup_timeout_seconds: int
     limits: Limits | None
+    workers: int | None
 
 
 @dataclass(frozen=True)

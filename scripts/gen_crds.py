@@ -177,8 +177,10 @@ MD_SPEC_PROPS: dict[str, Any] = {
         {
             "type": s("string", "Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
             "port": s("integer", "Service port.", minimum=1, maximum=65535, default=80),
+            "grpcPort": s("integer", "Service port of the Open Inference Protocol's gRPC API (port name `grpc`, `appProtocol: grpc`); 0 turns gRPC off. Must differ from `port`.", minimum=0, maximum=65535, default=9000),
         },
     ),
+    "workers": s("integer", "Server processes per pod, sharing its ports (`kiln serve --workers`), each with its own model session. Default: the CPU request rounded down (at least 1); 1 without a CPU request or with GPUs (each worker would hold its own copy of the model on the GPU).", minimum=1, maximum=256),
     "scheduling": SCHEDULING,
     "progressDeadlineSeconds": s("integer", "A rollout that makes no progress for this long fails (Deployment progressDeadlineSeconds).", minimum=1, default=600),
     "startupTimeoutSeconds": s("integer", "How long a server may take to load its model before the startup probe gives up.", minimum=10, maximum=86400, default=600),
@@ -379,6 +381,7 @@ MODELDEPLOYMENT_STATUS = obj(
         "replicas": s("integer", "Pods of the current Deployment."),
         "readyReplicas": s("integer", "Ready pods."),
         "url": s("string", "In-cluster URL of the model's V2 routes."),
+        "grpcAddress": s("string", "In-cluster address (host:port) of the gRPC API (`inference.GRPCInferenceService`); absent when `spec.service.grpcPort` is 0."),
         "model": obj(
             "The model being served.",
             {"uri": s("string", "Model location."), "sha256": s("string", "Its digest."), "trainingJob": s("string", "The TrainingJob it came from."), "format": s("string", "Its format.")},

@@ -28,5 +28,14 @@ make_env() {
 make_env mlserver "mlserver==1.7.1" "uvloop<0.22" onnxruntime numpy
 make_env kserve "kserve==0.21.*" onnxruntime numpy
 
+# h2load (gRPC load for bench/server/grpc_rest.py): Debian's nghttp2-client and the libraries the base
+# system lacks, unpacked privately (nothing installed system-wide).
+if [ ! -x "$ROOT/h2load/root/usr/bin/h2load" ]; then
+  mkdir -p "$ROOT/h2load/debs"
+  (cd "$ROOT/h2load/debs" && apt-get download nghttp2-client libev4 libjemalloc2 libjansson4 >/dev/null)
+  for deb in "$ROOT"/h2load/debs/*.deb; do dpkg-deb -x "$deb" "$ROOT/h2load/root"; done
+fi
+echo "h2load: ready at $ROOT/h2load/root/usr/bin/h2load"
+
 "$ROOT/mlserver/bin/python" -c "import mlserver, uvloop; print('mlserver', mlserver.__version__, 'uvloop', uvloop.__version__)"
 "$ROOT/kserve/bin/python" -c "import kserve, importlib.metadata as m; print('kserve', m.version('kserve'))"

@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--namespace", help="namespace for documents that name none (default: default)")
     p.add_argument("--trainer-image", default=settings.trainer_image)
     p.add_argument("--server-image", default=settings.server_image)
+    p.add_argument("--server-gpu-image", default=settings.server_gpu_image)
     args = p.parse_args(argv)
     settings.trainer_image = args.trainer_image
     settings.server_image = args.server_image
+    settings.server_gpu_image = args.server_gpu_image
     try:
         docs = render_documents(args.files, settings, args.namespace)
     except ManifestError as exc:

@@ -39,6 +39,11 @@ class OperatorSettings:
     """Default image of training Jobs (a TrainingJob's `spec.image` overrides it)."""
     server_image: str = field(default="ghcr.io/kiln-dev/kiln-server:0.1.0", metadata=option("--server-image"))
     """Default image of model server Deployments."""
+    server_gpu_image: str = field(default="", metadata=option("--server-gpu-image"))
+    """Image of model servers whose ModelDeployment asks for GPUs (`resources.gpus > 0`): the server image
+    built with onnxruntime-gpu on a CUDA base (images/server/Dockerfile, `--build-arg ORT_PACKAGE=...`).
+    Empty: such a ModelDeployment is refused (unless it names `spec.image`), since the CPU image would
+    reserve GPUs it never uses."""
     image_pull_policy: str = "IfNotPresent"
     """Pull policy for the default images."""
     reconcile_interval: float = field(default=5.0, metadata=option(

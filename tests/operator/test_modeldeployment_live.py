@@ -186,3 +186,55 @@ def test_autoscaling_degrades_without_hpa_v2(api: Any, operator: Any, namespace:
     cond = eventually(lambda: {c["type"]: c for c in (md(api, namespace, "auto").get("status") or {}).get("conditions", [])}.get("AutoscalerReady"),
                       what="AutoscalerReady condition")
     assert cond["status"] == "False" and cond["reason"] == "AutoscalingUnavailable" and "v1.20" in cond["message"]
+
+
+def test_grpc_port_workers_and_grpc_address(api: Any, operator: Any, namespace: str) -> None:
+    """gRPC is a named Service port (appProtocol grpc) whose address the status carries; workers follow the CPU request."""
+    api.call("POST", api.path(API, "ModelDeployment", namespace), {
+        "apiVersion": API, "kind": "ModelDeployment", "metadata": {"name": "rpc"},
+        "spec": {"model": {"uri": "pvc://models/m/model.onnx", "sha256": "c" * 64}, "replicas": 1,
+                 "resources": {"cpu": "2"}, "service": {"grpcPort": 9001}}})
+    dep = deployment(api, namespace, "rpc")
+    server = dep["spec"]["template"]["spec"]["containers"][0]
+    args = server["args"]
+    assert args[args.index("--grpc-port") + 1] == "9000" and args[args.index("--workers") + 1] == "2"
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in server["ports"]
+    svc = eventually(lambda: api.get("v1", "Service", namespace, "rpc"), what="Service")
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert (grpc_port["port"], grpc_port["targetPort"], grpc_port["appProtocol"]) == (9001, "grpc", "grpc")
+    ready_pods(namespace, "rpc", "c" * 64)
+    st = wait_md(api, namespace, "rpc", "Ready")["status"]
+    assert st["grpcAddress"] == f"rpc.{namespace}.svc.cluster.local:9001"
+    assert st["url"] == f"http://rpc.{namespace}.svc.cluster.local/v2/models/rpc"
+
+    # An explicit worker count wins over the CPU request; grpcPort 0 turns gRPC off everywhere.
+    api.patch(API, "ModelDeployment", namespace, "rpc", {"spec": {"workers": 1, "service": {"grpcPort": 0}}})
+
+    def updated() -> dict[str, Any] | None:
+        d = api.get("apps/v1", "Deployment", namespace, "rpc-server")
+        a = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        return d if "--grpc-port" not in a and a[a.index("--workers") + 1] == "1" else None
+
+    eventually(updated, what="Deployment without gRPC, one worker")
+    eventually(lambda: [p["name"] for p in api.get("v1", "Service", namespace, "rpc")["spec"]["ports"]] == ["http"], what="Service without grpc")
+    eventually(lambda: "grpcAddress" not in (md(api, namespace, "rpc").get("status") or {}), what="grpcAddress removed")
+
+
+def test_grpc_port_clashing_with_the_http_port_is_refused(api: Any, operator: Any, namespace: str) -> None:
+    api.call("POST", api.path(API, "ModelDeployment", namespace), {
+        "apiVersion": API, "kind": "ModelDeployment", "metadata": {"name": "clash"},
+        "spec": {"model": {"uri": "pvc://models/m/model.onnx"}, "service": {"port": 9000}}})
+    st = wait_md(api, namespace, "clash", "Failed", "InvalidSpec")["status"]
+    assert "spec.service.grpcPort" in st["message"] and "must differ" in st["message"]
+    assert api.get("apps/v1", "Deployment", namespace, "clash-server") is None
+
+
+def test_gpus_without_a_gpu_server_image_are_refused(api: Any, operator: Any, namespace: str) -> None:
+    """The CPU image would hold a GPU it never uses: the status says why nothing is deployed."""
+    api.call("POST", api.path(API, "ModelDeployment", namespace), {
+        "apiVersion": API, "kind": "ModelDeployment", "metadata": {"name": "gpu"},
+        "spec": {"model": {"uri": "pvc://models/m/model.onnx"}, "resources": {"gpus": 1}}})
+    st = wait_md(api, namespace, "gpu", "Failed", "InvalidSpec")["status"]
+    assert "asks for 1 GPU(s) but the operator has no GPU server image" in st["message"]
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
+    assert api.get("apps/v1", "Deployment", namespace, "gpu-server") is None

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.unit]
 
 ROOT = Path(__file__).resolve().parents[2]
 NEW = OperatorSettings(features=Features(job_suspend=True, indexed_jobs=True, hpa_v2=True, server_version="v1.30.0"))
+GPU = OperatorSettings(features=NEW.features, server_gpu_image="localhost/kiln/server-gpu:1")
 OLD = OperatorSettings(features=Features(job_suspend=False, indexed_jobs=False, hpa_v2=False, server_version="v1.20.2"))
 
 
@@ -146,7 +147,7 @@ def test_values_cannot_break_out_of_the_yaml(evil: str) -> None:
 
 
 def test_modeldeployment_renders_valid_objects() -> None:
-    docs = build_modeldeployment(md(autoscaling={"maxReplicas": 4}, resources={"gpus": 1}, batching={"maxBatchSize": 8}), NEW,
+    docs = build_modeldeployment(md(autoscaling={"maxReplicas": 4}, resources={"gpus": 1}, batching={"maxBatchSize": 8}), GPU,
                                  ModelRef("pvc://models/demo/model.onnx", "f" * 64, "demo"))
     strict(docs)
     assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
@@ -250,3 +251,65 @@ def test_render_golden_files_are_up_to_date() -> None:
     """tests/golden/render/ holds what every example renders to: a rendering change is a reviewable diff."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_golden.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _server(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server container and the Service of a rendered ModelDeployment."""
+    return by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0], by_kind(docs, "Service")
+
+
+def test_grpc_is_a_named_service_port_with_app_protocol() -> None:
+    container, svc = _server(build_modeldeployment(md(), NEW, ModelRef("pvc://models/demo/model.onnx")))
+    assert {"name": "grpc", "containerPort": 9000, "protocol": "TCP"} in container["ports"]
+    args = container["args"]
+    assert args[args.index("--grpc-port") + 1] == "9000"
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port == {"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"}
+    custom = build_modeldeployment(md(service={"port": 8000, "grpcPort": 8001}), NEW, ModelRef("pvc://models/demo/model.onnx"))
+    strict(custom)
+    assert next(p for p in _server(custom)[1]["spec"]["ports"] if p["name"] == "grpc")["port"] == 8001
+
+
+def test_grpc_port_zero_turns_grpc_off_and_a_clash_is_refused() -> None:
+    container, svc = _server(build_modeldeployment(md(service={"grpcPort": 0}), NEW, ModelRef("pvc://models/demo/model.onnx")))
+    assert "--grpc-port" not in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["http"] and [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+    with pytest.raises(RenderError, match=r"spec\.service\.grpcPort"):
+        build_modeldeployment(md(service={"port": 9000}), NEW, ModelRef("pvc://models/demo/model.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({}, None),
+        ({"resources": {"cpu": "500m"}}, None),
+        ({"resources": {"cpu": "1.5"}}, None),
+        ({"resources": {"cpu": "2"}}, "2"),
+        ({"resources": {"cpu": 4}}, "4"),
+        ({"resources": {"cpu": "2500m"}}, "2"),
+        ({"resources": {"cpu": "4"}, "workers": 1}, "1"),
+        ({"resources": {"cpu": "1"}, "workers": 3}, "3"),
+    ],
+)
+def test_workers_default_from_the_cpu_request(spec: dict[str, Any], expected: str | None) -> None:
+    container, _ = _server(build_modeldeployment(md(**spec), NEW, ModelRef("pvc://models/demo/model.onnx")))
+    args = container["args"]
+    assert (args[args.index("--workers") + 1] if "--workers" in args else None) == expected
+
+
+def test_gpus_need_the_gpu_server_image() -> None:
+    """GPUs run on the GPU image with `--providers cuda` (no silent CPU fallback); without a GPU image: refused."""
+    gpu_md = md(resources={"gpus": 1, "cpu": "4"})
+    container, _ = _server(build_modeldeployment(gpu_md, GPU, ModelRef("pvc://models/demo/model.onnx")))
+    assert container["image"] == "localhost/kiln/server-gpu:1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    args = container["args"]
+    assert args[args.index("--providers") + 1] == "cuda"
+    assert "--workers" not in args, "GPU pods default to one worker (one CUDA context and model copy)"
+    cpu_container, _ = _server(build_modeldeployment(md(resources={"cpu": "1"}), GPU, ModelRef("pvc://models/demo/model.onnx")))
+    assert cpu_container["image"] == GPU.server_image and "--providers" not in cpu_container["args"]
+    with pytest.raises(RenderError, match=r"asks for 1 GPU\(s\) but the operator has no GPU server image") as info:
+        build_modeldeployment(gpu_md, NEW, ModelRef("pvc://models/demo/model.onnx"))
+    assert info.value.field == "spec.resources.gpus" and "server.gpuImage" in str(info.value)
+    own, _ = _server(build_modeldeployment(md(resources={"gpus": 2}, image="my/cuda-server:2"), NEW, ModelRef("pvc://models/demo/model.onnx")))
+    assert own["image"] == "my/cuda-server:2"

@@ -137,6 +137,8 @@ Environment of `kiln operator`: every setting as KILN_<FIELD> (operator/kiln_ope
   value: {{ include "kiln.image" (dict "image" $values.trainer.image "context" .root) | quote }}
 - name: KILN_SERVER_IMAGE
   value: {{ include "kiln.image" (dict "image" $values.server.image "context" .root) | quote }}
+- name: KILN_SERVER_GPU_IMAGE
+  value: {{ if $values.server.gpuImage.repository }}{{ include "kiln.image" (dict "image" $values.server.gpuImage "context" .root) | quote }}{{ else }}""{{ end }}
 - name: KILN_IMAGE_PULL_POLICY
   value: {{ $values.workloadImagePullPolicy | quote }}
 - name: KILN_RECONCILE_INTERVAL

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from kiln_server import settings as settings_mod
 from kiln_server.settings import Settings, SettingsError
+from kiln_server.workers import worker_index
 
 if TYPE_CHECKING:
+    from kiln_server.grpc_service import GrpcServer
     from kiln_server.model import LoadResult, OnnxModel
+    from kiln_server.workers import SharedMetrics
 
 log = logging.getLogger("kiln_server")
 
@@ -88,6 +92,39 @@ class _Service:
         self.server = HttpServer(app, s.max_body_bytes, s.keep_alive_timeout_s, s.request_timeout_s)
         self.stop = asyncio.Event()
         self.exit_code = 0
+        self.worker = worker_index()
+        self.grpc = self._grpc() if s.grpc_port else None
+        self.shared_metrics = self._shared_metrics() if self.worker is not None else None
+
+    def _grpc(self) -> GrpcServer:
+        """The gRPC service on the shared state and metrics (imported only when enabled)."""
+        from kiln_server.grpc_service import GrpcServer, InferenceService
+
+        self.grpc_service = InferenceService(self.state, _version(), self.metrics)
+        return GrpcServer(self.grpc_service, self.s.max_body_bytes, reuse_port=self.worker is not None)
+
+    def _shared_metrics(self) -> SharedMetrics | None:
+        """`--workers`: this worker's part of the pod-wide /metrics."""
+        from kiln_server.workers import METRICS_DIR_ENV, SharedMetrics
+
+        folder = os.environ.get(METRICS_DIR_ENV)
+        if not folder or self.worker is None:
+            return None
+        metrics = self.metrics
+
+        def answered() -> float:
+            grpc_counts = self.grpc_service.metrics.counts if self.grpc is not None else {}
+            return float(sum(metrics.request_counts.values()) + sum(grpc_counts.values()))
+
+        shared = SharedMetrics(metrics.registry, folder, self.worker, answered)
+        metrics.render_hook = shared.render
+        return shared
+
+    def write_metrics_soon(self) -> None:
+        """Once a second: this worker's snapshot for the others' scrapes."""
+        if self.shared_metrics is not None:
+            self.shared_metrics.write()
+            asyncio.get_running_loop().call_later(1.0, self.write_metrics_soon)
 
     def _load_blocking(self) -> LoadResult | None:
         """Fetch (remote URIs) and open the model; runs in an executor thread. None: the fetch failed."""
@@ -129,14 +166,19 @@ class _Service:
         s, metrics = self.s, self.metrics
         warm_s, warm_calls, warm_error = warm
         metrics.warmup_seconds.labels(self.name, s.version).set(warm_s)
+        may_grow = self.server.has_idle_connection
+        if self.grpc is not None:
+            http_may_grow, grpc_may_grow = may_grow, self.grpc_service.may_grow
+            may_grow = lambda: http_may_grow() or grpc_may_grow()  # noqa: E731
         batcher = Batcher(
             model, s.inference_threads, s.max_batch_size, s.max_latency_ms, metrics.observe_batch,
-            may_grow=self.server.has_idle_connection, inline_max_s=s.inline_max_us / 1e6,
+            may_grow=may_grow, inline_max_s=s.inline_max_us / 1e6,
         )
         self.state.set_ready(batcher)
         metrics.track_inflight(lambda: batcher.inflight)
         metrics.track_overload(lambda: self.state.shed, lambda: batcher.expired, lambda: batcher.inline)
         metrics.set_loaded(seconds, True)
+        metrics.set_providers(model.providers)
         meta = model.metadata()
         fields = {
             "event": "model_ready", "model_name": self.name, "model_version": s.version, "model": s.model,
@@ -145,6 +187,7 @@ class _Service:
             "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms, "batching": batcher.enabled,
             "warmup_seconds": round(warm_s, 4), "warmup_inferences": warm_calls, "max_queue": s.max_queue,
             "request_deadline_ms": s.request_deadline_ms, "inline_max_us": s.inline_max_us if not batcher.enabled else 0,
+            "grpc_port": self.grpc.port if self.grpc is not None else None, "worker": self.worker,
         }
         if warm_error:
             fields["warmup_error"] = warm_error
@@ -176,18 +219,28 @@ async def serve(s: Settings) -> int:
     loop = asyncio.get_running_loop()
     svc = _Service(s)
     server, state = svc.server, svc.state
-    await server.start(s.host, s.port)
-    log.info(
-        "listening",
-        extra={"fields": {"event": "listening", "host": s.host, "port": server.port, "model_name": svc.name}},
-    )
+    await server.start(s.host, s.port, reuse_port=svc.worker is not None)
+    if svc.grpc is not None:
+        await svc.grpc.start(s.host, s.grpc_port)
+    fields = {"event": "listening", "host": s.host, "port": server.port, "model_name": svc.name}
+    if svc.grpc is not None:
+        fields["grpc_port"] = svc.grpc.port
+    if svc.worker is not None:
+        fields.update(worker=svc.worker, pid=os.getpid())
+    log.info("listening", extra={"fields": fields})
+    svc.write_metrics_soon()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, svc.stop.set)
     load_task = loop.create_task(svc.load())
     await svc.stop.wait()
     log.info("draining", extra={"fields": {"event": "shutdown", "inflight": server.inflight}})
     state.draining = True
-    clean = await server.drain(s.graceful_timeout_s)
+    if svc.grpc is not None:
+        grpc_drain = loop.create_task(svc.grpc.drain(s.graceful_timeout_s))
+        clean = await server.drain(s.graceful_timeout_s)
+        await grpc_drain
+    else:
+        clean = await server.drain(s.graceful_timeout_s)
     if not load_task.done():
         load_task.cancel()
     if state.batcher is not None:
@@ -206,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
     configure_logging(s.log_level)
+    if s.workers > 1 and worker_index() is None:
+        from kiln_server.workers import supervise
+
+        return supervise(sys.argv[1:] if argv is None else list(argv), s.workers, s.intra_op_threads, s.graceful_timeout_s)
     try:
         import uvloop
 

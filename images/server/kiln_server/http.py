@@ -406,10 +406,10 @@ class HttpServer:
             conn.idle_check(now, self.keep_alive_s, self.request_timeout_s)
         self._tick_handle = self.loop.call_later(1.0, self._tick)
 
-    async def start(self, host: str, port: int) -> None:
-        """Bind and listen (SO_REUSEADDR; backlog sized for bursts)."""
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Bind and listen (SO_REUSEADDR; SO_REUSEPORT for `--workers`; backlog sized for bursts)."""
         self._server = await self.loop.create_server(
-            lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, backlog=2048
+            lambda: HttpProtocol(self), host=host, port=port, reuse_address=True, reuse_port=reuse_port or None, backlog=2048
         )
 
     def has_idle_connection(self) -> bool:

@@ -107,6 +107,8 @@ class Metrics:
             "kiln_model_warmup_seconds", "Seconds the warmup inferences took before the model turned ready (--warmup).",
             ["model", "version"], registry=self.registry,
         )
+        # `--workers`: replaced by the pod-wide merge of every worker's samples (workers.SharedMetrics).
+        self.render_hook: Callable[[], bytes] | None = None
         self.load_seconds = Gauge(
             "kiln_model_load_seconds", "Seconds the last model load took (file check + session).",
             ["model", "version"], registry=self.registry,
@@ -120,6 +122,15 @@ class Metrics:
             "kiln_inflight_requests", "Inference requests queued for or running in ONNX Runtime.",
             registry=self.registry,
         )
+
+    def set_providers(self, providers: list[str]) -> None:
+        """The ONNX Runtime execution providers the session uses, in priority order (1 each)."""
+        gauge = Gauge(
+            "kiln_model_execution_providers", "ONNX Runtime execution providers in use (1), e.g. CUDAExecutionProvider.",
+            ["model", "provider"], registry=self.registry,
+        )
+        for p in providers:
+            gauge.labels(self.model, p).set(1)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         """Count one response and record its latency (event-loop thread only)."""
@@ -153,4 +164,6 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text."""
+        if self.render_hook is not None:
+            return self.render_hook()
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ that the server needs no side configuration; the metadata JSON is encoded once a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -48,6 +49,12 @@ def choose_providers(preference: str) -> list[str]:
             "(install onnxruntime-gpu and run on a node with a GPU)"
         )
     if "CUDAExecutionProvider" in available:
+        # onnxruntime-gpu with the CUDA/cuDNN wheels (`onnxruntime-gpu[cuda,cudnn]`): load those libraries
+        # from site-packages, where the dynamic loader would not look (a no-op on a CUDA base image).
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            with contextlib.suppress(Exception):  # only on a GPU image; the session then says what is missing
+                preload()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -136,6 +143,8 @@ class OnnxModel:
             "platform": PLATFORM,
             "inputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in self.inputs.values()],
             "outputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in self.outputs.values()],
+            # which hardware runs it: "CUDAExecutionProvider,CPUExecutionProvider" on a GPU image with a GPU
+            "parameters": {"execution_providers": ",".join(self.providers)},
         }
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
@@ -188,6 +197,11 @@ class ModelHandle:
                     f"sha256 mismatch for {path}: expected {expected_sha256.lower()}, file has {digest}"
                 )
             model = OnnxModel(path, self.name, self.version, choose_providers(providers), intra_op_threads, digest)
+            if providers == "cuda" and "CUDAExecutionProvider" not in model.providers:
+                raise ModelLoadError(
+                    f"--providers cuda was requested but the session fell back to {model.providers} "
+                    "(no usable GPU or CUDA/cuDNN libraries: see the ONNX Runtime log with --log-level DEBUG)"
+                )
         except (ModelLoadError, OSError) as exc:
             with self._lock:
                 self.state = self.FAILED

@@ -38,6 +38,15 @@ class Settings:
     port: int = field(default=8080, metadata=option("--port", env="KILN_PORT", help="listen port (default 8080)"))
     """TCP port (`--port`, `KILN_PORT`)."""
 
+    grpc_port: int = field(default=0, metadata=
+        option("--grpc-port", env="KILN_GRPC_PORT", help="gRPC (Open Inference Protocol) port, 0 = off"))
+    """Port of the Open Inference Protocol's gRPC service (`--grpc-port`, `KILN_GRPC_PORT`); 0 = no gRPC."""
+
+    workers: int = field(default=1, metadata=
+        option("--workers", env="KILN_WORKERS", help="server processes sharing the ports (default 1)"))
+    """Server processes sharing the ports with SO_REUSEPORT, each with its own model session
+    (`--workers`, `KILN_WORKERS`); 1 = this process serves alone."""
+
     max_batch_size: int = field(default=1, metadata=
         option("--max-batch-size", env="KILN_MAX_BATCH_SIZE", help="dynamic batching rows, 1 = off"))
     """Dynamic batching: most rows per ONNX Runtime call (`--max-batch-size`, `KILN_MAX_BATCH_SIZE`); 1 = off."""
@@ -160,6 +169,10 @@ def from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> 
 def _validate(s: Settings) -> None:
     if not 0 < s.port < 65536:
         raise SettingsError(f"port {s.port} is out of range 1-65535")
+    if not 0 <= s.grpc_port < 65536 or (s.grpc_port and s.grpc_port == s.port):
+        raise SettingsError(f"gRPC port {s.grpc_port} must be 0 (off) or 1-65535 and differ from the HTTP port")
+    if not 1 <= s.workers <= 256:
+        raise SettingsError(f"workers {s.workers} must be between 1 and 256")
     if s.max_batch_size < 1:
         raise SettingsError("max batch size must be >= 1 (1 turns dynamic batching off)")
     if not (math.isfinite(s.max_latency_ms) and s.max_latency_ms >= 0):

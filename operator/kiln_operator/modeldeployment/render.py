@@ -9,7 +9,7 @@ from typing import Any
 
 from kiln import GROUP
 from kiln.serverargs import serve_args
-from kiln.spec import ModelDeploymentSpec, TrainingJobSpec
+from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -24,6 +24,7 @@ from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError, render_template
 
 SERVER_PORT = 8080
+SERVER_GRPC_PORT = 9000
 FETCH_DIR = "/models"
 ANNOTATION_SHA = f"{GROUP}/model-sha256"
 ANNOTATION_URI = f"{GROUP}/model-uri"
@@ -124,6 +125,74 @@ def service_url(md: dict[str, Any]) -> str:
     return f"http://{names.server_service(meta['name'])}.{meta.get('namespace') or 'default'}.svc.cluster.local/v2/models/{model_name(md)}"
 
 
+def grpc_address(md: dict[str, Any]) -> str:
+    """In-cluster `host:port` of the gRPC API ("" when it is off): gRPC clients take an address, not a URL."""
+    port = ModelDeploymentSpec.from_dict(md.get("spec") or {}).service.grpc_port
+    if not port:
+        return ""
+    meta = md["metadata"]
+    return f"{names.server_service(meta['name'])}.{meta.get('namespace') or 'default'}.svc.cluster.local:{port}"
+
+
+def cpu_count(quantity: Any) -> float:
+    """A CPU quantity (`2`, `1.5`, `500m`) as a number of CPUs; 0 when it cannot be read."""
+    text = str(quantity).strip()
+    try:
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return 0.0
+
+
+def workers(spec: ServingSpec) -> int:
+    """`spec.workers`, or the CPU request rounded down (at least 1): one event loop per CPU the pod may use.
+
+    GPU pods default to 1: each worker would hold its own CUDA context and copy of the model on the GPU.
+    """
+    if spec.workers:
+        return spec.workers
+    if spec.resources.gpus > 0:
+        return 1
+    cpu = spec.resources.cpu
+    return max(1, int(cpu_count(cpu))) if cpu is not None else 1
+
+
+def server_image(spec: ServingSpec, settings: OperatorSettings) -> str:
+    """`spec.image`, else the GPU server image when GPUs are asked for, else the CPU one.
+
+    GPUs without a GPU image is refused: the CPU image's ONNX Runtime has no CUDA provider, so the pod
+    would hold GPUs it never uses.
+    """
+    if spec.image:
+        return spec.image
+    gpus = spec.resources.gpus
+    if gpus <= 0:
+        return settings.server_image
+    if not settings.server_gpu_image:
+        raise RenderError(
+            "spec.resources.gpus",
+            f"asks for {gpus} GPU(s) but the operator has no GPU server image (chart value server.gpuImage, "
+            f"KILN_SERVER_GPU_IMAGE); its CPU image {settings.server_image} cannot use GPUs. Configure a GPU image, "
+            "name a CUDA-enabled server image in spec.image, or remove resources.gpus",
+        )
+    return settings.server_gpu_image
+
+
+def _server_args(md: dict[str, Any], spec: ServingSpec, path: str, sha256: str) -> list[str]:
+    """`kiln serve` arguments: the shared mapping, plus the pod-only gRPC port and the workers default."""
+    args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=sha256)
+    grpc_port = spec.service.grpc_port
+    if grpc_port:
+        if grpc_port == spec.service.port:
+            raise RenderError("spec.service.grpcPort", f"port {grpc_port} is also spec.service.port; the two must differ")
+        args += ["--grpc-port", str(SERVER_GRPC_PORT)]
+    n = workers(spec)
+    if n > 1 and "--workers" not in args:
+        args += ["--workers", str(n)]
+    if spec.resources.gpus > 0:
+        args += ["--providers", "cuda"]  # a pod holding GPUs must run on them: fail loudly, never fall back to CPU
+    return args
+
+
 def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None) -> list[dict[str, Any]]:
     """Deployment, Service and (when asked and served by the API) HPA for a ModelDeployment.
 
@@ -140,7 +209,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     path, fetch, volumes, mounts = _model_location(model)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
-    args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
+    args = _server_args(md, spec, path, model.sha256)
     hpa = spec.autoscaling is not None and settings.features.hpa_v2
     replicas: int | None = None if hpa else (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
     ctx = {
@@ -154,7 +223,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "owner_references": owner_references({**md, "kind": "ModelDeployment"}),
         "replicas": replicas,
         "progress_deadline": spec.progress_deadline_seconds,
-        "image": spec.image or settings.server_image,
+        "image": server_image(spec, settings),
         "image_pull_policy": spec.image_pull_policy or settings.image_pull_policy,
         "image_pull_secrets": [],  # a ModelDeployment has no imagePullSecrets field (the shared template has)
         "scheduling": spec.scheduling,
@@ -164,6 +233,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "fetch": fetch,
         "args": args,
         "port": SERVER_PORT,
+        "grpc_port": SERVER_GRPC_PORT if spec.service.grpc_port else 0,
+        "grpc_service_port": spec.service.grpc_port,
         "startup_failures": max(1, spec.startup_timeout_seconds // 2),
         "resources": resources(spec),
         "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],

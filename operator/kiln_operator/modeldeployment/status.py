@@ -9,7 +9,7 @@ from typing import Any
 from kiln.spec import ModelDeploymentSpec
 from kiln_operator import names
 from kiln_operator.conditions import now_utc, set_condition
-from kiln_operator.modeldeployment.render import ModelRef, Resolution, service_url
+from kiln_operator.modeldeployment.render import ModelRef, Resolution, grpc_address, service_url
 from kiln_operator.podstatus import START_FAILURES, problems, termination_summary, waits_for_gpu
 from kiln_operator.settings import OperatorSettings
 
@@ -60,6 +60,7 @@ def _rollout(md: dict[str, Any], model: ModelRef, deployment: dict[str, Any] | N
     observed = int(dep_status.get("observedGeneration") or 0) >= int((deployment or {}).get("metadata", {}).get("generation") or 0)
     rolled_out = deployment is not None and observed and updated >= want and total == updated and ready >= want
     new.update(replicas=total, readyReplicas=ready, url=service_url(md))
+    new["grpcAddress"] = grpc_address(md) or None  # None removes an address left from before gRPC was turned off
     problem = _pod_problem(pods, spec.resources.gpus)
     if progressing and progressing.get("status") == "False":
         message = progressing.get("message") or "the rollout made no progress"
