@@ -38,7 +38,7 @@ LogFn = Callable[[dict[str, object]], None]
 class StoreError(Exception):
     """An object-store operation failed. `reason` is a short CamelCase word for statuses
     (NoSuchBucket, NoSuchKey, BadCredentials, AccessDenied, Timeout, ConnectionFailed, TooLarge,
-    ChecksumMismatch, MissingDependency, Unsupported, StoreError); `retryable` says whether trying again may help."""
+    ChecksumMismatch, MissingDependency, Unsupported, LocalFileError, StoreError); `retryable` says whether trying again may help."""
 
     def __init__(self, reason: str, message: str, retryable: bool = False) -> None:
         super().__init__(message)
@@ -126,6 +126,8 @@ def translate(exc: BaseException, uri: str) -> StoreError:
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return StoreError("BadCredentials", f"{uri}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                           "(spec.storage.secretName) or use workload identity (IRSA)")
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+        return StoreError("LocalFileError", f"{uri}: cannot read the local file to upload: {exc}")
     if isinstance(exc, bx.ReadTimeoutError | bx.ConnectTimeoutError | TimeoutError):
         return StoreError("Timeout", f"{uri}: {_where()} did not answer in time ({exc})", retryable=True)
     if isinstance(exc, bx.EndpointConnectionError | bx.ConnectionClosedError | bx.ResponseStreamingError
