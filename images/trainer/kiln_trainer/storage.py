@@ -8,6 +8,7 @@ must agree. S3 support is optional (extra `s3`); boto3 is imported only when an 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -117,7 +118,7 @@ def fetch(loc: Location, field: str) -> Path:
     target = root / (uri.key.rstrip("/").rsplit("/", 1)[-1] or uri.bucket)
     for key in parts:
         dest = target / key[len(folder):]
-        remote_call(field, lambda key=key, dest=dest: objectstore.download(f"s3://{uri.bucket}/{key}", dest))
+        remote_call(field, functools.partial(objectstore.download, f"s3://{uri.bucket}/{key}", dest))
     return target
 
 
@@ -128,7 +129,7 @@ def stage_and_publish(local: Path, loc: Location, names: list[str], field: str) 
     staging = f"{loc.child_uri(STAGING)}/{uuid.uuid4().hex[:12]}"
     try:
         for name in names:
-            remote_call(field, lambda name=name: objectstore.upload(local / name, f"{staging}/{name}"))
+            remote_call(field, functools.partial(objectstore.upload, local / name, f"{staging}/{name}"))
         remote_call(field, lambda: objectstore.publish(staging, str(loc.remote), last=(RESULT,)))
     except BaseException:
         with contextlib.suppress(objectstore.StoreError):
@@ -161,7 +162,7 @@ def pull_folder(loc: Location, name: str, local: Path, field: str) -> int:
     keys = remote_call(field, lambda: objectstore.list_keys(str(prefix)))
     for key in keys:
         dest = local / key[len(prefix.key):]
-        remote_call(field, lambda key=key, dest=dest: objectstore.download(f"s3://{prefix.bucket}/{key}", dest))
+        remote_call(field, functools.partial(objectstore.download, f"s3://{prefix.bucket}/{key}", dest))
     return len(keys)
 
 
