@@ -84,6 +84,14 @@ def endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def storage_env(storage: dict[str, Any] | None) -> dict[str, str]:
+    """The variables a manifest's `spec.storage` sets outside a cluster (`kiln run`): endpoint and region.
+    (`secretName` names a Kubernetes Secret; locally the shell's own AWS_* variables or ~/.aws apply.)"""
+    storage = storage or {}
+    env = {"AWS_ENDPOINT_URL_S3": storage.get("endpoint"), "AWS_REGION": storage.get("region")}
+    return {k: str(v) for k, v in env.items() if v}
+
+
 def client(timeout: float = DEFAULT_TIMEOUT, attempts: int = 3) -> Any:
     """A boto3 S3 client with connect/read timeouts, botocore's standard retries, path-style addressing
     for custom endpoints (MinIO, SeaweedFS, Ceph need it) and a default region when none is set."""

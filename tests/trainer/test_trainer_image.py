@@ -25,7 +25,7 @@ def test_requirements_leave_the_base_images_tensorflow_alone() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "images" / "trainer" / "trainer_requirements.py"), "s3"],
                          capture_output=True, text=True, check=True).stdout.split("\n")
     names = [ln.split(";")[0].split("=")[0].split(">")[0].strip() for ln in out if ln]
-    assert "tf2onnx" in names and "onnxruntime" in names and "s3fs" in names and "pyyaml" in names
+    assert "tf2onnx" in names and "onnxruntime" in names and "boto3" in names and "pyyaml" in names
     assert not any(n.startswith("tensorflow") for n in names)
     assert "kopf" not in names  # other images' extras stay out
 

@@ -16,6 +16,7 @@ dependency, 3 sha256 mismatch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -200,6 +201,15 @@ def _log_line(doc: dict[str, object]) -> None:
     print(json.dumps(doc), file=sys.stderr, flush=True)
 
 
+def _termination_message(reason: str) -> None:
+    """`{"error": reason}` in the container's termination log, so the init container's status (and the
+    ModelDeployment's, which reads it) carries the reason rather than a tail of retry log lines."""
+    path = os.environ.get("KILN_TERMINATION_LOG") or "/dev/termination-log"
+    if os.environ.get("KILN_TERMINATION_LOG") or (os.path.exists(path) and os.access(path, os.W_OK)):
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"error": " ".join(reason.split())[:3500]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI for the init container."""
     parser = argparse.ArgumentParser(
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line, args.max_bytes)
     except FetchError as exc:
         _log_line({"event": "fetch_failed", "uri": args.uri, "dest": args.dest, "reason": str(exc)})
+        _termination_message(str(exc))
         return exc.exit_code
     _log_line(
         {

@@ -21,6 +21,7 @@ from kiln_operator.podspec import (
     owner_references,
     parse_pvc,
     resources,
+    storage_env,
     tolerations,
 )
 from kiln_operator.settings import Features, OperatorSettings
@@ -75,6 +76,7 @@ def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
 def _env(spec: dict[str, Any], name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
     """The trainer's environment: HOME/TMPDIR on the writable /tmp, the user's env, then Kiln's contract."""
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
+    env += storage_env(spec)
     env += copy.deepcopy(spec.get("env") or [])
     env += [
         {"name": "KILN_SPEC", "value": SPEC_FILE},
@@ -180,6 +182,8 @@ def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
     deploy = copy.deepcopy(tj["spec"]["deploy"])
     md_name = deploy.pop("name", None) or tj["metadata"]["name"]
     model = {"trainingJob": tj["metadata"]["name"], "format": (deploy.pop("model", None) or {}).get("format", "onnx")}
+    if tj["spec"].get("storage") and "storage" not in deploy:  # the model is where the trainer wrote it
+        deploy["storage"] = copy.deepcopy(tj["spec"]["storage"])
     return {
         "apiVersion": API_VERSION,
         "kind": "ModelDeployment",
