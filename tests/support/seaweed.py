@@ -148,12 +148,13 @@ class TcpProxy:
     """A loopback TCP relay to `target`. Modes: `pass` relays both ways, `stall` reads the request and
     never answers (a hung server), `drop` closes each connection as soon as the request arrives."""
 
-    def __init__(self, target: tuple[str, int], mode: str = "pass") -> None:
+    def __init__(self, target: tuple[str, int], mode: str = "pass", host: str = "127.0.0.1") -> None:
         self.target = target
         self.mode = mode
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.host = host
+        self.sock.bind((host, 0))
         self.sock.listen(64)
         self.port = int(self.sock.getsockname()[1])
         self.connections = 0
@@ -163,7 +164,7 @@ class TcpProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _accept(self) -> None:
         while not self._stop.is_set():
@@ -204,8 +205,8 @@ class TcpProxy:
 
 
 @contextlib.contextmanager
-def proxy(target: tuple[str, int], mode: str) -> Iterator[TcpProxy]:
-    p = TcpProxy(target, mode)
+def proxy(target: tuple[str, int], mode: str, host: str = "127.0.0.1") -> Iterator[TcpProxy]:
+    p = TcpProxy(target, mode, host)
     try:
         yield p
     finally:
