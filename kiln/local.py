@@ -43,7 +43,7 @@ LOCAL_FIELDS = {
 """The spec fields `kiln run` acts on (TrainingJob `command` is refused); any other field the user set is named."""
 LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds", "storage"}
 """The same for a TrainingJob's `spec.deploy`."""
-REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://", "gs://")
+REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://")
 """Model URIs `kiln serve` downloads itself (into the run's folder)."""
 
 
@@ -375,6 +375,8 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
                     raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref['trainingJob']!r} "
                                      f"is not a TrainingJob in this file")
                 wanted.append(Wanted(name, spec, t, *_model_file(t, ref.get("format", "onnx")), timeout))
+            elif ref["uri"].startswith("gs://"):
+                raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.uri: {objectstore.GS_REFUSED}")
             elif ref["uri"].startswith(REMOTE_MODEL_SCHEMES):
                 wanted.append(Wanted(name, spec, None, ref["uri"], ref.get("sha256", ""), timeout))
             else:

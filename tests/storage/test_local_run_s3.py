@@ -39,3 +39,14 @@ def test_kiln_run_the_s3_example(s3: SeaweedFS, tmp_path: Path) -> None:
     assert not (tmp_path / "kiln-output" / "digits-s3" / "model.onnx").exists()  # written to the store, not here
     served = re.search(r"served model digits-s3: accuracy ([0-9.]+) on (\d+) held-out rows", proc.stdout)
     assert served and float(served.group(1)) > 0.8, proc.stdout
+
+
+def test_kiln_run_refuses_gs_models(tmp_path: Path) -> None:
+    md = {"apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "g"},
+          "spec": {"model": {"uri": "gs://bucket/model.onnx"}}}
+    manifest = tmp_path / "g.yaml"
+    manifest.write_text(yaml.safe_dump(md))
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "run", str(manifest), "--once"], cwd=tmp_path,
+                          text=True, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ModelDeployment/g: spec.model.uri: gs:// is not supported" in proc.stderr
