@@ -14,6 +14,7 @@ before the transfer when larger than a limit, and checked against a sha256 when 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -94,13 +95,25 @@ def storage_env(storage: dict[str, Any] | None) -> dict[str, str]:
 
 def client(timeout: float = DEFAULT_TIMEOUT, attempts: int = 3) -> Any:
     """A boto3 S3 client with connect/read timeouts, botocore's standard retries, path-style addressing
-    for custom endpoints (MinIO, SeaweedFS, Ceph need it) and a default region when none is set."""
+    for custom endpoints (MinIO, SeaweedFS, Ceph need it) and a default region when none is set.
+    Clients are reused while the AWS_* variables stay the same (building one reads botocore's models)."""
     try:
-        import boto3
-        from botocore.config import Config
+        import boto3  # noqa: F401  (checked on every call: the cached clients below must not hide its absence)
     except ImportError as exc:
         raise StoreError("MissingDependency", f"s3:// needs the optional S3 support: {INSTALL_HINT} (missing module {exc.name!r})") from exc
-    url = endpoint()
+    env = tuple(os.environ.get(k, "") for k in _CLIENT_ENV)
+    return _client(timeout, attempts, endpoint(), env)
+
+
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+@functools.lru_cache(maxsize=16)
+def _client(timeout: float, attempts: int, url: str | None, env: tuple[str, ...]) -> Any:
+    import boto3
+    from botocore.config import Config
+
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": attempts, "mode": "standard"},
                     s3={"addressing_style": "path"} if url else {}, user_agent_extra="kiln")
