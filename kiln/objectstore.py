@@ -115,7 +115,7 @@ def _client(timeout: float, attempts: int, url: str | None, env: tuple[str, ...]
     from botocore.config import Config
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": attempts, "mode": "standard"},
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": attempts, "mode": "standard"},
                     s3={"addressing_style": "path"} if url else {}, user_agent_extra="kiln")
     return boto3.session.Session().client("s3", endpoint_url=url, region_name=region, config=config)
 
