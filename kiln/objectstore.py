@@ -14,6 +14,7 @@ before the transfer when larger than a limit, and checked against a sha256 when 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -305,13 +306,16 @@ def publish(staging: str, final: str, last: tuple[str, ...] = (), timeout: float
     src_prefix = src.key.rstrip("/") + "/"
     keys = sorted(list_keys(str(S3URI(src.bucket, src_prefix)), timeout), key=lambda k: k.rsplit("/", 1)[-1] in last)
     s3 = client(timeout)
-    written = []
+    written: list[str] = []
     for key in keys:
         target = dst.child(key[len(src_prefix):]).key
         try:
             s3.copy_object(Bucket=dst.bucket, Key=target, CopySource={"Bucket": src.bucket, "Key": key})
         except Exception as exc:
-            raise translate(exc, str(S3URI(dst.bucket, target))) from None
+            err = translate(exc, str(S3URI(dst.bucket, target)))
+            with contextlib.suppress(StoreError):  # take back what was copied: no partial set stays visible
+                delete_keys(dst.bucket, written, timeout)
+            raise err from None
         written.append(target)
     delete_keys(src.bucket, keys, timeout)
     return written
