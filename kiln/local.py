@@ -31,20 +31,20 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from kiln import DEFAULT_OUTPUT_DIR
+from kiln import DEFAULT_OUTPUT_DIR, objectstore
 from kiln.manifests import Manifest, load_file
 from kiln.schema import ManifestError
 from kiln.serverargs import serve_args
 from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
 
 LOCAL_FIELDS = {
-    "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command"},
-    "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds", "workers"},
+    "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command", "storage"},
+    "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds", "workers", "storage"},
 }
 """The spec fields `kiln run` acts on (TrainingJob `command` is refused); any other field the user set is named."""
-LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds", "workers"}
+LOCAL_DEPLOY_FIELDS = {"model", "modelName", "name", "batching", "limits", "startupTimeoutSeconds", "workers", "storage"}
 """The same for a TrainingJob's `spec.deploy`."""
-REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://", "gs://")
+REMOTE_MODEL_SCHEMES = ("http://", "https://", "s3://")
 """Model URIs `kiln serve` downloads itself (into the run's folder)."""
 
 
@@ -62,7 +62,7 @@ class Trained:
     manifest: Manifest
     doc: dict[str, Any]
     result: dict[str, Any]
-    output: Path
+    output: Path | str
     pvc_root: Path
 
 
@@ -120,18 +120,20 @@ def _is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith(("file://", "pvc://"))
 
 
-def output_dir(m: Manifest, override: str | None, pvc_root: Path) -> Path:
-    """Where a TrainingJob's outputs go locally: --output/NAME, else spec.output.uri (file, path or pvc://),
-    else ./kiln-output/NAME (kiln.DEFAULT_OUTPUT_DIR)."""
+def output_dir(m: Manifest, override: str | None, pvc_root: Path) -> Path | str:
+    """Where a TrainingJob's outputs go locally: --output/NAME, else spec.output.uri (file, path, pvc://
+    or s3://, written to the store as in a cluster), else ./kiln-output/NAME (kiln.DEFAULT_OUTPUT_DIR)."""
     if override:
         return Path(override) / m.name
     uri = TrainingJobSpec.from_dict(m.doc.get("spec")).output.uri
+    if uri and uri.startswith("s3://"):
+        return str(uri)
     if uri and _is_local(uri):
         return _local_path(uri, m.base_dir, pvc_root)
     return Path.cwd() / DEFAULT_OUTPUT_DIR / m.name
 
 
-def cluster_only(manifests: list[Manifest], outputs: dict[str, Path]) -> list[str]:
+def cluster_only(manifests: list[Manifest], outputs: dict[str, Path | str]) -> list[str]:
     """`Kind/name spec.field, ...` for every field set in a document that only a cluster acts on."""
     out = []
     for m in manifests:
@@ -140,8 +142,10 @@ def cluster_only(manifests: list[Manifest], outputs: dict[str, Path]) -> list[st
         if m.kind == "TrainingJob":
             fields += [f"spec.deploy.{k}" for k in spec.get("deploy") or {} if k not in LOCAL_DEPLOY_FIELDS]
             uri = (spec.get("output") or {}).get("uri")
-            if uri and not _is_local(uri) and m.name in outputs:
+            if uri and not _is_local(uri) and m.name in outputs and outputs[m.name] != uri:
                 fields.append(f"spec.output.uri (written to {outputs[m.name]})")
+        if (spec.get("storage") or {}).get("secretName"):
+            fields.append("spec.storage.secretName (this shell's AWS_* variables are used)")
         if fields:
             out.append(f"{m.kind}/{m.name} {', '.join(fields)}")
     return out
@@ -161,7 +165,22 @@ def _pvc_root_env(pvc_root: Path) -> Iterator[None]:
             os.environ["KILN_PVC_ROOT"] = old
 
 
-def train(m: Manifest, out: Path, stream: TextIO, pvc_root: Path) -> Trained:
+@contextlib.contextmanager
+def _env_vars(values: dict[str, str]) -> Iterator[None]:
+    """Set `values` in os.environ for the in-process trainer, then restore what was there."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def train(m: Manifest, out: Path | str, stream: TextIO, pvc_root: Path) -> Trained:
     """Train one TrainingJob in this process with the built-in trainer."""
     doc = json.loads(json.dumps(m.doc))
     spec = doc["spec"]
@@ -186,7 +205,7 @@ def train(m: Manifest, out: Path, stream: TextIO, pvc_root: Path) -> Trained:
     from kiln_trainer.errors import TrainerError
 
     try:
-        with _pvc_root_env(pvc_root):
+        with _pvc_root_env(pvc_root), _env_vars(objectstore.storage_env(TrainingJobSpec.from_dict(spec).storage)):
             result = train_doc(doc, m.base_dir, output=str(out), progress=bar)
     except TrainerError as exc:
         raise LocalError(f"{where}: {exc}", code=exc.exit_code) from exc
@@ -215,8 +234,9 @@ def server_command(name: str, model: str, port: int, spec: ServingSpec, sha256: 
 def serve(name: str, model: str, port: int, spec: ServingSpec, log: Path, sha256: str = "", timeout: float = 120) -> Served:
     """Start `kiln serve` on 127.0.0.1 and wait until the model is ready."""
     argv = server_command(name, model, port, spec, sha256, log.parent / "models")
+    env = {**os.environ, **objectstore.storage_env(spec.storage)}
     with open(log, "ab") as f:
-        proc = subprocess.Popen(argv, stdout=f, stderr=f, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdout=f, stderr=f, stdin=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -248,7 +268,13 @@ def infer(url: str, name: str, rows: np.ndarray, meta: dict[str, Any]) -> np.nda
 def heldout(t: Trained) -> tuple[np.ndarray, np.ndarray]:
     """The rows the trainer held out of a local run."""
     spec = t.doc["spec"]
-    return heldout_rows(spec, _local_path(spec["dataset"]["uri"], t.manifest.base_dir, t.pvc_root))
+    uri = spec["dataset"]["uri"]
+    if uri.startswith("s3://"):  # the trainer's own download (one object or a prefix of parts)
+        from kiln_trainer import storage
+
+        with _env_vars(objectstore.storage_env(TrainingJobSpec.from_dict(spec).storage)):
+            return heldout_rows(spec, storage.fetch(storage.resolve(uri, t.manifest.base_dir, "spec.dataset.uri"), "spec.dataset.uri"))
+    return heldout_rows(spec, _local_path(uri, t.manifest.base_dir, t.pvc_root))
 
 
 def heldout_rows(spec: dict[str, Any], path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -337,6 +363,8 @@ def _wanted(path: str, manifests: list[Manifest], trained: dict[str, Trained], r
             if t is None:
                 raise LocalError(f"{where}: spec.model.trainingJob {ref.training_job!r} is not a TrainingJob in this file")
             wanted.append(Wanted(name, spec, t, *_model_file(t, ref.format), timeout))
+        elif (ref.uri or "").startswith("gs://"):
+            raise LocalError(f"{where}: spec.model.uri: {objectstore.GS_REFUSED}")
         elif (ref.uri or "").startswith(REMOTE_MODEL_SCHEMES):
             wanted.append(Wanted(name, spec, None, ref.uri or "", ref.sha256 or "", timeout))
         else:
@@ -418,6 +446,8 @@ def _model_file(t: Trained, fmt: str) -> tuple[str, str]:
         if entry is None:
             raise LocalError(f"TrainingJob/{t.name} produced no {fmt!r} model: add it to spec.output.formats")
         uri, sha = entry.get("uri") or "", entry.get("sha256") or ""
+    if uri.startswith("s3://"):  # served from the store, fetched by `kiln serve` with the sha256 check
+        return uri, sha
     return str(_local_path(uri, t.manifest.base_dir, t.pvc_root)), sha
 
 

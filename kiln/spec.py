@@ -247,6 +247,15 @@ class Limits(Model):
 
 
 @dataclass(frozen=True)
+class Storage(Model):
+    """`spec.storage`: how the pods that touch `s3://` reach the store (kiln.objectstore)."""
+
+    secret_name: str | None
+    endpoint: str | None
+    region: str | None
+
+
+@dataclass(frozen=True)
 class ServingSpec(Model):
     """What a ModelDeployment and a TrainingJob's `spec.deploy` share: how the model is served."""
 
@@ -263,6 +272,7 @@ class ServingSpec(Model):
     startup_timeout_seconds: int
     limits: Limits | None
     workers: int | None
+    storage: Storage | None
 
 
 @dataclass(frozen=True)
@@ -422,6 +432,7 @@ class TrainingJobSpec(Model):
     run_policy: RunPolicy
     scheduling: Scheduling
     service_account_name: str | None
+    storage: Storage | None
     deploy: DeploySpec | None
 
 

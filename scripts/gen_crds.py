@@ -140,6 +140,15 @@ LAYER = obj(
     required=["type"],
 )
 
+STORAGE = obj(
+    "Object storage access (`s3://` URIs) for the pods that read or write it: the trainer, and the server's model-fetch init container. Without `secretName` the pods use the AWS default chain: workload identity (IRSA: a ServiceAccount annotated with `eks.amazonaws.com/role-arn`; GKE/Azure equivalents) or an instance role.",
+    {
+        "secretName": s("string", "A Secret in the same namespace with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (optionally `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`); they become environment variables of those pods only.", maxLength=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        "endpoint": s("string", "S3 endpoint for a store other than AWS (MinIO, SeaweedFS, Ceph RGW, R2, ...), e.g. `http://minio.storage:9000`; set as `AWS_ENDPOINT_URL_S3`.", pattern=r"^https?://[^\s/]+(/\S*)?$", maxLength=2048),
+        "region": s("string", "`AWS_REGION` of the bucket (default us-east-1, or the Secret's `AWS_REGION`).", maxLength=64, pattern=r"^[a-z0-9-]+$"),
+    },
+)
+
 MD_SPEC_PROPS: dict[str, Any] = {
     "model": obj(
         "Which model to serve: exactly one of `trainingJob` and `uri`.",
@@ -184,6 +193,7 @@ MD_SPEC_PROPS: dict[str, Any] = {
     "scheduling": SCHEDULING,
     "progressDeadlineSeconds": s("integer", "A rollout that makes no progress for this long fails (Deployment progressDeadlineSeconds).", minimum=1, default=600),
     "startupTimeoutSeconds": s("integer", "How long a server may take to load its model before the startup probe gives up.", minimum=10, maximum=86400, default=600),
+    "storage": STORAGE,
     "limits": obj(
         "Request limits the server enforces.",
         {
@@ -314,6 +324,7 @@ TRAININGJOB_SPEC = obj(
         ),
         "scheduling": SCHEDULING,
         "serviceAccountName": s("string", "Service account of the training pods; default is one the operator creates that may only report progress.", maxLength=253),
+        "storage": STORAGE,
         "deploy": DEPLOY_SPEC,
     },
     anyOf=[{"required": ["command"]}, {"required": ["dataset", "model"]}],

@@ -16,7 +16,7 @@
 #                                    containerd if it answers; one line per image: name, built/cached, seconds
 #        scripts/images.sh import    only import the archives into the running containerd (scripts/cluster.sh up)
 #        scripts/images.sh list      what is built and exported, and what containerd has
-# Env:   KILN_CACHE (default ~/.cache/kiln), KILN_TRAINER_EXTRAS (EXTRAS of the trainer image, e.g. "s3"),
+# Env:   KILN_CACHE (default ~/.cache/kiln), KILN_TRAINER_EXTRAS (EXTRAS of the trainer image, default "s3"),
 #        KILN_DEBIAN_MIRROR / KILN_DEBIAN_SECURITY_MIRROR (for the base rootfs)
 #
 # Where things live (nothing system-wide: no /etc/containers, no /var/lib/containers, no /run/runc):
@@ -326,7 +326,7 @@ build_app() {
   local name=$1 df="$REPO/images/$1/Dockerfile" base_id hash args=()
   STEP_T0="$(now)" STEP_DETAIL=""
   case "$name" in
-    trainer) args=(--build-arg "TF_IMAGE=$BASE_REF" --build-arg "EXTRAS=${KILN_TRAINER_EXTRAS:-}") ;;
+    trainer) args=(--build-arg "TF_IMAGE=$BASE_REF" --build-arg "EXTRAS=${KILN_TRAINER_EXTRAS-s3}") ;;
     *) args=(--build-arg "PYTHON_IMAGE=$BASE_REF") ;;
   esac
   base_id="$(image_id "$BASE_REF")"

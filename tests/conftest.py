@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kubelet import eventually
 from support.cluster import KILN, OperatorProcess, make_namespace
+from support.seaweed import SeaweedFS
 from testenv import ROOT, ControlPlane, ensure_tools
 
 
@@ -124,3 +125,24 @@ def kiln_cli() -> Any:
     return run
 
 
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3 server (SeaweedFS on 127.0.0.1, free ports, one identity) for the session."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> SeaweedFS:
+    """The session's S3 server with this test's AWS_* variables set, and a fresh bucket `s3.test_bucket`."""
+    for key, value in seaweedfs.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    seaweedfs.test_bucket = seaweedfs.bucket(f"{name}-{abs(hash(request.node.nodeid)) % 10**6}")
+    return seaweedfs

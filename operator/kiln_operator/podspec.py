@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from kiln import API_VERSION
-from kiln.spec import ServingSpec, TrainingJobSpec
+from kiln.spec import ServingSpec, Storage, TrainingJobSpec
 from kiln_operator.templating import RenderError
 
 POD_SECURITY_CONTEXT: dict[str, Any] = {
@@ -85,3 +85,27 @@ def tolerations(spec: TrainingJobSpec | ServingSpec) -> list[dict[str, Any]]:
     if spec.resources.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in out):
         out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     return out
+
+
+STORAGE_SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
+                       ("AWS_REGION", True), ("AWS_ENDPOINT_URL_S3", True), ("AWS_ENDPOINT_URL", True))
+"""Keys read from `spec.storage.secretName` (key, optional): a Secret without the two credentials keeps
+the pod in CreateContainerConfigError with the kubelet's reason, shown in status."""
+
+
+def storage_env(storage: Storage | None) -> list[dict[str, Any]]:
+    """The AWS_* variables of `spec.storage` (Secret keys, endpoint, region), for the pods that touch S3 only.
+    Empty without `spec.storage`: the AWS default chain (IRSA / workload identity) applies."""
+    if storage is None:
+        return []
+    env: list[dict[str, Any]] = []
+    endpoint, region, secret = storage.endpoint, storage.region, storage.secret_name
+    for key, optional in STORAGE_SECRET_KEYS if secret else ():
+        if (key.startswith("AWS_ENDPOINT_URL") and endpoint) or (key == "AWS_REGION" and region):
+            continue  # the spec's own field wins over the Secret's key
+        env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}})
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    if region:
+        env.append({"name": "AWS_REGION", "value": region})
+    return env

@@ -116,14 +116,22 @@ def test_fetch_into_folder_keeps_name_and_copies_local(tmp_path: Path) -> None:
 
 
 def test_fetch_object_store_without_backend_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "s3fs", None)  # importing it now raises ImportError
-    monkeypatch.setitem(sys.modules, "gcsfs", None)
-    with pytest.raises(FetchError, match=r"s3:// models need the s3 extra") as info:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # importing it now raises ImportError
+    with pytest.raises(FetchError, match=r"MissingDependency: s3:// needs the optional S3 support: pip install 'kiln\[s3\]'") as info:
         fetch("s3://bucket/model.onnx", tmp_path / "m.onnx")
     assert info.value.exit_code == 2
-    with pytest.raises(FetchError, match=r"gs:// models need gcsfs"):
+    with pytest.raises(FetchError, match=r"Unsupported: gs:// is not supported: .*use s3://") as info:
         fetch("gs://bucket/model.onnx", tmp_path / "m.onnx")
+    assert info.value.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_refuses_a_local_file_over_the_size_limit(tmp_path: Path) -> None:
+    src = tmp_path / "src.onnx"
+    src.write_bytes(PAYLOAD)
+    with pytest.raises(FetchError, match=f"TooLarge: .*{len(PAYLOAD)} bytes is over the limit of 3 bytes"):
+        fetch(str(src), tmp_path / "out.onnx", max_bytes=3)
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_resolve_local() -> None:

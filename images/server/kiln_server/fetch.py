@@ -3,17 +3,20 @@
 The operator runs this as the init container (same image as the server) so that downloads,
 retries and checksum failures show up as an init-container status with a clear message instead
 of a server that hangs. Supported: `http(s)://` (urllib, timeouts, retries with backoff),
-`s3://` (fsspec/s3fs from the `s3` extra) and `gs://` (fsspec/gcsfs), imported only when needed, and local sources
-(`file://`, plain paths, `pvc://claim/path`) which are copied. Writes are atomic (temporary file
-in the destination folder, then rename) and the sha256 is verified before the rename.
+`s3://` (kiln.objectstore: boto3 from the `s3` extra, the same timeouts and retries, credentials and
+endpoint from the AWS_* variables) and local sources (`file://`, plain paths, `pvc://claim/path`)
+which are copied; `gs://` is refused with a clear message. Writes are atomic (temporary file in the
+destination folder, then rename), the size limit (`--max-bytes`) and sha256 are checked before the rename.
 
-Exit status: 0 fetched (or already present with the right sha256), 1 download failed,
-2 usage or missing dependency, 3 sha256 mismatch.
+Exit status: 0 fetched (or already present with the right sha256), 1 download failed (the reason, e.g.
+Timeout, NoSuchKey, BadCredentials, TooLarge, is the first word of the message), 2 usage or missing
+dependency, 3 sha256 mismatch.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
+
+from kiln import objectstore
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -97,26 +102,6 @@ def _http_once(uri: str, out: BinaryIO, h: hashlib._Hash, timeout: float) -> int
     return n
 
 
-_FSSPEC = {"s3": ("s3fs", "the s3 extra: pip install 'kiln[s3]'"), "gs": ("gcsfs", "gcsfs: pip install gcsfs")}
-
-
-def _fsspec_open(uri: str, scheme: str) -> BinaryIO:
-    """Open an object-store URI through fsspec, importing its backend only now (optional dependency)."""
-    backend, hint = _FSSPEC[scheme]
-    try:
-        import fsspec
-
-        __import__(backend)
-    except ImportError:
-        raise FetchError(f"{scheme}:// models need {hint} (fsspec + {backend} are not installed)", exit_code=2) from None
-    options: dict[str, object] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if scheme == "s3" and endpoint:
-        options["client_kwargs"] = {"endpoint_url": endpoint}
-    stream: BinaryIO = fsspec.open(uri, "rb", **options).open()
-    return stream
-
-
 def fetch(
     uri: str,
     dest: str | os.PathLike[str],
@@ -125,12 +110,15 @@ def fetch(
     retries: int = 4,
     pvc_root: str = "/kiln/pvc",
     log: Callable[[dict[str, object]], None] | None = None,
+    max_bytes: int | None = None,
 ) -> FetchResult:
     """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256."""
     target = _dest_path(uri, dest)
     want = sha256.lower() if sha256 else None
     if want and target.is_file() and _sha256(target) == want:
         return FetchResult(target, want, target.stat().st_size, True)
+    if objectstore.is_remote(uri):
+        return _fetch_object(uri, target, want, timeout, retries, log, max_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
@@ -141,14 +129,6 @@ def fetch(
             if scheme in ("http", "https"):
                 size = _fetch_http(uri, out, timeout, retries, log)
                 h = _rehash(tmp, out)
-            elif scheme in _FSSPEC:
-                try:
-                    with _fsspec_open(uri, scheme) as src:
-                        size = _copy_stream(src, out, h)
-                except FetchError:
-                    raise
-                except Exception as exc:
-                    raise FetchError(f"cannot read {uri}: {exc}") from None
             else:
                 local = resolve_local(uri, pvc_root)
                 if local is None:
@@ -161,6 +141,8 @@ def fetch(
             out.flush()
             os.fsync(out.fileno())
         digest = h.hexdigest()
+        if max_bytes is not None and size > max_bytes:
+            raise FetchError(f"TooLarge: {uri}: {size} bytes is over the limit of {max_bytes} bytes")
         if want and digest != want:
             raise FetchError(f"sha256 mismatch for {uri}: expected {want}, got {digest}", exit_code=3)
         os.replace(tmp, target)
@@ -168,6 +150,17 @@ def fetch(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fetch_object(uri: str, target: Path, want: str | None, timeout: float, retries: int,
+                  log: Callable[[dict[str, object]], None] | None, max_bytes: int | None) -> FetchResult:
+    """`s3://` through kiln.objectstore; its reason word (Timeout, NoSuchKey, ...) leads the message."""
+    try:
+        got = objectstore.download(uri, target, max_bytes=max_bytes, sha256=want, timeout=timeout, retries=retries, log=log)
+    except objectstore.StoreError as err:
+        code = {"ChecksumMismatch": 3, "MissingDependency": 2, "Unsupported": 2}.get(err.reason, 1)
+        raise FetchError(f"{err.reason}: {err}", exit_code=code) from None
+    return FetchResult(got.path, got.sha256, got.size, False)
 
 
 def _rehash(tmp: Path, out: BinaryIO) -> hashlib._Hash:
@@ -208,23 +201,35 @@ def _log_line(doc: dict[str, object]) -> None:
     print(json.dumps(doc), file=sys.stderr, flush=True)
 
 
+def _termination_message(reason: str) -> None:
+    """`{"error": reason}` in the container's termination log, so the init container's status (and the
+    ModelDeployment's, which reads it) carries the reason rather than a tail of retry log lines."""
+    path = os.environ.get("KILN_TERMINATION_LOG") or "/dev/termination-log"
+    if os.environ.get("KILN_TERMINATION_LOG") or (os.path.exists(path) and os.access(path, os.W_OK)):
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"error": " ".join(reason.split())[:3500]}))
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI for the init container."""
     parser = argparse.ArgumentParser(
         prog="python -m kiln_server.fetch", description="Fetch a model file atomically and verify its sha256."
     )
-    parser.add_argument("uri", help="http(s)://, s3://, file://, pvc://claim/path or a path")
+    parser.add_argument("uri", help="http(s)://, s3://, file://, pvc://claim/path or a path (gs:// is refused)")
     parser.add_argument("dest", help="destination file, or a folder (ending in /) to keep the URI's file name")
     parser.add_argument("--sha256", default=os.environ.get("KILN_MODEL_SHA256") or None, help="expected sha256")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
     parser.add_argument("--retries", type=int, default=4, help="retries for transient failures")
+    parser.add_argument("--max-bytes", type=int, default=int(os.environ.get("KILN_MODEL_MAX_BYTES") or 0) or None,
+                        help="refuse a model larger than this many bytes (KILN_MODEL_MAX_BYTES; default: no limit)")
     parser.add_argument("--pvc-root", default=os.environ.get("KILN_PVC_ROOT", "/kiln/pvc"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line)
+        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line, args.max_bytes)
     except FetchError as exc:
         _log_line({"event": "fetch_failed", "uri": args.uri, "dest": args.dest, "reason": str(exc)})
+        _termination_message(str(exc))
         return exc.exit_code
     _log_line(
         {

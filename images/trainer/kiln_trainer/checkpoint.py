@@ -1,4 +1,5 @@
 """Per-epoch checkpoints in the output location, so a restarted pod continues instead of starting over.
+(For an `s3://` output each checkpoint is also uploaded to `<output>/checkpoints/`: see outputs.Output.)
 
 Each finished epoch writes `checkpoints/epoch-NNNNN/` (weights with optimizer state, plus
 `state.json`: the epoch, seed, fitted preprocessing, history so far, early-stopping counters and a
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +89,11 @@ class CheckpointCallback(keras.callbacks.Callback):
     """Writes a checkpoint after every epoch; history accumulates across restarts."""
 
     def __init__(self, folder: Path, spec_digest: str, seed: int, preprocess: dict[str, Any],
-                 history: dict[str, list[float]], early: ResumableEarlyStopping | None) -> None:
+                 history: dict[str, list[float]], early: ResumableEarlyStopping | None,
+                 on_saved: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.folder = folder
+        self.on_saved = on_saved  # e.g. upload to the object store, so a replacement pod resumes
         self.digest = spec_digest
         self.seed = seed
         self.preprocess = preprocess
@@ -121,6 +125,8 @@ class CheckpointCallback(keras.callbacks.Callback):
         for old in self.folder.glob("epoch-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
+        if self.on_saved is not None:
+            self.on_saved(name)
 
 
 def restore(model: keras.Model, resumed: Resumed) -> None:

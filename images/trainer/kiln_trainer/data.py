@@ -190,17 +190,47 @@ def _encode_labels(y: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
     return np.array([index[v] for v in values], dtype="int64"), classes
 
 
+def parts(folder: Path, declared: str | None) -> tuple[list[Path], str]:
+    """The files of a dataset folder (an `s3://` prefix or a local directory) in name order, all of one
+    format; hidden files and markers such as `_SUCCESS` are skipped."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"{folder.name}/ holds no data files")
+    formats = {infer_format(f, declared) for f in files}
+    if len(formats) > 1:
+        raise DataError(f"{folder.name}/ mixes formats ({', '.join(sorted(formats))}); a dataset folder holds one format",
+                        "spec.dataset.format")
+    return files, formats.pop()
+
+
+def _arrays(path: Path, ds: DatasetSpec) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """x, y and feature names of a file, or of every part of a folder concatenated in name order."""
+    files, fmt = parts(path, ds.format) if path.is_dir() else ([path], infer_format(path, ds.format))
+    if fmt == "npz":
+        loaded = [_npz_arrays(f) for f in files]
+        shapes = {a[0].shape[1:] for a in loaded}
+        if len(shapes) > 1:
+            raise DataError(f"{path.name}/: parts have examples of different shapes {sorted(map(list, shapes))}")
+        return np.concatenate([a[0] for a in loaded]), np.concatenate([a[1] for a in loaded]), ["x"], fmt
+    import pandas as pd
+
+    tables = [_read_table(f, fmt) for f in files]
+    for f, t in zip(files[1:], tables[1:], strict=True):
+        if list(t.columns) != list(tables[0].columns):
+            raise DataError(f"{f.name} has columns {list(t.columns)}, {files[0].name} has {list(tables[0].columns)}")
+    df = tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
+    x, y, names = _table_arrays(df, path.name, ds)
+    return x, y, names, fmt
+
+
 def load(path: Path, source: str, spec: TrainingJobSpec) -> Dataset:
-    """Load and clean the dataset of a TrainingJob spec; examples come back shaped like `inputShape`."""
+    """Load and clean the dataset of a TrainingJob spec; examples come back shaped like `inputShape`.
+    `path` is one file or a folder of parts (CSV, Parquet or NPZ), read in name order."""
     if spec.dataset is None or spec.model is None:
         raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
     ds = spec.dataset
     pp = ds.preprocessing
-    fmt = infer_format(path, ds.format)
-    if fmt == "npz":
-        x, y, names = _npz_arrays(path)
-    else:
-        x, y, names = _table_arrays(_read_table(path, fmt), path.name, ds)
+    x, y, names, fmt = _arrays(path, ds)
     report = DataReport(source=source, rows_read=len(x), features=names)
     flat = x.reshape(len(x), -1)
 

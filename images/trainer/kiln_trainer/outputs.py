@@ -3,7 +3,9 @@
 Why staging: the operator and `kiln run` treat `result.json` (and `model.onnx`) as "training
 succeeded". Files are built in `<output>/.kiln-staging/` and moved into place only at the end,
 `result.json` last; a failed run removes the staging folder, and a new run first removes the
-success markers of an earlier one. For `s3://` outputs everything is built locally, then uploaded.
+success markers of an earlier one. For `s3://` outputs everything is built locally, uploaded to a
+staging prefix and then copied into place (storage.stage_and_publish); checkpoints and TensorBoard logs
+are uploaded after every epoch so that a replacement pod, with a fresh local disk, resumes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from kiln import DEFAULT_OUTPUT_DIR
 from kiln_trainer import storage
+from kiln_trainer.errors import TrainerError
 from kiln_trainer.jobspec import Job
 from kiln_trainer.settings import TrainerSettings
 from kiln_trainer.storage import Location
@@ -90,6 +93,31 @@ class Output:
         self.staging.mkdir()
         if self.chief and self.loc.is_remote:
             storage.remove_remote(self.loc, list(ARTIFACTS), "spec.output.uri")
+
+    def pull_checkpoints(self) -> None:
+        """A fresh pod with an `s3://` output: fetch the stored checkpoint (every worker reads it)."""
+        if self.loc.is_remote and not (self.shared_checkpoints / "latest").exists():
+            n = storage.pull_folder(self.loc, "checkpoints", self.shared_checkpoints, "spec.output.uri")
+            if n:
+                print(f"checkpoint: fetched {n} files from {self.loc.child_uri('checkpoints')}", flush=True)
+
+    def push_checkpoint(self, name: str) -> None:
+        """After each epoch (chief, `s3://` output): upload checkpoint `name`, then the `latest` pointer,
+        then drop older stored epochs; the TensorBoard logs so far go along."""
+        if not (self.chief and self.loc.is_remote):
+            return
+        field = "spec.output.uri"
+        storage.push_folder(self.checkpoints / name, self.loc, f"checkpoints/{name}", field)
+        storage.push_folder(self.checkpoints / "latest", self.loc, "checkpoints/latest", field)
+        storage.remove_stale_checkpoints(self.loc, name, field)
+        storage.push_folder(self.logs, self.loc, "logs", field)
+
+    def drop_checkpoints(self) -> None:
+        """A finished run's checkpoints are no longer needed (here and in the store; the latter best effort)."""
+        storage.rmtree_quiet(self.checkpoints)
+        if self.chief and self.loc.is_remote:
+            with contextlib.suppress(TrainerError):
+                storage.remove_remote_folder(self.loc, "checkpoints", "spec.output.uri")
 
     def commit(self) -> list[str]:
         """Move staged files into place, `result.json` last; upload them for remote outputs."""

@@ -1,25 +1,32 @@
 """Where data and outputs live: `file://`, plain paths, mounted `pvc://claim/path` and `s3://`.
 
 Why one module: the dataset and the output location accept the same URI forms, and the rules for
-resolving them (relative to the manifest, PVCs under the mount root, S3 through fsspec) must agree.
-S3 support is optional (extra `s3`); its libraries are imported only when an `s3://` URI is used.
+resolving them (relative to the manifest, PVCs under the mount root, S3 through `kiln.objectstore`)
+must agree. S3 support is optional (extra `s3`); boto3 is imported only when an `s3://` URI is used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
+from kiln import objectstore
 from kiln_trainer.errors import DataError, SpecError, TrainerError
 from kiln_trainer.settings import TrainerSettings
 
 PVC_ROOT_DEFAULT = "/kiln/pvc"
+STAGING = ".kiln-staging"
+RESULT = "result.json"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,11 @@ def pvc_root() -> Path:
 
 def resolve(uri: str, base_dir: Path, field: str) -> Location:
     """Resolve a dataset or output URI; relative paths and `file://` resolve against `base_dir`."""
-    if uri.startswith("s3://"):
-        if len(uri) <= len("s3://") or uri[5] == "/":
-            raise SpecError(f"{uri!r} has no bucket", field)
+    if objectstore.is_remote(uri):
+        try:
+            objectstore.parse(uri)  # gs:// and a missing bucket are refused here, before any work
+        except objectstore.StoreError as err:
+            raise SpecError(str(err), field) from None
         return Location(uri, remote=uri)
     if uri.startswith("pvc://"):
         rest = uri[len("pvc://"):].strip("/")
@@ -71,64 +80,104 @@ def resolve(uri: str, base_dir: Path, field: str) -> Location:
     return Location(uri, path=path if path.is_absolute() else (base_dir / path).resolve())
 
 
-def s3_filesystem(field: str) -> Any:
-    """An fsspec S3 filesystem, or a clear error when the optional `s3` extra is not installed."""
+def _store_error(err: objectstore.StoreError, field: str) -> TrainerError:
+    """An object-store failure as a trainer error: retryable (exit 1) only when a retry may help."""
+    message = f"{err.reason}: {err}"
+    if err.retryable:
+        return TrainerError(message, field)
+    return DataError(message, field) if field == "spec.dataset.uri" else SpecError(message, field)
+
+
+def remote_call(field: str, op: Callable[[], T]) -> T:
+    """Run an object-store operation, turning its StoreError into a TrainerError about `field`."""
     try:
-        import fsspec
-        import s3fs  # noqa: F401  (registers the s3 protocol with fsspec)
-    except ImportError as exc:
-        raise SpecError(
-            f"s3:// needs the optional S3 support: pip install 'kiln[s3]' (missing module {exc.name!r})", field
-        ) from exc
-    kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("KILN_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-    return fsspec.filesystem("s3", **kwargs)
+        return op()
+    except objectstore.StoreError as err:
+        raise _store_error(err, field) from None
 
 
 def fetch(loc: Location, field: str) -> Path:
-    """A local path holding the data of `loc` (downloaded into $TMPDIR for remote URIs)."""
+    """A local path holding the data of `loc`: the file itself, or for `s3://` a download into $TMPDIR
+    (a single object, or every object under the prefix `uri/` as a folder of parts)."""
     if loc.path is not None:
         if not loc.path.exists():
             raise DataError(f"{loc.uri}: not found (looked at {loc.path})", field)
         if not os.access(loc.path, os.R_OK):
             raise DataError(f"{loc.uri}: not readable (permission denied on {loc.path})", field)
         return loc.path
-    fs = s3_filesystem(field)
-    name = loc.remote.rstrip("/").rsplit("/", 1)[-1] if loc.remote else "data"
-    target = Path(tempfile.mkdtemp(prefix="kiln-data-")) / name
-    try:
-        fs.get(loc.remote, str(target))
-    except FileNotFoundError as exc:
-        raise DataError(f"{loc.uri}: not found", field) from exc
-    except PermissionError as exc:
-        raise DataError(f"{loc.uri}: access denied", field) from exc
-    except Exception as exc:  # network or credential trouble: a retry may help
-        raise TrainerError(f"{loc.uri}: download failed: {type(exc).__name__}: {exc}", field) from exc
+    uri = objectstore.parse(str(loc.remote))
+    keys = remote_call(field, lambda: objectstore.list_keys(str(uri)))
+    folder = uri.key.rstrip("/") + "/"
+    parts = [k for k in keys if k.startswith(folder) and not k.endswith("/")]
+    if uri.key not in keys and not parts:
+        raise DataError(f"NoSuchKey: {loc.uri}: no such object, and no objects under {uri.bucket}/{folder}", field)
+    root = Path(tempfile.mkdtemp(prefix="kiln-data-"))
+    if uri.key in keys:
+        target = root / (uri.key.rsplit("/", 1)[-1] or "data")
+        remote_call(field, lambda: objectstore.download(str(uri), target))
+        return target
+    target = root / (uri.key.rstrip("/").rsplit("/", 1)[-1] or uri.bucket)
+    for key in parts:
+        dest = target / key[len(folder):]
+        remote_call(field, functools.partial(objectstore.download, f"s3://{uri.bucket}/{key}", dest))
     return target
 
 
-def upload_dir(local: Path, loc: Location, names: list[str], field: str) -> None:
-    """Copy the finished outputs to a remote location; `result.json` goes last as the success marker."""
-    fs = s3_filesystem(field)
-    ordered = sorted(names, key=lambda n: n == "result.json")
+def stage_and_publish(local: Path, loc: Location, names: list[str], field: str) -> None:
+    """Upload the finished outputs to `<uri>/.kiln-staging/<id>/`, then copy them into place
+    (server-side, `result.json` last) and delete the staging copy: a failure at any point leaves no
+    half-written model at `<uri>`, only a staging prefix that the next run removes."""
+    staging = f"{loc.child_uri(STAGING)}/{uuid.uuid4().hex[:12]}"
     try:
-        for name in ordered:
-            src = local / name
-            files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
-            for f in files:  # file by file: `put` of a folder nests differently when the prefix exists
-                fs.put_file(str(f), loc.child_uri(f.relative_to(local).as_posix()))
-    except Exception as exc:
-        raise TrainerError(f"upload to {loc.uri} failed: {type(exc).__name__}: {exc}", field) from exc
+        for name in names:
+            remote_call(field, functools.partial(objectstore.upload, local / name, f"{staging}/{name}"))
+        remote_call(field, lambda: objectstore.publish(staging, str(loc.remote), last=(RESULT,)))
+    except BaseException:
+        with contextlib.suppress(objectstore.StoreError):
+            objectstore.delete_prefix(staging)
+        raise
+
+
+def upload_dir(local: Path, loc: Location, names: list[str], field: str) -> None:
+    """Copy finished outputs to a remote location through a staging prefix (see `stage_and_publish`)."""
+    stage_and_publish(local, loc, names, field)
 
 
 def remove_remote(loc: Location, names: list[str], field: str) -> None:
-    """Remove stale success markers of an earlier run at a remote output location (best effort)."""
-    fs = s3_filesystem(field)
-    for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(loc.child_uri(name), recursive=True)
+    """Remove an earlier run's success markers (result.json first) and any leftover staging prefix."""
+    uri = objectstore.parse(str(loc.remote))
+    keys = [uri.child(n).key for n in sorted(names, key=lambda n: n != RESULT)]
+    remote_call(field, lambda: objectstore.delete_keys(uri.bucket, keys))
+    remote_call(field, lambda: objectstore.delete_prefix(loc.child_uri(STAGING)))
+
+
+def push_folder(local: Path, loc: Location, name: str, field: str) -> None:
+    """Upload the folder `local` to `<uri>/<name>/` (checkpoints, TensorBoard logs: as they are written)."""
+    if local.exists():
+        remote_call(field, lambda: objectstore.upload(local, loc.child_uri(name)))
+
+
+def pull_folder(loc: Location, name: str, local: Path, field: str) -> int:
+    """Download `<uri>/<name>/` into `local`; returns how many files (0 when there is nothing)."""
+    prefix = objectstore.parse(loc.child_uri(name) + "/")
+    keys = remote_call(field, lambda: objectstore.list_keys(str(prefix)))
+    for key in keys:
+        dest = local / key[len(prefix.key):]
+        remote_call(field, functools.partial(objectstore.download, f"s3://{prefix.bucket}/{key}", dest))
+    return len(keys)
+
+
+def remove_stale_checkpoints(loc: Location, keep: str, field: str) -> None:
+    """Delete stored `checkpoints/epoch-*` other than `keep` (after `latest` points at it)."""
+    uri = objectstore.parse(loc.child_uri("checkpoints") + "/")
+    keys = remote_call(field, lambda: objectstore.list_keys(str(uri)))
+    stale = [k for k in keys if k[len(uri.key):].startswith("epoch-") and not k[len(uri.key):].startswith(keep + "/")]
+    remote_call(field, lambda: objectstore.delete_keys(uri.bucket, stale))
+
+
+def remove_remote_folder(loc: Location, name: str, field: str) -> None:
+    """Delete `<uri>/<name>/` (checkpoints of a finished run)."""
+    remote_call(field, lambda: objectstore.delete_prefix(loc.child_uri(name)))
 
 
 def rmtree_quiet(path: Path) -> None:

@@ -109,6 +109,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         clock = time.perf_counter()
         timings: dict[str, float] = {}
         digest = checkpoint.spec_hash(job.spec)
+        out.pull_checkpoints()
         resumed = checkpoint.latest(out.shared_checkpoints, digest)
         seed = _seed(job, cluster, resumed)
         keras.utils.set_random_seed(seed)
@@ -192,7 +193,7 @@ def _callbacks(tr_spec: Training, resumed: Any, out: Output, digest: str, seed: 
         early = checkpoint.ResumableEarlyStopping(
             resumed.early_stopping if resumed else None, monitor=es.monitor, patience=es.patience, min_delta=float(es.min_delta))
     ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
-                                         resumed.history if resumed else {}, early)
+                                         resumed.history if resumed else {}, early, out.push_checkpoint)
     callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
     callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
     return callbacks, ckpt
@@ -219,7 +220,7 @@ def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, trai
 def _finish(out: Output, reporter: ProgressReporter, history: dict[str, Any], done: int, result: dict[str, Any],
             timings: dict[str, float]) -> None:
     """Drop what a finished run no longer needs, report 100 %, and log where the model is."""
-    storage.rmtree_quiet(out.checkpoints)
+    out.drop_checkpoints()
     if out.scratch:  # remote output built in a temp folder: uploaded, no longer needed
         storage.rmtree_quiet(out.dir)
     reporter.epochs = done

@@ -18,6 +18,7 @@ from kiln_operator.podspec import (
     owner_references,
     parse_pvc,
     resources,
+    storage_env,
     tolerations,
 )
 from kiln_operator.settings import OperatorSettings
@@ -93,8 +94,9 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     return Resolution(ModelRef(uri, sha, name, fmt))
 
 
-def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(path the server loads, fetch init container, volumes, server mounts) for a model URI."""
+def _model_location(model: ModelRef, spec: ServingSpec) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(path the server loads, fetch init container, volumes, server mounts) for a model URI; only the
+    fetch init container gets `spec.storage`'s credentials."""
     pvc = parse_pvc(model.uri, "spec.model.uri")
     if pvc:
         claim, path = pvc
@@ -102,13 +104,17 @@ def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[d
         mounts = [{"name": "model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}]
         return f"{PVC_ROOT}/{claim}/{path}", None, volumes, mounts
     scheme = model.uri.split("://", 1)[0] if "://" in model.uri else "file"
-    if scheme in ("s3", "http", "https", "gs"):
+    if scheme == "gs":
+        raise RenderError("spec.model.uri", "gs:// is not supported: use s3:// (Google Cloud Storage answers the S3 API "
+                          "at https://storage.googleapis.com with HMAC keys: spec.storage.endpoint), pvc:// or https://")
+    if scheme in ("s3", "http", "https"):
         target = f"{FETCH_DIR}/model.onnx"
         command = ["python", "-m", "kiln_server.fetch", model.uri, target]
         if model.sha256:
             command += ["--sha256", model.sha256]
         volumes = [{"name": "model", "emptyDir": {}}]
-        fetch = {"command": command, "mounts": [{"name": "model", "mountPath": FETCH_DIR}, {"name": "tmp", "mountPath": "/tmp"}]}
+        fetch = {"command": command, "mounts": [{"name": "model", "mountPath": FETCH_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+                 "env": [{"name": "HOME", "value": "/tmp"}, *(storage_env(spec.storage) if scheme == "s3" else [])]}
         return target, fetch, volumes, [{"name": "model", "mountPath": FETCH_DIR, "readOnly": True}]
     if scheme == "file":
         return model.uri[len("file://"):] if model.uri.startswith("file://") else model.uri, None, [], []
@@ -206,7 +212,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         tj = spec.model.training_job or ""
         uri = spec.model.uri or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
         model = ModelRef(uri, spec.model.sha256 or "", tj)
-    path, fetch, volumes, mounts = _model_location(model)
+    path, fetch, volumes, mounts = _model_location(model, spec)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
     args = _server_args(md, spec, path, model.sha256)

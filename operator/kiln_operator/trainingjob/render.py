@@ -22,6 +22,7 @@ from kiln_operator.podspec import (
     owner_references,
     parse_pvc,
     resources,
+    storage_env,
     tolerations,
 )
 from kiln_operator.settings import Features, OperatorSettings
@@ -76,6 +77,7 @@ def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
 def _env(spec: TrainingJobSpec, name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
     """The trainer's environment: HOME/TMPDIR on the writable /tmp, the user's env, then Kiln's contract."""
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
+    env += storage_env(spec.storage)
     env += [e.to_dict() for e in spec.env or []]
     env += [
         {"name": "KILN_SPEC", "value": SPEC_FILE},
@@ -185,6 +187,8 @@ def build_deployment(tj: dict[str, Any]) -> dict[str, Any]:
     deploy.pop("model", None)
     md_name = typed.name or tj["metadata"]["name"]
     model = {"trainingJob": tj["metadata"]["name"], "format": typed.model.format}
+    if tj["spec"].get("storage") and "storage" not in deploy:  # the model is where the trainer wrote it
+        deploy["storage"] = copy.deepcopy(tj["spec"]["storage"])
     return {
         "apiVersion": API_VERSION,
         "kind": "ModelDeployment",
