@@ -7,12 +7,14 @@ import asyncio
 import logging
 import os
 import re
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
+from kiln.policy import PolicyError, load_policy_file
 from kiln_operator import aiokube, kube
 from kiln_operator.settings import Features, OperatorSettings
 
@@ -46,8 +48,12 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
     p.add_argument("--peering", default=settings.peering,
                    help="Kopf peering name: run several replicas, one active (needs the kopf.dev peering CRDs)")
     p.add_argument("--priority", type=int, default=settings.priority, help="peering priority")
+    p.add_argument("--policy", metavar="FILE", help="YAML file with the chart's `policy:` values (default: KILN_POLICY_FILE, "
+                   "else the JSON in KILN_POLICY, else the safe defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.policy:
+        settings.policy = load_policy_file(args.policy)
     if args.all_namespaces:
         settings.namespaces = []
     elif args.namespaces:
@@ -129,7 +135,11 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, args = parse_args(list(argv or []))
+    try:
+        settings, args = parse_args(list(argv or []))
+    except PolicyError as exc:
+        print(f"kiln operator: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

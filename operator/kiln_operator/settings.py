@@ -6,6 +6,8 @@ import fnmatch
 import os
 from dataclasses import dataclass, field, fields
 
+from kiln.policy import Policy, load_policy_env, load_policy_file
+
 
 def _env_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -58,6 +60,12 @@ class OperatorSettings:
     max_workers: int = 50
     """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)
+    policy: Policy = field(default_factory=Policy)
+    """The admin's policy (`KILN_POLICY_FILE`, else the JSON in `KILN_POLICY`; default: the safe one)."""
+
+    def tenant_policy(self) -> Policy:
+        """The policy with Kiln's own images (this operator's defaults) always allowed."""
+        return self.policy.with_own_images(self.trainer_image, self.server_image)
 
     def handles(self, namespace: str | None) -> bool:
         """False for namespaces excluded by `exclude_namespaces`."""
@@ -70,7 +78,7 @@ class OperatorSettings:
         out = cls()
         for f in fields(cls):
             key = "KILN_" + f.name.upper()
-            if key not in env or f.name == "features":
+            if key not in env or f.name in ("features", "policy"):
                 continue
             raw = env[key]
             current = getattr(out, f.name)
@@ -86,4 +94,8 @@ class OperatorSettings:
             else:
                 value = raw
             setattr(out, f.name, value)
+        if env.get("KILN_POLICY_FILE"):
+            out.policy = load_policy_file(env["KILN_POLICY_FILE"])
+        elif env.get("KILN_POLICY"):
+            out.policy = load_policy_env(env["KILN_POLICY"])
         return out

@@ -97,7 +97,9 @@ class Install:
         values = {"scope": scope, "watchNamespaces": [self.workload], "operator.reconcileInterval": 0.5,
                   "operator.watchServerTimeout": 60, "operator.watchClientTimeout": 90,
                   "trainer.image": {"repository": "kiln-trainer", "tag": "test"},
-                  "server.image": {"repository": "kiln-server", "tag": "test"}, "peering.enabled": peering}
+                  "server.image": {"repository": "kiln-server", "tag": "test"}, "peering.enabled": peering,
+                  # The scenarios' claims (no PVC objects exist here) by name; tests/security runs the defaults.
+                  "policy.pvcs.allow": ["data", "models"]}
         self.docs = self.render(values)
         if drop:
             drop_verb(self.docs, *drop)

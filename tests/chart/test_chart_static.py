@@ -136,7 +136,8 @@ def test_cluster_scope_with_globs_watches_namespaces(render: Any) -> None:
     (role,) = by_kind(docs, "ClusterRole")
     assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in role["rules"]
     defaults = by_kind(render(), "ClusterRole")[0]
-    assert not any("namespaces" in r["resources"] for r in defaults["rules"]), "cluster-wide needs no namespace listing"
+    # Cluster-wide needs no namespace listing; only `get` of a namespace, for its kiln.dev/policy-profile label.
+    assert [r["verbs"] for r in defaults["rules"] if "namespaces" in r["resources"]] == [["get"]]
 
 
 def test_namespaced_scope_grants_only_reads_cluster_wide(render: Any) -> None:

@@ -2,31 +2,36 @@
 
 The operator runs this as the init container (same image as the server) so that downloads,
 retries and checksum failures show up as an init-container status with a clear message instead
-of a server that hangs. Supported: `http(s)://` (urllib, timeouts, retries with backoff),
+of a server that hangs. Supported: `http(s)://` (http.client through `fetchguard`, timeouts, retries with backoff),
 `s3://` (fsspec/s3fs from the `s3` extra) and `gs://` (fsspec/gcsfs), imported only when needed, and local sources
 (`file://`, plain paths, `pvc://claim/path`) which are copied. Writes are atomic (temporary file
 in the destination folder, then rename) and the sha256 is verified before the rename.
 
+http(s) downloads follow `fetchguard`'s rules: https only, no redirect to another host, no loopback,
+link-local or private address, sha256 required and a size limit, unless `--allow-http`,
+`--allow-private`, `--allow-missing-sha256`, `--max-bytes` (or `KILN_FETCH_*`) say otherwise.
+
 Exit status: 0 fetched (or already present with the right sha256), 1 download failed,
-2 usage or missing dependency, 3 sha256 mismatch.
+2 usage or missing dependency, 3 sha256 mismatch, 4 refused by a fetch rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import os
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
+
+from kiln_server.fetchguard import FetchGuard, FetchRefused, HTTPStatusError, download
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -87,14 +92,11 @@ def _copy_stream(src: BinaryIO, out: BinaryIO, h: hashlib._Hash) -> int:
     return n
 
 
-def _http_once(uri: str, out: BinaryIO, h: hashlib._Hash, timeout: float) -> int:
-    req = urllib.request.Request(uri, headers={"User-Agent": "kiln-fetch/1"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        expected = resp.headers.get("Content-Length")
-        n = _copy_stream(resp, out, h)
-    if expected is not None and int(expected) != n:
-        raise ConnectionError(f"connection closed after {n} of {expected} bytes")
-    return n
+def _http_once(uri: str, out: BinaryIO, guard: FetchGuard, timeout: float) -> int:
+    try:
+        return download(uri, out, guard, timeout)
+    except FetchRefused as exc:
+        raise FetchError(f"refused: {exc}", exit_code=4) from None
 
 
 _FSSPEC = {"s3": ("s3fs", "the s3 extra: pip install 'kiln[s3]'"), "gs": ("gcsfs", "gcsfs: pip install gcsfs")}
@@ -125,10 +127,17 @@ def fetch(
     retries: int = 4,
     pvc_root: str = "/kiln/pvc",
     log: Callable[[dict[str, object]], None] | None = None,
+    guard: FetchGuard | None = None,
 ) -> FetchResult:
-    """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256."""
+    """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256.
+
+    `guard`: the http(s) rules (default: `FetchGuard.from_env()`, strict unless `KILN_FETCH_*` relax it).
+    """
     target = _dest_path(uri, dest)
     want = sha256.lower() if sha256 else None
+    guard = guard or FetchGuard.from_env()
+    if urlparse(uri).scheme in ("http", "https") and guard.require_sha256 and not want:
+        raise FetchError(f"{uri}: a sha256 is required for http(s) models (--sha256, or --allow-missing-sha256)", exit_code=4)
     if want and target.is_file() and _sha256(target) == want:
         return FetchResult(target, want, target.stat().st_size, True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +148,7 @@ def fetch(
             h = hashlib.sha256()
             scheme = urlparse(uri).scheme
             if scheme in ("http", "https"):
-                size = _fetch_http(uri, out, timeout, retries, log)
+                size = _fetch_http(uri, out, timeout, retries, log, guard)
                 h = _rehash(tmp, out)
             elif scheme in _FSSPEC:
                 try:
@@ -181,19 +190,20 @@ def _rehash(tmp: Path, out: BinaryIO) -> hashlib._Hash:
 
 
 def _fetch_http(
-    uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None
+    uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None,
+    guard: FetchGuard,
 ) -> int:
     delay = 1.0
     for attempt in range(retries + 1):
         out.seek(0)
         out.truncate()
         try:
-            return _http_once(uri, out, hashlib.sha256(), timeout)
-        except urllib.error.HTTPError as exc:
+            return _http_once(uri, out, guard, timeout)
+        except HTTPStatusError as exc:
             if exc.code not in RETRYABLE_HTTP or attempt == retries:
                 raise FetchError(f"GET {uri} failed: HTTP {exc.code} {exc.reason}") from None
             reason = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ConnectionError, ValueError) as exc:
+        except (OSError, ConnectionError, ValueError, http.client.HTTPException) as exc:
             if attempt == retries:
                 raise FetchError(f"GET {uri} failed after {retries + 1} attempts: {exc}") from None
             reason = str(exc)
@@ -219,10 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
     parser.add_argument("--retries", type=int, default=4, help="retries for transient failures")
     parser.add_argument("--pvc-root", default=os.environ.get("KILN_PVC_ROOT", "/kiln/pvc"))
+    env = FetchGuard.from_env()
+    parser.add_argument("--allow-http", action="store_true", default=env.allow_http, help="allow plain http:// (default: https only)")
+    parser.add_argument("--allow-private", action="store_true", default=env.allow_private,
+                        help="allow loopback, link-local and private addresses")
+    parser.add_argument("--allow-missing-sha256", action="store_true", default=not env.require_sha256,
+                        help="allow http(s) models without --sha256")
+    parser.add_argument("--max-bytes", type=int, default=env.max_bytes, help="largest model accepted over http(s)")
     args = parser.parse_args(argv)
+    guard = FetchGuard(args.allow_http, args.allow_private, not args.allow_missing_sha256, args.max_bytes)
     start = time.perf_counter()
     try:
-        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line)
+        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line, guard)
     except FetchError as exc:
         _log_line({"event": "fetch_failed", "uri": args.uri, "dest": args.dest, "reason": str(exc)})
         return exc.exit_code

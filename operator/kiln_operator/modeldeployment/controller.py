@@ -17,7 +17,9 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from kiln import API_VERSION, GROUP, VERSION
-from kiln_operator import aiokube, kube, names
+from kiln.policy import REASON as POLICY_VIOLATION
+from kiln.policy import describe
+from kiln_operator import aiokube, kube, names, policycheck
 from kiln_operator.modeldeployment.render import build_modeldeployment, resolve_model
 from kiln_operator.modeldeployment.status import derive_md_status
 from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
@@ -70,17 +72,25 @@ class ModelDeploymentController:
             tj_name = ((md.get("spec") or {}).get("model") or {}).get("trainingJob")
             tj = next(iter(self.trainingjobs.get((key[0], tj_name))), None) if tj_name else None
             resolution = resolve_model(md, tj)
-            render_error = ""
+            render_error, render_reason = "", "InvalidSpec"
             if resolution.model is not None:
+                base = self.settings.tenant_policy()
+                policy = await policycheck.effective(base, key[0])
+                violations = await policycheck.check("ModelDeployment", md, base, resolution.model.uri, resolution.model.sha256)
                 try:
-                    children = build_modeldeployment(md, self.settings, resolution.model)
+                    if violations:
+                        render_error, render_reason = describe(violations), POLICY_VIOLATION
+                    else:
+                        children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch)
                 except RenderError as exc:
                     render_error = str(exc)
                 else:
-                    await self.apply_children(key, md, children)
+                    if not violations:
+                        await self.apply_children(key, md, children)
             deployment = next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
             server_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
-            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error)
+            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
+                                           render_reason=render_reason)
             await self.writer.patch(key, derived.status)
             if derived.event:
                 await post_event(md, *derived.event)

@@ -8,6 +8,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.policy import FetchPolicy
 from kiln.serverargs import serve_args
 from kiln_operator import names
 from kiln_operator.podspec import (
@@ -91,7 +92,19 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     return Resolution(ModelRef(uri, sha, name, fmt))
 
 
-def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+def fetch_flags(uri: str, fetch: FetchPolicy) -> list[str]:
+    """The init container's flags that relax its http(s) rules, as the admin's policy allows (none by default)."""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    default = FetchPolicy()
+    flags = ["--allow-http"] if fetch.allow_http else []
+    flags += ["--allow-private"] if fetch.allow_private else []
+    flags += ["--allow-missing-sha256"] if not fetch.require_sha256 else []
+    return flags + (["--max-bytes", str(fetch.max_bytes)] if fetch.max_bytes != default.max_bytes else [])
+
+
+def _model_location(model: ModelRef, fetch_policy: FetchPolicy | None = None,
+                    ) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
     """(path the server loads, fetch init container, volumes, server mounts) for a model URI."""
     pvc = parse_pvc(model.uri, "spec.model.uri")
     if pvc:
@@ -105,6 +118,7 @@ def _model_location(model: ModelRef) -> tuple[str, dict[str, Any] | None, list[d
         command = ["python", "-m", "kiln_server.fetch", model.uri, target]
         if model.sha256:
             command += ["--sha256", model.sha256]
+        command += fetch_flags(model.uri, fetch_policy or FetchPolicy())
         volumes = [{"name": "model", "emptyDir": {}}]
         fetch = {"command": command, "mounts": [{"name": "model", "mountPath": FETCH_DIR}, {"name": "tmp", "mountPath": "/tmp"}]}
         return target, fetch, volumes, [{"name": "model", "mountPath": FETCH_DIR, "readOnly": True}]
@@ -122,7 +136,8 @@ def service_url(md: dict[str, Any]) -> str:
     return f"http://{names.server_service(meta['name'])}.{meta.get('namespace') or 'default'}.svc.cluster.local/v2/models/{model_name(md)}"
 
 
-def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None) -> list[dict[str, Any]]:
+def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
+                          fetch_policy: FetchPolicy | None = None) -> list[dict[str, Any]]:
     """Deployment, Service and (when asked and served by the API) HPA for a ModelDeployment.
 
     Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
@@ -135,7 +150,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         tj = (spec.get("model") or {}).get("trainingJob", "")
         uri = (spec.get("model") or {}).get("uri") or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
         model = ModelRef(uri, (spec.get("model") or {}).get("sha256", ""), tj)
-    path, fetch, volumes, mounts = _model_location(model)
+    path, fetch, volumes, mounts = _model_location(model, fetch_policy or settings.policy.fetch)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
     args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
