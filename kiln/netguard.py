@@ -18,8 +18,9 @@ def address_problem(address: str) -> str | None:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for kind in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
-        if getattr(ip, kind):
+    # Most specific first: loopback and link-local ranges are "private" too.
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
+        if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10"):
         return "shared (carrier-grade NAT)"
