@@ -17,17 +17,21 @@ from kiln_operator import aiokube
 from kiln_operator.runtime import log
 
 PROFILE_TTL = 10.0
-"""Seconds a namespace's profile label is cached: a relabel applies within this, without a watch."""
+"""Seconds a namespace's profile label (and a referenced object's labels) is cached for ModelDeployments, which
+are checked on every resync: a relabel applies to them within this, without a watch. TrainingJobs read it fresh."""
 _profiles: dict[str, tuple[float, str | None]] = {}
 _seen: dict[tuple[str, str, str], tuple[float, dict[str, str] | None]] = {}
 """Labels of referenced Secrets/PVCs, cached like profiles (ModelDeployments are checked on every resync)."""
 _API = {"Secret": "v1", "PersistentVolumeClaim": "v1"}
 
 
-async def namespace_profile(namespace: str) -> str | None:
-    """The namespace's `kiln.dev/policy-profile` label (None when unset, or the Namespace is not readable)."""
+async def namespace_profile(namespace: str, fresh: bool = False) -> str | None:
+    """The namespace's `kiln.dev/policy-profile` label (None when unset, or the Namespace is not readable).
+
+    `fresh`: read it now (a TrainingJob is checked once, at creation); otherwise a cached answer up to
+    PROFILE_TTL old will do (ModelDeployments are checked on every resync)."""
     cached = _profiles.get(namespace)
-    if cached and time.monotonic() - cached[0] < PROFILE_TTL:
+    if cached and not fresh and time.monotonic() - cached[0] < PROFILE_TTL:
         return cached[1]
     try:
         ns = await aiokube.get("v1", "Namespace", None, namespace)
@@ -41,15 +45,15 @@ async def namespace_profile(namespace: str) -> str | None:
     return profile
 
 
-async def effective(policy: Policy, namespace: str) -> Policy:
+async def effective(policy: Policy, namespace: str, fresh: bool = False) -> Policy:
     """The base policy, widened by the namespace's profile when it has one."""
-    return policy.for_profile(await namespace_profile(namespace)) if policy.profiles else policy
+    return policy.for_profile(await namespace_profile(namespace, fresh)) if policy.profiles else policy
 
 
-async def _labels(namespace: str, wanted: set[tuple[str, str]]) -> Labels:
+async def _labels(namespace: str, wanted: set[tuple[str, str]], fresh: bool) -> Labels:
     async def one(kind: str, name: str) -> dict[str, str] | None:
         cached = _seen.get((namespace, kind, name))
-        if cached and time.monotonic() - cached[0] < PROFILE_TTL:
+        if cached and not fresh and time.monotonic() - cached[0] < PROFILE_TTL:
             return cached[1]
         try:
             obj = await aiokube.get(_API[kind], kind, namespace, name)
@@ -73,8 +77,9 @@ async def check(kind: str, obj: dict[str, Any], policy: Policy, model_uri: str |
     ModelDeployment (`model_uri`: the model it would serve)."""
     namespace = obj["metadata"].get("namespace") or "default"
     spec = obj.get("spec") or {}
-    pol = await effective(policy, namespace)
-    labels = await _labels(namespace, lookups(kind, spec, pol, model_uri or ""))
+    fresh = kind == "TrainingJob"
+    pol = await effective(policy, namespace, fresh)
+    labels = await _labels(namespace, lookups(kind, spec, pol, model_uri or ""), fresh)
     if kind == "TrainingJob":
         return check_trainingjob(spec, pol, labels)
     return check_modeldeployment(spec, pol, labels, model_uri, model_sha256)
