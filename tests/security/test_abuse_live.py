@@ -16,7 +16,7 @@ from support.chart import ROOT
 sys.path.insert(0, str(ROOT / "tests" / "chart"))
 sys.path.insert(0, str(ROOT / "tests" / "operator"))
 
-from test_chart_rbac_live import Install  # noqa: E402
+from test_chart_rbac_live import Install
 
 pytestmark = [pytest.mark.helm, pytest.mark.live, pytest.mark.rbac]
 
