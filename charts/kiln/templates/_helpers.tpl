@@ -207,3 +207,10 @@ Rules only a cluster-scoped operator needs.
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when watchNamespaces holds a glob (`team-*`): RoleBindings cannot follow namespaces that appear later.
+*/}}
+{{- define "kiln.hasGlobs" -}}
+{{- range .Values.watchNamespaces }}{{ if regexMatch "[*?\\[]" . }}true{{ end }}{{ end }}
+{{- end }}

@@ -87,6 +87,12 @@ class Settings:
     access_log: bool = False
     """Log one JSON line per request (`--access-log`, `KILN_ACCESS_LOG`); off for speed."""
 
+    auth_token_file: str = ""
+    """Bearer tokens, one per line (`--auth-token-file`, `KILN_AUTH_TOKEN_FILE`); empty: no authentication."""
+
+    auth_open_routes: str = "health"
+    """Routes served without a token (`--auth-open-routes`, `KILN_AUTH_OPEN_ROUTES`): health, metrics, both, none."""
+
     @property
     def model_name(self) -> str:
         """The name used in routes: `name`, or the model file's stem."""
@@ -117,6 +123,8 @@ _FLAGS: list[tuple[str, str, str, type, str]] = [
     ("--keep-alive-timeout", "keep_alive_timeout_s", "KILN_KEEP_ALIVE_TIMEOUT", float, "idle close (s)"),
     ("--request-timeout", "request_timeout_s", "KILN_REQUEST_TIMEOUT", float, "slow request 408 (s)"),
     ("--log-level", "log_level", "KILN_LOG_LEVEL", str, "DEBUG, INFO, WARNING, ERROR"),
+    ("--auth-token-file", "auth_token_file", "KILN_AUTH_TOKEN_FILE", str, "bearer tokens, one per line (default: no auth)"),
+    ("--auth-open-routes", "auth_open_routes", "KILN_AUTH_OPEN_ROUTES", str, "routes open without a token: health,metrics or none"),
 ]
 _BOOL_FLAGS: list[tuple[str, str, str, str]] = [
     ("--exit-on-load-failure", "exit_on_load_failure", "KILN_EXIT_ON_LOAD_FAILURE", "exit 1 if load fails"),
