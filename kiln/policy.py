@@ -235,6 +235,16 @@ def _secret_refs(spec: Mapping[str, Any], prefix: str) -> list[tuple[str, str]]:
     return out
 
 
+def _auth_secret(spec: Mapping[str, Any], policy: Policy) -> list[tuple[str, str]]:
+    """The server's token Secret, when a tenant's own image would read it: Kiln's server only compares
+    tokens with it (never shows it), so with Kiln's image it needs no allow-listing."""
+    name = (spec.get("auth") or {}).get("tokenSecret")
+    image = spec.get("image")
+    if not name or not image or image in policy.own_images:
+        return []
+    return [("spec.auth.tokenSecret", str(name))]
+
+
 def _pvc_refs(uris: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     out = []
     for where, uri in uris:
@@ -251,7 +261,7 @@ def _tj_pvcs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
 def lookups(kind: str, spec: Mapping[str, Any], policy: Policy, model_uri: str = "") -> set[tuple[str, str]]:
     """The (kind, name) objects whose labels the caller must look up: references no allow-list covers
     while a selector is configured (without a selector nothing needs reading)."""
-    secrets = _secret_refs(spec, "spec")
+    secrets = _secret_refs(spec, "spec") + (_auth_secret(spec, policy) if kind == "ModelDeployment" else [])
     served = model_uri or str((spec.get("model") or {}).get("uri") or "")
     pvcs = _tj_pvcs(spec) if kind == "TrainingJob" else _pvc_refs([("spec.model.uri", served)])
     out: set[tuple[str, str]] = set()
@@ -367,6 +377,7 @@ def check_modeldeployment(spec: Mapping[str, Any], policy: Policy, labels: Label
     sha = model_sha256 if model_sha256 is not None else str(model.get("sha256") or "")
     where = "spec.model.uri" if model.get("uri") else "status.model.uri (the TrainingJob's result)"
     out = _check_pod_fields(spec, "spec", policy, labels) + _check_service(spec, "spec", policy)
+    out += _check_names(_auth_secret(spec, policy), "Secret", policy.secrets, policy.secret_selectors, labels, "secrets")
     out += _check_names(_pvc_refs([(where, uri)]), "PersistentVolumeClaim", policy.pvcs, policy.pvc_selectors, labels, "pvcs")
     if model.get("uri"):
         out += check_model_uri(uri, sha, policy)

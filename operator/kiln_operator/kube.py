@@ -31,6 +31,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("autoscaling/v2beta2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     (f"{GROUP}/{VERSION}", "TrainingJob"): "trainingjobs",

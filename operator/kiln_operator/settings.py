@@ -57,6 +57,8 @@ class OperatorSettings:
     """Peering priority of this replica; the highest active one works."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
+    network_policies: bool = True
+    """Render a NetworkPolicy per ModelDeployment (ingress from `spec.networkPolicy.from`, default the same namespace)."""
     max_workers: int = 50
     """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)

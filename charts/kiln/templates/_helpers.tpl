@@ -170,6 +170,12 @@ See docs/install.md for why each rule exists.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch"]
+{{- if .Values.networkPolicies.enabled }}
+# Who may reach each model server: a NetworkPolicy per ModelDeployment (server-side applied).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
+{{- end }}
 # Model server autoscaling: server-side applied (create+patch), deleted when autoscaling is turned off.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]

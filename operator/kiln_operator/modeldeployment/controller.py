@@ -41,6 +41,8 @@ class ModelDeploymentController:
         self.writer = StatusWriter(API_VERSION, "ModelDeployment")
         self.mds, self.deployments, self.services, self.pods, self.trainingjobs = Cache(), Cache(), Cache(), Cache(), Cache()
         self.hpas_applied: set[Key] = set()
+        self.netpols_applied: set[Key] = set()
+        """NetworkPolicies applied (not watched: applied once per operator run, like HPAs)."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
 
     def wanted(self, namespace: str | None, **_: Any) -> bool:
@@ -102,6 +104,8 @@ class ModelDeploymentController:
             return next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
         if kind == "Service":
             return next((s for s in self.services.get(key) if owned_by(s, uid)), None)
+        if kind == "NetworkPolicy":
+            return child if key in self.netpols_applied else None
         return None if key not in self.hpas_applied else child
 
     async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
@@ -118,7 +122,7 @@ class ModelDeploymentController:
     async def _apply(self, key: Key, md: dict[str, Any], child: dict[str, Any], live: dict[str, Any] | None) -> None:
         kind = child["kind"]
         try:
-            if live is None or kind == "HorizontalPodAutoscaler":
+            if live is None or kind in ("HorizontalPodAutoscaler", "NetworkPolicy"):
                 result = await aiokube.apply(child, self.settings.field_manager)
             else:
                 # Put a hand edit back. Server-side apply would merge list entries it does not own
@@ -134,9 +138,11 @@ class ModelDeploymentController:
             self.deployments.update("MODIFIED", key, result)
         elif kind == "Service":
             self.services.update("MODIFIED", key, result)
+        elif kind == "NetworkPolicy":
+            self.netpols_applied.add(key)
         else:
             self.hpas_applied.add(key)
-        if live is None and kind != "HorizontalPodAutoscaler":
+        if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy"):
             await post_event(md, "Normal", "Created", f"applied {kind} {child['metadata']['name']}")
         elif live is not None:
             log.info("put back %s %s/%s (it differed from what Kiln renders)", kind, key[0], child["metadata"]["name"])
@@ -148,6 +154,7 @@ class ModelDeploymentController:
             self.mds.items.pop(key, None)
             self.writer.forget(key)
             self.hpas_applied.discard(key)
+            self.netpols_applied.discard(key)
             return
         self.mds.items[key] = {"": snapshot(body)}
         await self.safe_reconcile(key)

@@ -25,6 +25,7 @@ from kiln_operator.templating import RenderError, render_template
 
 SERVER_PORT = 8080
 FETCH_DIR = "/models"
+AUTH_DIR = "/etc/kiln/auth"
 ANNOTATION_SHA = "kiln.dev/model-sha256"
 ANNOTATION_URI = "kiln.dev/model-uri"
 
@@ -127,6 +128,26 @@ def _model_location(model: ModelRef, fetch_policy: FetchPolicy | None = None,
     raise RenderError("spec.model.uri", f"unsupported scheme {scheme!r}: use pvc://, s3://, http(s):// or file://")
 
 
+def network_peers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """NetworkPolicy `from` peers of `spec.networkPolicy.from`; default: every pod of the same namespace."""
+    peers = []
+    for entry in ((spec.get("networkPolicy") or {}).get("from") or [{}]):
+        peer = {k: {"matchLabels": dict(entry[k])} for k in ("namespaceSelector", "podSelector") if entry.get(k) is not None}
+        peers.append(peer or {"podSelector": {}})
+    return peers
+
+
+def auth_parts(spec: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(server args, volumes, mounts) for `spec.auth`: the tokens Secret mounted read-only, passed by path."""
+    auth = spec.get("auth") or {}
+    if not auth.get("tokenSecret"):
+        return [], [], []
+    key = auth.get("key") or "tokens"
+    args = ["--auth-token-file", f"{AUTH_DIR}/{key}", "--auth-open-routes", "health,metrics" if auth.get("openMetrics") else "health"]
+    volume = {"name": "auth", "secret": {"secretName": auth["tokenSecret"], "items": [{"key": key, "path": key}], "defaultMode": 0o440}}
+    return args, [volume], [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
+
+
 def model_name(md: dict[str, Any]) -> str:
     return str((md.get("spec") or {}).get("modelName") or md["metadata"]["name"])
 
@@ -138,7 +159,7 @@ def service_url(md: dict[str, Any]) -> str:
 
 def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
                           fetch_policy: FetchPolicy | None = None) -> list[dict[str, Any]]:
-    """Deployment, Service and (when asked and served by the API) HPA for a ModelDeployment.
+    """Deployment, Service, (when asked and served by the API) HPA, and (unless turned off) NetworkPolicy.
 
     Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
     model path shows as the TrainingJob's placeholder so the preview is still complete.
@@ -154,6 +175,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
     args = serve_args(spec, model=path, name=model_name(md), host="0.0.0.0", port=SERVER_PORT, sha256=model.sha256)
+    auth_args, auth_volumes, auth_mounts = auth_parts(spec)
     autoscaling = spec.get("autoscaling")
     if autoscaling:
         autoscaling = {"minReplicas": 1, "targetCPUUtilization": 80, **autoscaling}
@@ -179,12 +201,13 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
         "fetch": fetch,
-        "args": args,
+        "args": args + auth_args,
         "port": SERVER_PORT,
         "startup_failures": max(1, startup // 2),
         "resources": resources(spec),
-        "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *volumes],
+        "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts, *auth_mounts],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *volumes, *auth_volumes],
+        "network_peers": network_peers(spec),
         "service_type": (spec.get("service") or {}).get("type", "ClusterIP"),
         "service_port": int((spec.get("service") or {}).get("port", 80)),
         "autoscaling": autoscaling,
@@ -193,6 +216,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
     if hpa:
         out += render_template("modeldeployment-hpa.yaml.j2", **ctx)
+    if settings.network_policies:
+        out += render_template("modeldeployment-networkpolicy.yaml.j2", **ctx)
     return out
 
 
