@@ -49,6 +49,8 @@ def chart(kube: Kube) -> dict[str, str]:
         "operator.reconcileInterval": "2",
         # The quickstart's claims, admitted by name (the default policy admits claims labelled kiln.dev/mountable=true).
         "policy.pvcs.allow": "{kiln-data,kiln-models}",
+        # The image-pull failure scenario names a missing localhost/kiln/... image: allowed by prefix.
+        "policy.images.allowedPrefixes": "{localhost/kiln/}",
     }
     sets = [f"{k}={v}" for k, v in values.items()]
     kube.helm("upgrade", "--install", RELEASE, str(ROOT / "charts" / "kiln"), "-n", RELEASE_NS, "--create-namespace",
