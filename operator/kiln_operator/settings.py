@@ -59,6 +59,9 @@ class OperatorSettings:
     """Field manager name for server-side apply."""
     network_policies: bool = True
     """Render a NetworkPolicy per ModelDeployment (ingress from `spec.networkPolicy.from`, default the same namespace)."""
+    trainer_egress: list[str] = field(default_factory=list)
+    """`CIDR:PORT` endpoints trainers may reach besides DNS (the API server, the S3 endpoint); when set (and
+    network_policies), each TrainingJob gets an egress NetworkPolicy allowing only those."""
     max_workers: int = 50
     """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)

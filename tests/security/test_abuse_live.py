@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.helm, pytest.mark.live, pytest.mark.rbac]
 API = "kiln.dev/v1alpha1"
 MANIFESTS = sorted((Path(__file__).parent / "manifests").glob("*.yaml"))
 CHILDREN = [("v1", "ServiceAccount"), ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding"),
-            ("batch/v1", "Job"), ("apps/v1", "Deployment"), ("v1", "Service")]
+            ("batch/v1", "Job"), ("apps/v1", "Deployment"), ("v1", "Service"), ("networking.k8s.io/v1", "NetworkPolicy")]
 
 
 @pytest.fixture
@@ -31,7 +31,8 @@ def install(api: Any, kubectl: Any, helm: Any, control_plane: Any, tmp_path: Pat
     inst = Install(api, kubectl, helm, control_plane, tmp_path)
     try:
         # The chart's default policy (the RBAC test's claim allow-list emptied again).
-        yield inst.up(values={"policy.pvcs.allow": [], "policy.namespaceProfiles": {"batch": {"priorityClasses": {"allow": ["high"]}}}})
+        yield inst.up(values={"policy.pvcs.allow": [], "policy.namespaceProfiles": {"batch": {"priorityClasses": {"allow": ["high"]}}},
+                              "networkPolicies.trainerEgress": ["10.0.0.1/32:6443"]})
     finally:
         inst.down()
 
@@ -76,6 +77,8 @@ def test_every_abuse_is_refused_and_creates_nothing(install: Install, api: Any) 
     ok["spec"].pop("scheduling")
     api.call("POST", api.path(API, "TrainingJob", ns), ok)
     eventually(lambda: api.get("batch/v1", "Job", ns, "plain-train"), 30, what="the plain TrainingJob's Job")
+    egress = api.get("networking.k8s.io/v1", "NetworkPolicy", ns, "plain-train")
+    assert egress["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "the trainer's egress policy, made by the operator"
     for doc in docs:
         try:
             st = eventually(lambda doc=doc: refused(api, ns, doc), 60, what=f"{doc['metadata']['name']} refused")

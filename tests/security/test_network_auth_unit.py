@@ -78,3 +78,41 @@ def test_token_secret_needs_no_allow_listing_with_kilns_server_only() -> None:
     assert check_modeldeployment({**spec, "image": "kiln-server:test"}, policy, labels) == []
     own_image = check_modeldeployment({**spec, "image": "registry.example.com/x/server:1"}, policy, labels)
     assert [v.field for v in own_image] == ["spec.auth.tokenSecret"], "a tenant's image could read the Secret"
+
+
+def tj(workers: int = 1) -> dict[str, Any]:
+    doc = {"apiVersion": "kiln.dev/v1alpha1", "kind": "TrainingJob", "metadata": {"name": "t", "namespace": "ns", "uid": "u"},
+           "spec": {"dataset": {"uri": "pvc://data/d.csv", "labelColumn": "y"}, "workers": workers,
+                    "model": {"inputShape": [2], "layers": [{"type": "Dense", "units": 2, "activation": "softmax"}]},
+                    "output": {"uri": "s3://bucket/out"}}}
+    validate(doc)
+    return doc
+
+
+def test_trainer_egress_policy_only_when_endpoints_are_listed() -> None:
+    from kiln_operator.trainingjob.render import build_trainingjob
+
+    assert "NetworkPolicy" not in [d["kind"] for d in build_trainingjob(tj(), OperatorSettings())]
+    listed = OperatorSettings(trainer_egress=["10.0.0.1/32:6443", "10.0.0.9/32:9000"])
+    docs = build_trainingjob(tj(), listed)
+    kinds = [d["kind"] for d in docs]
+    assert kinds.index("NetworkPolicy") < kinds.index("Job"), "in place before any trainer pod starts"
+    np = by_kind(docs, "NetworkPolicy")
+    assert np["spec"]["podSelector"]["matchLabels"] == {"kiln.dev/trainingjob": "t"}
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"] and np["spec"]["ingress"] == []
+    assert np["spec"]["egress"] == [
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]},
+        {"to": [{"ipBlock": {"cidr": "10.0.0.9/32"}}], "ports": [{"protocol": "TCP", "port": 9000}]}]
+    workers = by_kind(build_trainingjob(tj(workers=2), listed), "NetworkPolicy")
+    peer = {"podSelector": {"matchLabels": {"kiln.dev/trainingjob": "t"}}}
+    assert workers["spec"]["egress"][-1] == {"to": [peer], "ports": [{"protocol": "TCP", "port": 2222}]}
+    assert workers["spec"]["ingress"] == [{"from": [peer], "ports": [{"protocol": "TCP", "port": 2222}]}]
+
+
+def test_trainer_egress_entries_are_checked() -> None:
+    from kiln_operator.templating import RenderError
+    from kiln_operator.trainingjob.render import build_trainingjob
+
+    with pytest.raises(RenderError, match="use CIDR:PORT"):
+        build_trainingjob(tj(), OperatorSettings(trainer_egress=["10.0.0.1/32"]))
