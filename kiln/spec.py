@@ -256,6 +256,28 @@ class Storage(Model):
 
 
 @dataclass(frozen=True)
+class Auth(Model):
+    """`spec.auth`: bearer tokens from a Secret (kiln_server.auth)."""
+
+    token_secret: str
+    key: str
+    open_metrics: bool
+
+
+@dataclass(frozen=True)
+class NetworkPeer(Model):
+    namespace_selector: dict[str, str] | None
+    pod_selector: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class NetworkPolicy(Model):
+    """`spec.networkPolicy`: who may connect to the server."""
+
+    from_: list[NetworkPeer] | None = field(metadata=json_key("from"))
+
+
+@dataclass(frozen=True)
 class ServingSpec(Model):
     """What a ModelDeployment and a TrainingJob's `spec.deploy` share: how the model is served."""
 
@@ -273,6 +295,8 @@ class ServingSpec(Model):
     limits: Limits | None
     workers: int | None
     storage: Storage | None
+    auth: Auth | None
+    network_policy: NetworkPolicy | None
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,28 @@ MD_SPEC_PROPS: dict[str, Any] = {
             "maxElements": s("integer", "Most tensor elements in one request.", minimum=1, default=16777216),
         },
     ),
+    "auth": obj(
+        "Bearer-token authentication: every route but health (which the kubelet's probes use) needs `Authorization: Bearer TOKEN`; 401 otherwise.",
+        {
+            "tokenSecret": s("string", "Secret in the same namespace holding the accepted tokens, one per line.", maxLength=253, pattern=DNS_LABEL),
+            "key": s("string", "Key of the Secret that holds the tokens.", default="tokens", maxLength=253, pattern=r"^[-._a-zA-Z0-9]+$"),
+            "openMetrics": s("boolean", "Serve /metrics without a token too (for a Prometheus without one).", default=False),
+        },
+        required=["tokenSecret"],
+    ),
+    "networkPolicy": obj(
+        "Who may connect to the server: a NetworkPolicy the operator renders (enforced where the cluster's network plugin supports NetworkPolicies).",
+        {
+            "from": arr(
+                "Allowed clients (NetworkPolicy peers): pods matching `podSelector` in namespaces matching `namespaceSelector`. Default: any pod of the same namespace.",
+                obj("One allowed peer.", {
+                    "namespaceSelector": string_map("Labels of the clients' namespaces (matchLabels); omitted: this namespace."),
+                    "podSelector": string_map("Labels of the client pods (matchLabels); omitted: every pod."),
+                }),
+                maxItems=32,
+            ),
+        },
+    ),
 }
 
 MODELDEPLOYMENT_SPEC = obj("What to serve and how.", MD_SPEC_PROPS, required=["model"])

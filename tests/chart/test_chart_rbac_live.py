@@ -89,7 +89,8 @@ class Install:
         out = self.helm("template", self.release, str(CHART), "--namespace", self.system, *set_args(values)).stdout
         return [d for d in yaml.safe_load_all(out) if d]
 
-    def up(self, scope: str = "cluster", drop: tuple[str, str, str] | None = None, peering: bool = False) -> Install:
+    def up(self, scope: str = "cluster", drop: tuple[str, str, str] | None = None, peering: bool = False,
+           values: dict[str, Any] | None = None) -> Install:
         self.system = make_namespace(self.api, "kiln-system")
         # kiln-solo-*: the cluster-wide session operator of other tests leaves these namespaces alone.
         self.workload = make_namespace(self.api, "kiln-solo-chart")
@@ -97,7 +98,9 @@ class Install:
         values = {"scope": scope, "watchNamespaces": [self.workload], "operator.reconcileInterval": 0.5,
                   "operator.watchServerTimeout": 60, "operator.watchClientTimeout": 90,
                   "trainer.image": {"repository": "kiln-trainer", "tag": "test"},
-                  "server.image": {"repository": "kiln-server", "tag": "test"}, "peering.enabled": peering}
+                  "server.image": {"repository": "kiln-server", "tag": "test"}, "peering.enabled": peering,
+                  # The scenarios' claims (no PVC objects exist here) by name; tests/security runs the defaults.
+                  "policy.pvcs.allow": ["data", "models"], **(values or {})}
         self.docs = self.render(values)
         if drop:
             drop_verb(self.docs, *drop)

@@ -20,6 +20,7 @@ K8S_VERSION = "1.30.0"
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "cluster-globs": {"watchNamespaces": ["team-*", "ml"]},
+    "cluster-list": {"watchNamespaces": ["ml-a", "ml-b"]},
     "namespaced": {"scope": "namespaced", "watchNamespaces": ["ml-a", "ml-b"]},
     "peering-standby": {"peering.enabled": True, "standby.enabled": True},
     "namespaced-peering": {"scope": "namespaced", "watchNamespaces": ["ml-a"], "peering.enabled": True},
@@ -136,7 +137,26 @@ def test_cluster_scope_with_globs_watches_namespaces(render: Any) -> None:
     (role,) = by_kind(docs, "ClusterRole")
     assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in role["rules"]
     defaults = by_kind(render(), "ClusterRole")[0]
-    assert not any("namespaces" in r["resources"] for r in defaults["rules"]), "cluster-wide needs no namespace listing"
+    # Cluster-wide needs no namespace listing; only `get` of a namespace, for its kiln.dev/policy-profile label.
+    assert [r["verbs"] for r in defaults["rules"] if "namespaces" in r["resources"]] == [["get"]]
+
+
+def test_cluster_scope_with_a_list_binds_workload_verbs_per_namespace(render: Any) -> None:
+    """An operator compromise exposes the workload verbs only in the listed namespaces (not kube-system)."""
+    docs = render(VARIANTS["cluster-list"])
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    cluster_role = next(d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == crb["roleRef"]["name"])
+    assert {v for r in cluster_role["rules"] for v in r["verbs"]} == {"list", "watch"}, cluster_role["rules"]
+    assert sorted(r for rule in cluster_role["rules"] for r in rule["resources"]) == ["customresourcedefinitions", "namespaces"]
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ml-a", "ml-b"]
+    workload = next(d for d in by_kind(docs, "ClusterRole") if d["metadata"]["name"] == bindings[0]["roleRef"]["name"])
+    assert all(b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": workload["metadata"]["name"]}
+               for b in bindings)
+    assert {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]} in workload["rules"]
+    # Globs cannot be bound ahead of time: they keep the ClusterRoleBinding (docs/install.md says so).
+    globbed = render(VARIANTS["cluster-globs"])
+    assert [d["roleRef"]["name"] for d in by_kind(globbed, "ClusterRoleBinding")] == ["kiln"] and not by_kind(globbed, "RoleBinding")
 
 
 def test_namespaced_scope_grants_only_reads_cluster_wide(render: Any) -> None:

@@ -47,6 +47,10 @@ def chart(kube: Kube) -> dict[str, str]:
         "trainer.image.repository": IMAGES["trainer"].split(":")[0], "trainer.image.tag": "dev",
         "server.image.repository": IMAGES["server"].split(":")[0], "server.image.tag": "dev",
         "operator.reconcileInterval": "2",
+        # The quickstart's claims, admitted by name (the default policy admits claims labelled kiln.dev/mountable=true).
+        "policy.pvcs.allow": "{kiln-data,kiln-models}",
+        # The image-pull failure scenario names a missing localhost/kiln/... image: allowed by prefix.
+        "policy.images.allowedPrefixes": "{localhost/kiln/}",
     }
     sets = [f"{k}={v}" for k, v in values.items()]
     kube.helm("upgrade", "--install", RELEASE, str(ROOT / "charts" / "kiln"), "-n", RELEASE_NS, "--create-namespace",

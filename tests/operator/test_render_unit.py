@@ -150,7 +150,7 @@ def test_modeldeployment_renders_valid_objects() -> None:
     docs = build_modeldeployment(md(autoscaling={"maxReplicas": 4}, resources={"gpus": 1}, batching={"maxBatchSize": 8}), GPU,
                                  ModelRef("pvc://models/demo/model.onnx", "f" * 64, "demo"))
     strict(docs)
-    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"]
     dep = docs[0]
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
     c = dep["spec"]["template"]["spec"]["containers"][0]
@@ -158,7 +158,7 @@ def test_modeldeployment_renders_valid_objects() -> None:
     assert dep["spec"]["template"]["metadata"]["annotations"]["kiln.dev/model-sha256"] == "f" * 64
     old = build_modeldeployment(md(autoscaling={"maxReplicas": 4, "minReplicas": 2}), OLD, ModelRef("s3://b/m.onnx"))
     strict(old)
-    assert [d["kind"] for d in old] == ["Deployment", "Service"] and old[0]["spec"]["replicas"] == 2
+    assert [d["kind"] for d in old] == ["Deployment", "Service", "NetworkPolicy"] and old[0]["spec"]["replicas"] == 2
     assert old[0]["spec"]["template"]["spec"]["initContainers"][0]["name"] == "fetch-model"
 
 
@@ -231,7 +231,7 @@ def test_api_reference_is_up_to_date() -> None:
 def test_render_previews_the_model_of_a_trainingjob_in_the_same_file(kiln_cli: Any) -> None:
     docs = list(yaml.safe_load_all(kiln_cli("render", "examples/cluster/digits.yaml", check=True).stdout))
     strict(docs)
-    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job", "Deployment", "Service"]
+    assert [d["kind"] for d in docs] == ["ServiceAccount", "Role", "RoleBinding", "Job", "Deployment", "Service", "NetworkPolicy"]
     args = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:2] == ["--model", "/kiln/pvc/kiln-models/digits/model.onnx"]
 

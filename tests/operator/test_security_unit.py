@@ -125,4 +125,4 @@ def test_modeldeployment_values_stay_strings(name: str, uri_tail: str, model_nam
     init = dep["spec"]["template"]["spec"]["initContainers"][0]
     assert init["command"][3] == "s3://bucket/" + uri_tail
     assert dep["spec"]["template"]["metadata"]["annotations"]["kiln.dev/model-uri"] == "s3://bucket/" + uri_tail
-    assert [d["kind"] for d in docs] == ["Deployment", "Service", "HorizontalPodAutoscaler"] or [d["kind"] for d in docs] == ["Deployment", "Service"]
+    assert [d["kind"] for d in docs] in (["Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"], ["Deployment", "Service", "NetworkPolicy"])

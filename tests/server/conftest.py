@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from support import models
+from support.fetchrules import LOOPBACK_FETCH
 from support.server import Server, start_server
 
 
@@ -72,3 +73,12 @@ def strings_server(model_dir: Path, server_tmp: Path) -> Iterator[Server]:
     s = start_server(model_dir / "strings.onnx", "strings", server_tmp)
     yield s
     s.stop()
+
+
+
+@pytest.fixture
+def loopback_fetch(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Opt this test in to fetching from 127.0.0.1 over plain http (fetch() and the CLI read KILN_FETCH_*)."""
+    for key, value in LOOPBACK_FETCH.items():
+        monkeypatch.setenv(key, value)
+    return LOOPBACK_FETCH

@@ -16,7 +16,7 @@ from kiln_server import settings as settings_mod
 from kiln_server.fetch import FetchError, fetch, resolve_local
 from kiln_server.settings import SettingsError
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.usefixtures("loopback_fetch")]
 
 PAYLOAD = b"onnx-bytes" * 5000
 

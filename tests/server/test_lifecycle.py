@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 from support import models
+from support.fetchrules import LOOPBACK_FETCH
 from support.server import Server, ort_session, start_server, wait_until
 
 pytestmark = pytest.mark.server
@@ -141,7 +142,7 @@ def test_background_load_live_before_ready(model_dir: Path, server_tmp: Path) ->
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowModelHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{httpd.server_address[1]}/models/small.onnx"
-    s = start_server(uri, "remote", server_tmp, "--cache-dir", str(server_tmp / "cache"), wait="live")
+    s = start_server(uri, "remote", server_tmp, "--cache-dir", str(server_tmp / "cache"), wait="live", env=LOOPBACK_FETCH)
     try:
         r = s.get("/v2/health/ready")
         assert r.status_code == 503

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,13 @@ from kubelet import eventually
 from testenv import ROOT, free_port
 
 KILN = [sys.executable, "-m", "kiln.cli"]
+OPEN_POLICY: dict[str, Any] = {
+    "serviceAccounts": {"allow": ["*"]}, "secrets": {"allow": ["*"]}, "pvcs": {"allow": ["*"]},
+    "images": {"allowedPrefixes": [""]}, "priorityClasses": {"allow": ["*"]}, "scheduling": {"allowControlPlane": True},
+    "serviceTypes": ["ClusterIP", "NodePort", "LoadBalancer"],
+    "modelFetch": {"allowHttp": True, "allowPrivateAddresses": True, "requireSha256": False},
+}
+"""What the operator tests that are not about the policy run with: every rule open (tests/security runs the defaults)."""
 
 
 def make_namespace(api: Any, prefix: str) -> str:
@@ -29,8 +37,10 @@ def make_namespace(api: Any, prefix: str) -> str:
 class OperatorProcess:
     """The real operator (`kiln operator`) as a child process, killable and restartable."""
 
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log: Path, extra: list[str] | None = None,
+                 policy: dict[str, Any] | None = None) -> None:
         self.kubeconfig = kubeconfig
+        self.policy = OPEN_POLICY if policy is None else policy
         self.namespaces = namespaces
         self.log = log
         self.extra = extra or []
@@ -43,7 +53,7 @@ class OperatorProcess:
         for ns in self.namespaces:
             argv += ["--namespace", ns]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILN_TRAINER_IMAGE": "kiln-trainer:test",
-               "KILN_SERVER_IMAGE": "kiln-server:test"}
+               "KILN_SERVER_IMAGE": "kiln-server:test", "KILN_POLICY": json.dumps(self.policy)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv + self.extra, stdout=log, stderr=log, env=env, cwd=ROOT)
         eventually(self._alive, 60, what="operator liveness endpoint")

@@ -155,6 +155,12 @@ Environment of `kiln operator`: every setting as KILN_<FIELD> (operator/kiln_ope
   value: {{ ternary $values.peering.name "" $values.peering.enabled | quote }}
 - name: KILN_PRIORITY
   value: {{ .priority | int | toString | quote }}
+- name: KILN_NETWORK_POLICIES
+  value: {{ $values.networkPolicies.enabled | toString | quote }}
+- name: KILN_TRAINER_EGRESS
+  value: {{ join "," $values.networkPolicies.trainerEgress | quote }}
+- name: KILN_POLICY
+  value: {{ $values.policy | toJson | quote }}
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE

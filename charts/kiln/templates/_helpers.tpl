@@ -104,6 +104,29 @@ and by the Role in each watched namespace (scope=namespaced). Least privilege: e
 See docs/install.md for why each rule exists.
 */}}
 {{- define "kiln.namespacedRules" -}}
+# The admin's policy: the Namespace's kiln.dev/policy-profile label (get on the namespace itself).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
+{{- $p := .Values.policy }}
+{{- $pvcSel := or (and $p.pvcs $p.pvcs.selector) false }}
+{{- $secretSel := or (and $p.secrets $p.secrets.selector) false }}
+{{- range $name, $prof := ($p.namespaceProfiles | default dict) }}
+{{- if and $prof.pvcs $prof.pvcs.selector }}{{ $pvcSel = true }}{{ end }}
+{{- if and $prof.secrets $prof.secrets.selector }}{{ $secretSel = true }}{{ end }}
+{{- end }}
+{{- if $pvcSel }}
+# The policy admits PVCs by label: the operator reads the labels of the claims a spec names.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+{{- end }}
+{{- if $secretSel }}
+# The policy admits Secrets by label (policy.secrets.selector): the operator reads the Secrets a spec names.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}
 # TrainingJobs: Kopf watches them and patches its bookkeeping annotations onto them.
 - apiGroups: ["kiln.dev"]
   resources: ["trainingjobs"]
@@ -147,6 +170,12 @@ See docs/install.md for why each rule exists.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["list", "watch", "create", "patch"]
+{{- if .Values.networkPolicies.enabled }}
+# Who may reach each model server: a NetworkPolicy per ModelDeployment (server-side applied).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
+{{- end }}
 # Model server autoscaling: server-side applied (create+patch), deleted when autoscaling is turned off.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
@@ -183,4 +212,11 @@ Rules only a cluster-scoped operator needs.
   resources: ["clusterkopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
+{{- end }}
+
+{{/*
+"true" when watchNamespaces holds a glob (`team-*`): RoleBindings cannot follow namespaces that appear later.
+*/}}
+{{- define "kiln.hasGlobs" -}}
+{{- range .Values.watchNamespaces }}{{ if regexMatch "[*?\\[]" . }}true{{ end }}{{ end }}
 {{- end }}

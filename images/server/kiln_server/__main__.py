@@ -18,6 +18,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kiln_server import settings as settings_mod
+from kiln_server.auth import AuthError
+from kiln_server.auth import from_settings as auth_from_settings
 from kiln_server.settings import Settings, SettingsError
 from kiln_server.workers import worker_index
 
@@ -88,7 +90,8 @@ class _Service:
         self.handle = ModelHandle(self.name, s.version)
         self.state = ServingState(self.handle, s.max_body_bytes, s.max_elements, s.max_queue, s.request_deadline_ms)
         self.metrics = Metrics(self.name, s.version)
-        app = App(V2Handler(self.state, _version()), V1Handler(self.state), self.metrics, self.name, s.version, s.access_log)
+        app = App(V2Handler(self.state, _version()), V1Handler(self.state), self.metrics, self.name, s.version, s.access_log,
+                  auth=auth_from_settings(s.auth_token_file, s.auth_open_routes))
         self.server = HttpServer(app, s.max_body_bytes, s.keep_alive_timeout_s, s.request_timeout_s)
         self.stop = asyncio.Event()
         self.exit_code = 0
@@ -258,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2)
         return int(exc.code or 0)
+    try:
+        auth_from_settings(s.auth_token_file, s.auth_open_routes)  # a bad token file stops here, before the socket opens
+    except AuthError as exc:
+        print(f"kiln serve: {exc}", file=sys.stderr)
+        return 2
     configure_logging(s.log_level)
     if s.workers > 1 and worker_index() is None:
         from kiln_server.workers import supervise

@@ -14,6 +14,7 @@ import logging
 import time
 from urllib.parse import quote, unquote
 
+from kiln_server.auth import TokenAuth
 from kiln_server.messages import Deferred, Handler, Request, Response
 from kiln_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kiln_server.metrics import Metrics
@@ -32,7 +33,8 @@ class App:
     """The request dispatcher the HTTP layer calls for every complete request."""
 
     def __init__(
-        self, v2: V2Handler, v1: V1Handler, metrics: Metrics, model: str, version: str, access_log: bool = False
+        self, v2: V2Handler, v1: V1Handler, metrics: Metrics, model: str, version: str, access_log: bool = False,
+        auth: TokenAuth | None = None,
     ) -> None:
         self.v2 = v2
         self.v1 = v1
@@ -41,6 +43,7 @@ class App:
         self.version = version
         self.access_log = access_log
         self.routes: RouteTable = {}
+        self.auth = auth
         self._build_routes()
 
     def _add(self, path: str, label: str, methods: dict[bytes, Handler]) -> None:
@@ -69,6 +72,8 @@ class App:
 
     def handle(self, req: Request) -> Response | Deferred:
         """Route one request; returns a Response, or a Deferred one for inference."""
+        if self.auth is not None and (refused := self.auth.check(req)) is not None:
+            return refused
         route = self.routes.get(req.path)
         if route is None and "%" in req.path:
             # Any percent-encoding of the same path routes alike (`%6Dlp`, lower-case hex escapes).

@@ -2,15 +2,20 @@
 
 The operator runs this as the init container (same image as the server) so that downloads,
 retries and checksum failures show up as an init-container status with a clear message instead
-of a server that hangs. Supported: `http(s)://` (urllib, timeouts, retries with backoff),
-`s3://` (kiln.objectstore: boto3 from the `s3` extra, the same timeouts and retries, credentials and
-endpoint from the AWS_* variables) and local sources (`file://`, plain paths, `pvc://claim/path`)
-which are copied; `gs://` is refused with a clear message. Writes are atomic (temporary file in the
-destination folder, then rename), the size limit (`--max-bytes`) and sha256 are checked before the rename.
+of a server that hangs. Supported: `http(s)://` (http.client through `fetchguard`, timeouts, retries
+with backoff), `s3://` (kiln.objectstore: boto3 from the `s3` extra, the same timeouts and retries,
+credentials and endpoint from the AWS_* variables) and local sources (`file://`, plain paths,
+`pvc://claim/path`) which are copied; `gs://` is refused with a clear message. Writes are atomic
+(temporary file in the destination folder, then rename), the size limit (`--max-bytes`) and sha256 are
+checked before the rename.
+
+http(s) downloads follow `fetchguard`'s rules: https only, no redirect to another host, no loopback,
+link-local or private address, sha256 required and a size limit, unless `--allow-http`,
+`--allow-private`, `--allow-missing-sha256`, `--max-bytes` (or `KILN_FETCH_*`) say otherwise.
 
 Exit status: 0 fetched (or already present with the right sha256), 1 download failed (the reason, e.g.
 Timeout, NoSuchKey, BadCredentials, TooLarge, is the first word of the message), 2 usage or missing
-dependency, 3 sha256 mismatch.
+dependency, 3 sha256 mismatch, 4 refused by a fetch rule.
 """
 
 from __future__ import annotations
@@ -18,13 +23,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from kiln import objectstore
+from kiln_server.fetchguard import FetchGuard, FetchRefused, HTTPStatusError, download
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -92,14 +97,11 @@ def _copy_stream(src: BinaryIO, out: BinaryIO, h: hashlib._Hash) -> int:
     return n
 
 
-def _http_once(uri: str, out: BinaryIO, h: hashlib._Hash, timeout: float) -> int:
-    req = urllib.request.Request(uri, headers={"User-Agent": "kiln-fetch/1"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        expected = resp.headers.get("Content-Length")
-        n = _copy_stream(resp, out, h)
-    if expected is not None and int(expected) != n:
-        raise ConnectionError(f"connection closed after {n} of {expected} bytes")
-    return n
+def _http_once(uri: str, out: BinaryIO, guard: FetchGuard, timeout: float) -> int:
+    try:
+        return download(uri, out, guard, timeout)
+    except FetchRefused as exc:
+        raise FetchError(f"refused: {exc}", exit_code=4) from None
 
 
 def fetch(
@@ -111,10 +113,17 @@ def fetch(
     pvc_root: str = "/kiln/pvc",
     log: Callable[[dict[str, object]], None] | None = None,
     max_bytes: int | None = None,
+    guard: FetchGuard | None = None,
 ) -> FetchResult:
-    """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256."""
+    """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256.
+
+    `guard`: the http(s) rules (default: `FetchGuard.from_env()`, strict unless `KILN_FETCH_*` relax it).
+    """
     target = _dest_path(uri, dest)
     want = sha256.lower() if sha256 else None
+    guard = guard or FetchGuard.from_env()
+    if urlparse(uri).scheme in ("http", "https") and guard.require_sha256 and not want:
+        raise FetchError(f"{uri}: a sha256 is required for http(s) models (--sha256, or --allow-missing-sha256)", exit_code=4)
     if want and target.is_file() and _sha256(target) == want:
         return FetchResult(target, want, target.stat().st_size, True)
     if objectstore.is_remote(uri):
@@ -127,7 +136,7 @@ def fetch(
             h = hashlib.sha256()
             scheme = urlparse(uri).scheme
             if scheme in ("http", "https"):
-                size = _fetch_http(uri, out, timeout, retries, log)
+                size = _fetch_http(uri, out, timeout, retries, log, guard)
                 h = _rehash(tmp, out)
             else:
                 local = resolve_local(uri, pvc_root)
@@ -174,19 +183,20 @@ def _rehash(tmp: Path, out: BinaryIO) -> hashlib._Hash:
 
 
 def _fetch_http(
-    uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None
+    uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None,
+    guard: FetchGuard,
 ) -> int:
     delay = 1.0
     for attempt in range(retries + 1):
         out.seek(0)
         out.truncate()
         try:
-            return _http_once(uri, out, hashlib.sha256(), timeout)
-        except urllib.error.HTTPError as exc:
+            return _http_once(uri, out, guard, timeout)
+        except HTTPStatusError as exc:
             if exc.code not in RETRYABLE_HTTP or attempt == retries:
                 raise FetchError(f"GET {uri} failed: HTTP {exc.code} {exc.reason}") from None
             reason = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ConnectionError, ValueError) as exc:
+        except (OSError, ConnectionError, ValueError, http.client.HTTPException) as exc:
             if attempt == retries:
                 raise FetchError(f"GET {uri} failed after {retries + 1} attempts: {exc}") from None
             reason = str(exc)
@@ -220,13 +230,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sha256", default=os.environ.get("KILN_MODEL_SHA256") or None, help="expected sha256")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
     parser.add_argument("--retries", type=int, default=4, help="retries for transient failures")
-    parser.add_argument("--max-bytes", type=int, default=int(os.environ.get("KILN_MODEL_MAX_BYTES") or 0) or None,
-                        help="refuse a model larger than this many bytes (KILN_MODEL_MAX_BYTES; default: no limit)")
     parser.add_argument("--pvc-root", default=os.environ.get("KILN_PVC_ROOT", "/kiln/pvc"))
+    env = FetchGuard.from_env()
+    parser.add_argument("--allow-http", action="store_true", default=env.allow_http, help="allow plain http:// (default: https only)")
+    parser.add_argument("--allow-private", action="store_true", default=env.allow_private,
+                        help="allow loopback, link-local and private addresses")
+    parser.add_argument("--allow-missing-sha256", action="store_true", default=not env.require_sha256,
+                        help="allow http(s) models without --sha256")
+    parser.add_argument("--max-bytes", type=int, default=int(os.environ.get("KILN_MODEL_MAX_BYTES") or 0) or env.max_bytes,
+                        help="refuse a model larger than this many bytes, from any source (KILN_MODEL_MAX_BYTES, "
+                        "KILN_FETCH_MAX_BYTES; default 4 GiB)")
     args = parser.parse_args(argv)
+    guard = FetchGuard(args.allow_http, args.allow_private, not args.allow_missing_sha256, args.max_bytes)
     start = time.perf_counter()
     try:
-        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line, args.max_bytes)
+        res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line,
+                    args.max_bytes, guard)
     except FetchError as exc:
         _log_line({"event": "fetch_failed", "uri": args.uri, "dest": args.dest, "reason": str(exc)})
         _termination_message(str(exc))

@@ -135,6 +135,14 @@ class Settings:
     access_log: bool = field(default=False, metadata=option("--access-log", env="KILN_ACCESS_LOG", help="one JSON log line per request"))
     """Log one JSON line per request (`--access-log`, `KILN_ACCESS_LOG`); off for speed."""
 
+    auth_token_file: str = field(default="", metadata=option(
+        "--auth-token-file", env="KILN_AUTH_TOKEN_FILE", help="bearer tokens, one per line (default: no auth)"))
+    """Bearer tokens, one per line (`--auth-token-file`, `KILN_AUTH_TOKEN_FILE`); empty: no authentication."""
+
+    auth_open_routes: str = field(default="health", metadata=option(
+        "--auth-open-routes", env="KILN_AUTH_OPEN_ROUTES", help="routes open without a token: health,metrics or none"))
+    """Routes served without a token (`--auth-open-routes`, `KILN_AUTH_OPEN_ROUTES`): health, metrics, both, none."""
+
     @property
     def model_name(self) -> str:
         """The name used in routes: `name`, or the model file's stem."""

@@ -17,8 +17,10 @@ import kopf
 
 from kiln import API_VERSION, GROUP, VERSION, kube
 from kiln.kube import ApiError
+from kiln.policy import REASON as POLICY_VIOLATION
+from kiln.policy import describe
 from kiln.spec import ModelDeploymentSpec
-from kiln_operator import names
+from kiln_operator import names, policycheck
 from kiln_operator.modeldeployment.render import build_modeldeployment, resolve_model
 from kiln_operator.modeldeployment.status import derive_md_status
 from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
@@ -40,6 +42,8 @@ class ModelDeploymentController:
         self.writer = StatusWriter(API_VERSION, "ModelDeployment")
         self.mds, self.deployments, self.services, self.pods, self.trainingjobs = Cache(), Cache(), Cache(), Cache(), Cache()
         self.hpas_applied: set[Key] = set()
+        self.netpols_applied: set[Key] = set()
+        """NetworkPolicies applied (not watched: applied once per operator run, like HPAs)."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
 
     def wanted(self, namespace: str | None, **_: Any) -> bool:
@@ -71,17 +75,25 @@ class ModelDeploymentController:
             tj_name = ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job
             tj = next(iter(self.trainingjobs.get((key[0], tj_name))), None) if tj_name else None
             resolution = resolve_model(md, tj)
-            render_error = ""
+            render_error, render_reason = "", "InvalidSpec"
             if resolution.model is not None:
+                base = self.settings.tenant_policy()
+                policy = await policycheck.effective(base, key[0])
+                violations = await policycheck.check("ModelDeployment", md, base, resolution.model.uri, resolution.model.sha256)
                 try:
-                    children = build_modeldeployment(md, self.settings, resolution.model)
+                    if violations:
+                        render_error, render_reason = describe(violations), POLICY_VIOLATION
+                    else:
+                        children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch)
                 except RenderError as exc:
                     render_error = str(exc)
                 else:
-                    await self.apply_children(key, md, children)
+                    if not violations:
+                        await self.apply_children(key, md, children)
             deployment = next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
             server_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
-            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error)
+            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
+                                           render_reason=render_reason)
             await self.writer.patch(key, derived.status)
             if derived.event:
                 await post_event(md, *derived.event)
@@ -93,6 +105,8 @@ class ModelDeploymentController:
             return next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
         if kind == "Service":
             return next((s for s in self.services.get(key) if owned_by(s, uid)), None)
+        if kind == "NetworkPolicy":
+            return child if key in self.netpols_applied else None
         return None if key not in self.hpas_applied else child
 
     async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
@@ -109,7 +123,7 @@ class ModelDeploymentController:
     async def _apply(self, key: Key, md: dict[str, Any], child: dict[str, Any], live: dict[str, Any] | None) -> None:
         kind = child["kind"]
         try:
-            if live is None or kind == "HorizontalPodAutoscaler":
+            if live is None or kind in ("HorizontalPodAutoscaler", "NetworkPolicy"):
                 result = await kube.api().apply(child, self.settings.field_manager)
             else:
                 # Put a hand edit back. Server-side apply would merge list entries it does not own
@@ -125,9 +139,11 @@ class ModelDeploymentController:
             self.deployments.update("MODIFIED", key, result)
         elif kind == "Service":
             self.services.update("MODIFIED", key, result)
+        elif kind == "NetworkPolicy":
+            self.netpols_applied.add(key)
         else:
             self.hpas_applied.add(key)
-        if live is None and kind != "HorizontalPodAutoscaler":
+        if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy"):
             await post_event(md, "Normal", "Created", f"applied {kind} {child['metadata']['name']}")
         elif live is not None:
             log.info("put back %s %s/%s (it differed from what Kiln renders)", kind, key[0], child["metadata"]["name"])
@@ -139,6 +155,7 @@ class ModelDeploymentController:
             self.mds.items.pop(key, None)
             self.writer.forget(key)
             self.hpas_applied.discard(key)
+            self.netpols_applied.discard(key)
             return
         self.mds.items[key] = {"": snapshot(body)}
         await self.safe_reconcile(key)

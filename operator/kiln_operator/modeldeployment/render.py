@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln import GROUP
+from kiln.policy import FetchPolicy
 from kiln.serverargs import serve_args
-from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
+from kiln.spec import ModelDeploymentSpec, NetworkPeer, ServingSpec, TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -27,6 +28,7 @@ from kiln_operator.templating import RenderError, render_template
 SERVER_PORT = 8080
 SERVER_GRPC_PORT = 9000
 FETCH_DIR = "/models"
+AUTH_DIR = "/etc/kiln/auth"
 ANNOTATION_SHA = f"{GROUP}/model-sha256"
 ANNOTATION_URI = f"{GROUP}/model-uri"
 
@@ -94,7 +96,19 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     return Resolution(ModelRef(uri, sha, name, fmt))
 
 
-def _model_location(model: ModelRef, spec: ServingSpec) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+def fetch_flags(uri: str, fetch: FetchPolicy) -> list[str]:
+    """The init container's flags that relax its http(s) rules, as the admin's policy allows (none by default)."""
+    if not uri.startswith(("http://", "https://")):
+        return []
+    default = FetchPolicy()
+    flags = ["--allow-http"] if fetch.allow_http else []
+    flags += ["--allow-private"] if fetch.allow_private else []
+    flags += ["--allow-missing-sha256"] if not fetch.require_sha256 else []
+    return flags + (["--max-bytes", str(fetch.max_bytes)] if fetch.max_bytes != default.max_bytes else [])
+
+
+def _model_location(model: ModelRef, spec: ServingSpec, fetch_policy: FetchPolicy | None = None,
+                    ) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
     """(path the server loads, fetch init container, volumes, server mounts) for a model URI; only the
     fetch init container gets `spec.storage`'s credentials."""
     pvc = parse_pvc(model.uri, "spec.model.uri")
@@ -112,6 +126,7 @@ def _model_location(model: ModelRef, spec: ServingSpec) -> tuple[str, dict[str, 
         command = ["python", "-m", "kiln_server.fetch", model.uri, target]
         if model.sha256:
             command += ["--sha256", model.sha256]
+        command += fetch_flags(model.uri, fetch_policy or FetchPolicy())
         volumes = [{"name": "model", "emptyDir": {}}]
         fetch = {"command": command, "mounts": [{"name": "model", "mountPath": FETCH_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
                  "env": [{"name": "HOME", "value": "/tmp"}, *(storage_env(spec.storage) if scheme == "s3" else [])]}
@@ -119,6 +134,31 @@ def _model_location(model: ModelRef, spec: ServingSpec) -> tuple[str, dict[str, 
     if scheme == "file":
         return model.uri[len("file://"):] if model.uri.startswith("file://") else model.uri, None, [], []
     raise RenderError("spec.model.uri", f"unsupported scheme {scheme!r}: use pvc://, s3://, http(s):// or file://")
+
+
+def network_peers(spec: ServingSpec) -> list[dict[str, Any]]:
+    """NetworkPolicy `from` peers of `spec.networkPolicy.from`; default: every pod of the same namespace."""
+    peers = []
+    listed = spec.network_policy.from_ if spec.network_policy else None
+    entries: list[NetworkPeer | None] = list(listed) if listed else [None]
+    for entry in entries:
+        peer = {} if entry is None else {
+            key: {"matchLabels": dict(value)}
+            for key, value in (("namespaceSelector", entry.namespace_selector), ("podSelector", entry.pod_selector))
+            if value is not None}
+        peers.append(peer or {"podSelector": {}})
+    return peers
+
+
+def auth_parts(spec: ServingSpec) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(server args, volumes, mounts) for `spec.auth`: the tokens Secret mounted read-only, passed by path."""
+    auth = spec.auth
+    if auth is None or not auth.token_secret:
+        return [], [], []
+    key = auth.key or "tokens"
+    args = ["--auth-token-file", f"{AUTH_DIR}/{key}", "--auth-open-routes", "health,metrics" if auth.open_metrics else "health"]
+    volume = {"name": "auth", "secret": {"secretName": auth.token_secret, "items": [{"key": key, "path": key}], "defaultMode": 0o440}}
+    return args, [volume], [{"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}]
 
 
 def model_name(md: dict[str, Any]) -> str:
@@ -199,8 +239,9 @@ def _server_args(md: dict[str, Any], spec: ServingSpec, path: str, sha256: str) 
     return args
 
 
-def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None) -> list[dict[str, Any]]:
-    """Deployment, Service and (when asked and served by the API) HPA for a ModelDeployment.
+def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
+                          fetch_policy: FetchPolicy | None = None) -> list[dict[str, Any]]:
+    """Deployment, Service, (when asked and served by the API) HPA, and (unless turned off) NetworkPolicy.
 
     Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
     model path shows as the TrainingJob's placeholder so the preview is still complete.
@@ -212,10 +253,11 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         tj = spec.model.training_job or ""
         uri = spec.model.uri or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
         model = ModelRef(uri, spec.model.sha256 or "", tj)
-    path, fetch, volumes, mounts = _model_location(model, spec)
+    path, fetch, volumes, mounts = _model_location(model, spec, fetch_policy or settings.policy.fetch)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
     args = _server_args(md, spec, path, model.sha256)
+    auth_args, auth_volumes, auth_mounts = auth_parts(spec)
     hpa = spec.autoscaling is not None and settings.features.hpa_v2
     replicas: int | None = None if hpa else (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
     ctx = {
@@ -237,14 +279,15 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
         "fetch": fetch,
-        "args": args,
+        "args": args + auth_args,
         "port": SERVER_PORT,
         "grpc_port": SERVER_GRPC_PORT if spec.service.grpc_port else 0,
         "grpc_service_port": spec.service.grpc_port,
         "startup_failures": max(1, spec.startup_timeout_seconds // 2),
         "resources": resources(spec),
-        "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts],
-        "volumes": [{"name": "tmp", "emptyDir": {}}, *volumes],
+        "volume_mounts": [{"name": "tmp", "mountPath": "/tmp"}, *mounts, *auth_mounts],
+        "volumes": [{"name": "tmp", "emptyDir": {}}, *volumes, *auth_volumes],
+        "network_peers": network_peers(spec),
         "service_type": spec.service.type,
         "service_port": spec.service.port,
         "autoscaling": spec.autoscaling,
@@ -253,6 +296,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
     if hpa:
         out += render_template("modeldeployment-hpa.yaml.j2", **ctx)
+    if settings.network_policies:
+        out += render_template("modeldeployment-networkpolicy.yaml.j2", **ctx)
     return out
 
 

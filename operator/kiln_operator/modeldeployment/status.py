@@ -91,7 +91,7 @@ def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds:
 
 def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,
                      pods: list[dict[str, Any]], settings: OperatorSettings, now: datetime | None = None,
-                     render_error: str = "") -> MDDerived:
+                     render_error: str = "", render_reason: str = "InvalidSpec") -> MDDerived:
     """The status a ModelDeployment should have, from its model resolution and its Deployment."""
     now = now or now_utc()
     old = md.get("status") or {}
@@ -100,7 +100,7 @@ def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dic
     new: dict[str, Any] = {"observedGeneration": gen}
     model = resolution.model
     if render_error:
-        phase, reason, message = "Failed", "InvalidSpec", render_error
+        phase, reason, message = "Failed", render_reason, render_error
         conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
     elif model is None:
         phase = "Failed" if resolution.failed else "WaitingForModel"

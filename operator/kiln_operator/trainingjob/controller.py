@@ -26,8 +26,10 @@ import yaml
 
 from kiln import API_VERSION, GROUP, VERSION, kube
 from kiln.kube import ApiError
+from kiln.policy import REASON as POLICY_VIOLATION
+from kiln.policy import describe
 from kiln.spec import TrainingJobSpec
-from kiln_operator import names
+from kiln_operator import names, policycheck
 from kiln_operator.conditions import fmt_time, now_utc, set_condition
 from kiln_operator.podstatus import pod_phase
 from kiln_operator.runtime import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
@@ -248,12 +250,16 @@ class TrainingJobController:
                 await self.writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE})
                 await post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
             return
+        violations = await policycheck.check("TrainingJob", tj, self.settings.tenant_policy())
+        if violations:
+            await self.fail(key, tj, POLICY_VIOLATION, describe(violations))
+            return
         try:
             children = build_trainingjob(tj, self.settings)
         except RenderError as exc:
             await self.fail(key, tj, "InvalidSpec", str(exc))
             return
-        outcomes = await create_in_stages(children)
+        outcomes = await create_in_stages(children, tj["metadata"].get("uid"))
         job_name, job_created = "", False
         for obj, outcome in zip(children, outcomes, strict=True):
             if isinstance(outcome, ApiError) and outcome.status == 0:
@@ -267,8 +273,14 @@ class TrainingJobController:
                 raise kopf.TemporaryError(message, delay=5) from outcome
             existing, made = outcome
             if not made and not owned_by(existing, tj["metadata"].get("uid")):
-                # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
-                raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} belongs to another owner; waiting", delay=3)
+                if namesake_of_deleted(existing, key[1]):
+                    # A namesake from a deleted TrainingJob that garbage collection has not removed yet.
+                    raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} belongs to a deleted "
+                                              f"TrainingJob {key[1]}; waiting for garbage collection", delay=3)
+                await self.fail(key, tj, "OwnershipConflict", f"{obj['kind']} {obj['metadata']['name']} already exists and "
+                                "is not owned by this TrainingJob; nothing else was created (rename the TrainingJob or "
+                                "delete that object)")
+                return
             if obj["kind"] == "Job":
                 job_name, job_created = obj["metadata"]["name"], made
                 self.created[key] = time.monotonic()
@@ -326,8 +338,19 @@ class TrainingJobController:
             await post_event(tj, "Normal", "Suspended" if suspend else "Resumed", f"Job {job['metadata']['name']} suspend={suspend}")
 
 
-async def create_in_stages(children: list[dict[str, Any]]) -> list[Outcome]:
-    """Create the children in two round trips; a child not attempted (an earlier stage failed) gets ApiError(status=0).
+def namesake_of_deleted(existing: dict[str, Any], name: str) -> bool:
+    """Whether a child that is not ours was made for an earlier TrainingJob of the same name (so GC removes it)."""
+    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("kind") == "TrainingJob" and r.get("name") == name and r.get("controller") for r in refs)
+
+
+async def create_in_stages(children: list[dict[str, Any]], uid: str | None) -> list[Outcome]:
+    """Create the children in three round trips; a child not attempted (an earlier stage failed) gets ApiError(status=0).
+
+    Each stage starts only once every child of the stages before is ours: a pre-existing ServiceAccount
+    or Role of the same name that this TrainingJob does not own never gets a RoleBinding, and a
+    pre-existing RoleBinding not ours (it could bind the trainer's account to anything) never gets a
+    Job. That costs a third round trip per TrainingJob (the Job waits for the RoleBinding's answer).
 
     A RoleBinding may only be created once its Role exists (RBAC checks that the creator holds what the
     binding grants), and the Job goes second so that its pods find their ServiceAccount and no training
@@ -341,16 +364,20 @@ async def create_in_stages(children: list[dict[str, Any]]) -> list[Outcome]:
         except ApiError as exc:
             return exc
 
-    late = {"RoleBinding", "Job"}
-    first = [i for i, obj in enumerate(children) if obj["kind"] not in late]
-    second = [i for i, obj in enumerate(children) if obj["kind"] in late]
+    order = {"RoleBinding": 1, "Job": 2}
+    stages = [[i for i, obj in enumerate(children) if order.get(obj["kind"], 0) == n] for n in range(3)]
     outcomes: list[Outcome] = [ApiError(status=0)] * len(children)
-    for stage in (first, second):
+    for stage in stages:
         for i, outcome in zip(stage, await asyncio.gather(*(create_child(children[i]) for i in stage)), strict=True):
             outcomes[i] = outcome
-        if any(isinstance(outcomes[i], ApiError) for i in stage):
+        if any(isinstance(outcomes[i], ApiError) or not _ours(outcomes[i], uid) for i in stage):
             break
     return outcomes
+
+
+def _ours(outcome: Outcome, uid: str | None) -> bool:
+    """Created now, or an existing object owned by the TrainingJob with `uid`."""
+    return isinstance(outcome, tuple) and (outcome[1] or owned_by(outcome[0], uid))
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> TrainingJobController:

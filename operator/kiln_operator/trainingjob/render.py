@@ -114,6 +114,19 @@ def _spec_document(tj: dict[str, Any], spec: dict[str, Any], name: str, namespac
     return text
 
 
+def egress_rules(entries: list[str], selector: dict[str, str], workers: int) -> list[dict[str, Any]]:
+    """The trainer's egress: DNS anywhere, each `CIDR:PORT` the admin listed (API server, storage), the other workers."""
+    rules: list[dict[str, Any]] = [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]
+    for entry in entries:
+        cidr, _, port = entry.rpartition(":")
+        if not cidr or not port.isdigit():
+            raise RenderError("networkPolicies.trainerEgress", f"{entry!r}: use CIDR:PORT, e.g. 10.0.0.1/32:6443")
+        rules.append({"to": [{"ipBlock": {"cidr": cidr}}], "ports": [{"protocol": "TCP", "port": int(port)}]})
+    if workers > 1:
+        rules.append({"to": [{"podSelector": {"matchLabels": selector}}], "ports": [{"protocol": "TCP", "port": WORKER_PORT}]})
+    return rules
+
+
 def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
     """Everything the TrainingJob templates need, computed once."""
     raw = copy.deepcopy(tj.get("spec") or {})
@@ -162,6 +175,8 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
             "fieldRef": {"fieldPath": f"metadata.annotations['{names.ANNOTATION_SPEC}']"}}]}},
             {"name": "tmp", "emptyDir": {}}, *volumes],
         "create_account": not spec.service_account_name,
+        "trainer_egress": egress_rules(settings.trainer_egress, {names.LABEL_TRAININGJOB: names.label_value(name)},
+                                       spec.workers),
     }
 
 
@@ -174,6 +189,8 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
         out += render_template("trainingjob-rbac.json.j2", **ctx)
     if ctx["workers"] > 1:
         out += render_template("trainingjob-service.yaml.j2", **ctx)
+    if settings.network_policies and settings.trainer_egress:
+        out += render_template("trainingjob-networkpolicy.yaml.j2", **ctx)
     out += render_template("trainingjob-job.json.j2", **ctx)
     return out
 
