@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from kubernetes.client.exceptions import ApiException
 
-from kiln_operator import kube
+from kiln_operator import kube, metrics
 
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 calls: Counter[str] = Counter()
@@ -96,6 +96,7 @@ async def call(method: str, url: str, body: Any = None, query: list[tuple[str, s
             async with session().request(method, host + url, data=data, params=query or None,
                                          headers=_headers(content_type)) as resp:
                 raw = await resp.read()
+                metrics.api_request(method, resp.status)
                 if resp.status == 401:
                     _auth["until"] = 0.0  # a rotated token: read it again next time
                 if not 200 <= resp.status < 300:
@@ -104,6 +105,7 @@ async def call(method: str, url: str, body: Any = None, query: list[tuple[str, s
                 return decoded
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
             _auth["until"] = 0.0
+            metrics.api_request(method, 0)
             if attempt == RETRIES:
                 raise ApiException(status=503, reason=f"API server unreachable: {type(exc).__name__}: {exc}") from exc
             await asyncio.sleep(0.2 * (attempt + 1))

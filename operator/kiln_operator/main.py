@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from kiln_operator import aiokube, kube
+from kiln_operator import aiokube, kube, metrics
 from kiln_operator.settings import Features, OperatorSettings
 
 log = logging.getLogger("kiln.operator")
@@ -46,6 +46,10 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
     p.add_argument("--peering", default=settings.peering,
                    help="Kopf peering name: run several replicas, one active (needs the kopf.dev peering CRDs)")
     p.add_argument("--priority", type=int, default=settings.priority, help="peering priority")
+    p.add_argument("--peering-lifetime", type=int, default=settings.peering_lifetime,
+                   help="seconds a silent peer counts as alive: a standby takes over this long after the active replica died")
+    p.add_argument("--metrics-port", type=int, default=settings.metrics_port, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-address", default=settings.metrics_address, help="address of the /metrics endpoint")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.all_namespaces:
@@ -60,6 +64,9 @@ def parse_args(argv: list[str]) -> tuple[OperatorSettings, argparse.Namespace]:
     settings.liveness = args.liveness
     settings.peering = args.peering
     settings.priority = args.priority
+    settings.peering_lifetime = args.peering_lifetime
+    settings.metrics_port = args.metrics_port
+    settings.metrics_address = args.metrics_address
     return settings, args
 
 
@@ -110,6 +117,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
             settings.peering.name = ops.peering
             settings.peering.priority = ops.priority
             settings.peering.mandatory = True
+            settings.peering.lifetime = ops.peering_lifetime
 
     @kopf.on.cleanup(registry=registry)
     async def close_api_session(**_: Any) -> None:
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
     kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout)
     settings.features = detect_features(settings)
+    metrics.install(settings.metrics_port, settings.metrics_address, args.verbose, bool(settings.peering))
     log.info("kiln operator starting: namespaces=%s server=%s features=%s", settings.namespaces or "all",
              settings.features.server_version, settings.features)
     delay = 1.0
@@ -161,5 +170,6 @@ def main(argv: list[str] | None = None) -> int:
             # restarted API server re-registers custom resources. Start over instead of exiting: state
             # lives in the cluster, and the caches refill from the first listing.
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            metrics.OPERATOR_RESTARTS.inc()
             log.error("the operator stopped (%s: %s); starting again in %.0f s", type(exc).__name__, exc, delay)
             time.sleep(delay)

@@ -53,6 +53,13 @@ class OperatorSettings:
     """Kopf peering name: replicas with the same name elect one active operator (standby replica)."""
     priority: int = 0
     """Peering priority of this replica; the highest active one works."""
+    peering_lifetime: int = 60
+    """Seconds a replica's peering entry stays valid without a keep-alive: how soon a standby takes
+    over from a replica that died without saying goodbye (SIGKILL, node loss)."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    metrics_address: str = "0.0.0.0"
+    """Address the /metrics endpoint listens on."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
     max_workers: int = 50

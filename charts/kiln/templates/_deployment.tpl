@@ -66,6 +66,9 @@ spec:
             - name: health
               containerPort: {{ $values.operator.healthPort }}
               protocol: TCP
+            - name: metrics
+              containerPort: {{ $values.operator.metricsPort }}
+              protocol: TCP
           livenessProbe:
             httpGet:
               path: /healthz
@@ -153,6 +156,10 @@ Environment of `kiln operator`: every setting as KILN_<FIELD> (operator/kiln_ope
   value: {{ ternary $values.peering.name "" $values.peering.enabled | quote }}
 - name: KILN_PRIORITY
   value: {{ .priority | int | toString | quote }}
+- name: KILN_PEERING_LIFETIME
+  value: {{ $values.peering.lifetime | int | toString | quote }}
+- name: KILN_METRICS_PORT
+  value: {{ $values.operator.metricsPort | int | toString | quote }}
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE

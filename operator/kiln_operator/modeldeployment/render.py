@@ -54,6 +54,8 @@ class Resolution:
     reason: str = ""
     message: str = ""
     failed: bool = False
+    previous: bool = False
+    """The model is the one served before: the newest followed TrainingJob has none (yet)."""
 
 
 def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
@@ -62,7 +64,7 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     fmt = spec_model.get("format") or "onnx"
     if spec_model.get("uri"):
         return Resolution(ModelRef(spec_model["uri"], spec_model.get("sha256", ""), "", fmt))
-    name = spec_model.get("trainingJob", "")
+    name = spec_model.get("trainingJob") or ((tj or {}).get("metadata") or {}).get("name", "")
     served = ((md.get("status") or {}).get("model") or {})
     if tj is None:
         if served.get("uri") and served.get("trainingJob") == name:
