@@ -75,3 +75,37 @@ def test_violations_catch_what_breaks_the_tools() -> None:
     unready = copy.deepcopy(md)
     unready["status"]["conditions"] = [c for c in md["status"]["conditions"] if c["type"] != "Ready"]
     assert any("missing ['Ready']" in v for v in violations(unready))
+
+
+def flux_exprs() -> dict[str, dict[str, str]]:
+    """The healthCheckExprs of docs/gitops.md, by kind (the doc's example is what is tested)."""
+    import re
+
+    import yaml
+    from testenv import ROOT
+
+    text = (ROOT / "docs" / "gitops.md").read_text()
+    block = re.search(r"<!-- flux-cel.*?-->\n```yaml\n(.*?)```", text, re.S)
+    assert block, "docs/gitops.md lost its flux-cel example"
+    return {e["kind"]: e for e in yaml.safe_load(block.group(1))["spec"]["healthCheckExprs"]}
+
+
+def flux_status(exprs: dict[str, str], obj: dict[str, Any]) -> str:
+    """Flux's order: inProgress, failed, current; anything else is InProgress."""
+    import celpy
+
+    env = celpy.Environment()
+    data = {k: celpy.json_to_cel(v) for k, v in obj.items()}
+    for key, result in (("inProgress", "InProgress"), ("failed", "Failed"), ("current", "Current")):
+        if key in exprs and bool(env.program(env.compile(exprs[key])).evaluate(data)):
+            return result
+    return "InProgress"
+
+
+WRITTEN = [c for c in CASES if "status" in c[1]]
+"""Cases with a status (the expressions reference it; before the first write Flux's CEL errors, and waits)."""
+
+
+@pytest.mark.parametrize(("kind", "obj", "expected", "path"), WRITTEN, ids=[f"{c[0]}:{c[3]}" for c in WRITTEN])
+def test_flux_cel_from_the_docs_agrees_with_kstatus(kind: str, obj: dict[str, Any], expected: dict[str, str], path: str) -> None:
+    assert flux_status(flux_exprs()[kind], obj) == compute(obj)[0]
