@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from kiln.labels import selector_matches
 from kiln.manifests import Manifest, load_file
 from kiln.schema import ManifestError
 from kiln.serverargs import serve_args
@@ -342,7 +343,15 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
             name = spec.get("modelName") or m.name
             ref = spec["model"]
             timeout = _startup_timeout(m.raw.get("spec") or {})
-            if ref.get("trainingJob"):
+            if ref.get("trainingJobSelector") is not None:
+                # The newest match is the last one in the file (they train in file order).
+                matching = [t for t in trained.values()
+                            if selector_matches(ref["trainingJobSelector"], (t.manifest.raw.get("metadata") or {}).get("labels"))]
+                if not matching:
+                    raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJobSelector matches no "
+                                     f"TrainingJob in this file")
+                wanted.append(Wanted(name, spec, matching[-1], *_model_file(matching[-1], ref.get("format", "onnx")), timeout))
+            elif ref.get("trainingJob"):
                 t = trained.get(ref["trainingJob"])
                 if t is None:
                     raise LocalError(f"{path}: ModelDeployment/{m.name}: spec.model.trainingJob {ref['trainingJob']!r} "

@@ -49,6 +49,9 @@ def test_kubectl_wait_for_succeeded(api: Any, operator: Any, namespace: str, kub
     assert time.monotonic() - seen < 5, "kubectl wait returned late"
     ready = kubectl("wait", "--for=condition=Ready", "tj/w", "--timeout=5s", namespace=namespace, check=False)
     assert ready.returncode == 0, ready.stderr
+    header, row = kubectl("get", "tj", "w", "-o", "wide", namespace=namespace).stdout.splitlines()
+    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "GPUS"] and header.split()[-1] == "READY", header
+    assert row.split()[1] == "Succeeded" and row.split()[-1] == "True", row
     # A spec edit bumps the generation: the operator marks every condition as observed at it (the edit
     # itself is ignored, the Job is a record), so kubectl wait does not hang on a stale observedGeneration.
     api.patch(API, "TrainingJob", namespace, "w", {"spec": {"training": {"epochs": 9}}})
@@ -99,6 +102,8 @@ def test_kubectl_wait_for_ready_modeldeployment(api: Any, operator: Any, namespa
     code, text = finished_within(waiter, 30)
     assert code == 0 and "condition met" in text, text
     assert time.monotonic() - seen < 5
+    header, row = kubectl("get", "md", "m", "-o", "wide", namespace=namespace).stdout.splitlines()
+    assert header.split()[-2:] == ["URL", "AVAILABLE"] and row.split()[-1] == "True", (header, row)
 
 
 def counter(samples: dict[Any, float], name: str, **labels: str) -> float:

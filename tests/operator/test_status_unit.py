@@ -180,7 +180,9 @@ def succeeded_tj(name: str, sha: str, done: str, labels: dict[str, str] | None =
 
 
 def test_selector_follows_the_newest_succeeded_trainingjob() -> None:
-    from kiln_operator.modeldeployment.follow import follows, resolve_followed, selector_matches
+    from kiln_operator.modeldeployment.follow import follows, resolve_followed
+
+    from kiln.labels import selector_matches
 
     sel = {"matchLabels": {"app": "iris"}, "matchExpressions": [{"key": "stage", "operator": "NotIn", "values": ["dev"]}]}
     md = {"metadata": {"name": "m"}, "spec": {"model": {"trainingJobSelector": sel}}, "status": {}}

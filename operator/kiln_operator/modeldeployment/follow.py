@@ -12,28 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kiln.labels import selector_matches
 from kiln_operator.modeldeployment.render import ModelRef, Resolution, resolve_model
-
-
-def _matches_expression(labels: dict[str, str], expr: dict[str, Any]) -> bool:
-    key, op, values = expr.get("key", ""), expr.get("operator", ""), list(expr.get("values") or [])
-    if op == "In":
-        return key in labels and labels[key] in values
-    if op == "NotIn":
-        return key not in labels or labels[key] not in values
-    if op == "Exists":
-        return key in labels
-    if op == "DoesNotExist":
-        return key not in labels
-    return False
-
-
-def selector_matches(selector: dict[str, Any], labels: dict[str, str] | None) -> bool:
-    """metav1.LabelSelector semantics (matchLabels AND matchExpressions; an empty selector matches everything)."""
-    labels = labels or {}
-    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
-        return False
-    return all(_matches_expression(labels, e) for e in selector.get("matchExpressions") or [])
 
 
 def follows(md: dict[str, Any], tj: dict[str, Any]) -> bool:
