@@ -197,6 +197,8 @@ class AsyncClient:
         self.user_agent = user_agent
         self.calls: Counter[str] = Counter()
         """Requests made, by method and resource path shape (the operator logs it at shutdown)."""
+        self.observe: Callable[[str, int], None] | None = None
+        """Called with (method, HTTP status; 0 = unreachable) after every attempt: the operator's metrics."""
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
         self._auth: tuple[str | None, float] = (None, 0.0)
 
@@ -238,6 +240,8 @@ class AsyncClient:
                 async with self.session().request(method, self.credentials.host + url, data=data, params=query or None,
                                                   headers=self._headers(content_type)) as resp:
                     raw = await resp.read()
+                    if self.observe is not None:
+                        self.observe(method, resp.status)
                     if resp.status == 401:
                         self._auth = (None, 0.0)  # a rotated token: read it again next time
                     if not 200 <= resp.status < 300:
@@ -246,6 +250,8 @@ class AsyncClient:
                     return decoded
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 self._auth = (None, 0.0)
+                if self.observe is not None:
+                    self.observe(method, 0)
                 if attempt == self.retries:
                     raise ApiError(503, f"API server unreachable: {type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(0.2 * (attempt + 1))

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from kiln import DEFAULT_OUTPUT_DIR, objectstore
+from kiln.labels import selector_matches
 from kiln.manifests import Manifest, load_file
 from kiln.schema import ManifestError
 from kiln.serverargs import serve_args
@@ -358,7 +359,14 @@ def _wanted(path: str, manifests: list[Manifest], trained: dict[str, Trained], r
         spec = ModelDeploymentSpec.from_dict(m.doc["spec"])
         name, ref, where = spec.model_name or m.name, spec.model, f"{path}: ModelDeployment/{m.name}"
         timeout = _startup_timeout(m.raw.get("spec") or {})
-        if ref.training_job:
+        if ref.training_job_selector is not None:
+            # The newest match is the last one in the file (they train in file order).
+            matching = [t for t in trained.values()
+                        if selector_matches(ref.training_job_selector, (t.manifest.raw.get("metadata") or {}).get("labels"))]
+            if not matching:
+                raise LocalError(f"{where}: spec.model.trainingJobSelector matches no TrainingJob in this file")
+            wanted.append(Wanted(name, spec, matching[-1], *_model_file(matching[-1], ref.format), timeout))
+        elif ref.training_job:
             t = trained.get(ref.training_job)
             if t is None:
                 raise LocalError(f"{where}: spec.model.trainingJob {ref.training_job!r} is not a TrainingJob in this file")

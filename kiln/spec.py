@@ -215,6 +215,8 @@ class Scheduling(Model):
 @dataclass(frozen=True)
 class ModelSource(Model):
     training_job: str | None
+    training_job_selector: dict[str, Any] | None
+    """A metav1.LabelSelector (kiln.labels matches it); the newest succeeded TrainingJob it selects is served."""
     uri: str | None
     format: str
     sha256: str | None

@@ -89,16 +89,39 @@ SCHEDULING = obj(
 )
 
 CONDITION = obj(
-    "A condition in the Kubernetes style.",
+    "A condition as metav1.Condition (what kubectl wait, kstatus/Flux and Argo CD read).",
     {
-        "type": s("string", "Condition type."),
+        "type": s("string", "Condition type, e.g. Ready.", maxLength=316,
+                  pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"),
         "status": s("string", "True, False or Unknown.", enum=["True", "False", "Unknown"]),
-        "reason": s("string", "One-word CamelCase reason."),
-        "message": s("string", "Human-readable detail."),
+        "reason": s("string", "One-word CamelCase reason.", minLength=1, maxLength=1024,
+                    pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"),
+        "message": s("string", "Human-readable detail.", maxLength=32768),
         "lastTransitionTime": s("string", "When the status last changed.", format="date-time"),
-        "observedGeneration": s("integer", "The .metadata.generation the condition was set for."),
+        "observedGeneration": s("integer", "The .metadata.generation the condition was set for.", minimum=0),
     },
-    required=["type", "status"],
+    required=["type", "status", "reason", "message", "lastTransitionTime"],
+)
+
+
+def conditions(desc: str) -> dict[str, Any]:
+    """A list of conditions keyed by type (at most one of each)."""
+    return arr(desc, CONDITION, **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+
+
+LABEL_SELECTOR = obj(
+    "A label selector (metav1.LabelSelector): matchLabels and matchExpressions must all match.",
+    {
+        "matchLabels": string_map("Labels that must be present with these values."),
+        "matchExpressions": arr(
+            "Set-based requirements.",
+            obj("One requirement.", {
+                "key": s("string", "Label key.", minLength=1, maxLength=317),
+                "operator": s("string", "How the key's value is tested.", enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                "values": arr("Values for In and NotIn.", {"type": "string"}),
+            }, required=["key", "operator"]),
+        ),
+    },
 )
 
 IO_SPEC = arr(
@@ -151,14 +174,15 @@ STORAGE = obj(
 
 MD_SPEC_PROPS: dict[str, Any] = {
     "model": obj(
-        "Which model to serve: exactly one of `trainingJob` and `uri`.",
+        "Which model to serve: exactly one of `trainingJob`, `trainingJobSelector` and `uri`.",
         {
-            "trainingJob": s("string", "Name of a TrainingJob in the same namespace; its `status.result.modelUri` is served once it has succeeded.", maxLength=253, pattern=DNS_LABEL),
+            "trainingJob": s("string", "Name of a TrainingJob in the same namespace; its `status.result.modelUri` is served once it has succeeded. A TrainingJob re-created under this name is followed too; while it trains, the previous model stays served.", maxLength=253, pattern=DNS_LABEL),
+            "trainingJobSelector": LABEL_SELECTOR | {"description": "TrainingJobs in the same namespace whose labels match: the newest one that succeeded is served (by completion time), and a newer match rolls the server to its model. While newer matches train, the current model stays served with Ready=True."},
             "uri": s("string", "Location of an ONNX model: `pvc://claim/path/model.onnx`, `s3://bucket/key`, `http(s)://...` or `file://`.", minLength=1),
             "format": s("string", "Which exported format to serve.", enum=["onnx", "onnx-int8"], default="onnx"),
             "sha256": s("string", "Expected sha256 of the model file; the server refuses a different file.", pattern=r"^[a-f0-9]{64}$"),
         },
-        oneOf=[{"required": ["trainingJob"]}, {"required": ["uri"]}],
+        oneOf=[{"required": ["trainingJob"]}, {"required": ["trainingJobSelector"]}, {"required": ["uri"]}],
     ),
     "modelName": s("string", "Name in the V2 routes (/v2/models/NAME); defaults to the resource name.", maxLength=63, pattern=DNS_LABEL),
     "image": s("string", "Model server image; defaults to the operator's setting.", minLength=1),
@@ -358,7 +382,7 @@ TRAININGJOB_STATUS = obj(
         "phase": s("string", "Lifecycle phase.", enum=["Pending", "Running", "Succeeded", "Failed", "Suspended"]),
         "reason": s("string", "Why the job is in this phase, e.g. ImagePullBackOff, WaitingForGPU, OOMKilled."),
         "message": s("string", "Detail for the reason."),
-        "conditions": arr("Conditions: Created, Running, Succeeded, Failed, SpecChangeIgnored.", CONDITION),
+        "conditions": conditions("Conditions: Created, Running, Succeeded, Failed (Kubeflow's), Ready (True once Succeeded), Reconciling (pending or running), Stalled (failed for good), and Restarting, SpecChangeIgnored when they apply. All but the last two are present from the first status write."),
         "progress": obj(
             "Live training progress, patched by the trainer each epoch.",
             {
@@ -372,7 +396,7 @@ TRAININGJOB_STATUS = obj(
         "startTime": s("string", "When the training pod started running.", format="date-time"),
         "completionTime": s("string", "When the job finished.", format="date-time"),
         "jobName": s("string", "The batch/v1 Job."),
-        "observedGeneration": s("integer", "The generation the Job was created from."),
+        "observedGeneration": s("integer", "The metadata.generation this status was written for (on every write)."),
         "result": obj(
             "What a successful run produced.",
             {
@@ -410,7 +434,7 @@ MODELDEPLOYMENT_STATUS = obj(
         "phase": s("string", "Lifecycle phase.", enum=["WaitingForModel", "Deploying", "Ready", "Failed"]),
         "reason": s("string", "Why, e.g. TrainingJobNotSucceeded, ProgressDeadlineExceeded."),
         "message": s("string", "Detail for the reason."),
-        "conditions": arr("Conditions: ModelReady, PredictorReady, Ready, AutoscalerReady.", CONDITION),
+        "conditions": conditions("Conditions: Ready (the current model is rolled out and served), ModelResolved, Available (some replica serves), PredictorReady, Reconciling (waiting for a model or rolling out), Stalled (cannot go on without a change), AutoscalerReady. Ready is present, False with a reason, from the first status write."),
         "replicas": s("integer", "Pods of the current Deployment."),
         "readyReplicas": s("integer", "Ready pods."),
         "url": s("string", "In-cluster URL of the model's V2 routes."),
@@ -419,7 +443,7 @@ MODELDEPLOYMENT_STATUS = obj(
             "The model being served.",
             {"uri": s("string", "Model location."), "sha256": s("string", "Its digest."), "trainingJob": s("string", "The TrainingJob it came from."), "format": s("string", "Its format.")},
         ),
-        "observedGeneration": s("integer", "The generation last rendered."),
+        "observedGeneration": s("integer", "The metadata.generation this status was written for (on every write)."),
     },
 )
 
@@ -471,6 +495,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
             {"name": "Model", "type": "string", "jsonPath": ".status.result.modelUri", "priority": 1},
+            {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status", "priority": 1, "description": "The Ready condition: True once the training succeeded."},
         ],
     )
     md = crd(
@@ -482,6 +507,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
+            {"name": "Available", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Available\")].status", "priority": 1, "description": "Whether some replica serves (also while a new model rolls out)."},
         ],
     )
     return {"trainingjobs.yaml": tj, "modeldeployments.yaml": md}

@@ -7,6 +7,8 @@ runs TensorFlow; `server` runs model server processes; `helm` runs the helm bina
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kubelet import eventually
 from support.cluster import KILN, OperatorProcess, make_namespace
+from support.kstatus import StatusRecorder
 from support.seaweed import SeaweedFS
 from testenv import ROOT, ControlPlane, ensure_tools
 
@@ -74,13 +77,47 @@ def api(control_plane: ControlPlane, kubectl: Any) -> Any:
     return client
 
 
+@pytest.fixture(scope="session")
+def statuses(api: Any, control_plane: ControlPlane) -> Iterator[StatusRecorder]:
+    """Every version of every TrainingJob and ModelDeployment the API server holds during the session."""
+    import kubernetes
+
+    recorder = StatusRecorder(kubernetes.config.new_client_from_config(str(control_plane.kubeconfig))).start()
+    yield recorder
+    recorder.stop()
+    dump = os.environ.get("KILN_STATUS_DUMP")
+    if dump:  # where the Argo CD health check fixtures (charts/kiln/argocd/*/testdata) were taken from
+        Path(dump).write_text(json.dumps(dict(recorder.seen), indent=1))
+
+
+def check_statuses(statuses: StatusRecorder, namespace: str) -> None:
+    """Fail the test whose namespace holds a status that breaks the kstatus conventions, or that
+    Argo CD's health check (Lua) judges differently from kstatus."""
+    from support.argocd import KSTATUS_TO_HEALTH, health
+    from support.kstatus import compute
+
+    problems = statuses.check(namespace)
+    for obj in statuses.objects(namespace):
+        st = obj.get("status") or {}
+        if not st.get("phase") or st.get("observedGeneration") != obj["metadata"].get("generation"):
+            continue
+        want = "Suspended" if st["phase"] == "Suspended" else KSTATUS_TO_HEALTH.get(compute(obj)[0])
+        got = health(obj)
+        if want and got["status"] != want:
+            problems.append(f"{obj['kind']} {obj['metadata']['name']} phase={st['phase']}: Argo CD health {got}, kstatus wants {want}")
+    assert not problems, "statuses breaking the conventions:\n" + "\n".join(problems[:20])
+
+
 @pytest.fixture
-def namespace(api: Any) -> Iterator[str]:
-    """A fresh namespace watched by the session operator."""
+def namespace(api: Any, statuses: StatusRecorder) -> Iterator[str]:
+    """A fresh namespace watched by the session operator; every status written in it is checked at the end."""
     name = make_namespace(api, "kiln-test")
     yield name
-    with contextlib.suppress(Exception):
-        api.call("DELETE", f"/api/v1/namespaces/{name}")
+    try:
+        check_statuses(statuses, name)
+    finally:
+        with contextlib.suppress(Exception):
+            api.call("DELETE", f"/api/v1/namespaces/{name}")
 
 
 @pytest.fixture(scope="session")
@@ -102,14 +139,18 @@ def operator(control_plane: ControlPlane, api: Any, tmp_path_factory: pytest.Tem
 
 
 @pytest.fixture
-def solo_operator(control_plane: ControlPlane, api: Any, tmp_path: Path) -> Iterator[tuple[OperatorProcess, str]]:
+def solo_operator(control_plane: ControlPlane, api: Any, statuses: StatusRecorder,
+                  tmp_path: Path) -> Iterator[tuple[OperatorProcess, str]]:
     """An operator of its own on a namespace of its own, for tests that kill and restart it."""
     ns = make_namespace(api, "kiln-solo")
     op = OperatorProcess(control_plane.kubeconfig, [ns], tmp_path / "operator.log")
     yield op, ns
     op.stop()
-    with contextlib.suppress(Exception):
-        api.call("DELETE", f"/api/v1/namespaces/{ns}")
+    try:
+        check_statuses(statuses, ns)
+    finally:
+        with contextlib.suppress(Exception):
+            api.call("DELETE", f"/api/v1/namespaces/{ns}")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import kopf
 from kiln import GROUP, kube
 from kiln import settings as settings_reader
 from kiln.policy import PolicyError, load_policy_file
+from kiln_operator import metrics
 from kiln_operator.settings import Features, OperatorSettings, policy_from_env
 
 log = logging.getLogger("kiln.operator")
@@ -98,6 +99,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
             settings.peering.name = ops.peering
             settings.peering.priority = ops.priority
             settings.peering.mandatory = True
+            settings.peering.lifetime = ops.peering_lifetime
 
     @kopf.on.cleanup(registry=registry)
     async def close_api_session(**_: Any) -> None:
@@ -130,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
-    kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout, user_agent="kiln-operator")
+    client = kube.configure(args.kubeconfig, pool_size=settings.max_workers + 4, timeout=settings.request_timeout,
+                            user_agent="kiln-operator")
+    client.observe = metrics.api_request
     settings.features = detect_features(settings)
+    metrics.install(settings.metrics_port, settings.metrics_address, args.verbose, bool(settings.peering))
     log.info("kiln operator starting: namespaces=%s server=%s features=%s", settings.namespaces or "all",
              settings.features.server_version, settings.features)
     delay = 1.0
@@ -153,5 +158,6 @@ def main(argv: list[str] | None = None) -> int:
             # restarted API server re-registers custom resources. Start over instead of exiting: state
             # lives in the cluster, and the caches refill from the first listing.
             delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
+            metrics.OPERATOR_RESTARTS.inc()
             log.error("the operator stopped (%s: %s); starting again in %.0f s", type(exc).__name__, exc, delay)
             time.sleep(delay)

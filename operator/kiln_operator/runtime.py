@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kiln import kube
+from kiln_operator import metrics
+from kiln_operator.conditions import change_event, changes
 
 log = logging.getLogger("kiln.operator")
 
@@ -63,13 +65,20 @@ class StatusWriter:
         out["status"] = status
         return out
 
-    async def patch(self, key: Key, status: dict[str, Any]) -> None:
+    async def patch(self, key: Key, status: dict[str, Any], obj: dict[str, Any] | None = None) -> None:
+        """Merge-patch `status`; with `obj` (the object as last seen), also post one Event listing the
+        conditions this write changes (`kubectl describe` then shows every condition transition)."""
         if not status:
             return
         namespace, name = key
         async with BOOKKEEPING():
             await kube.api().patch_status(self.api_version, self.kind, namespace, name, status)
         self.written.setdefault(key, {}).update(copy.deepcopy(status))
+        metrics.STATUS_WRITES.labels(self.kind).inc()
+        if obj is not None and "conditions" in status:
+            event = change_event(changes((obj.get("status") or {}).get("conditions") or [], status["conditions"]))
+            if event is not None:
+                await post_event(obj, *event)
 
     def forget(self, key: Key) -> None:
         self.written.pop(key, None)

@@ -64,6 +64,14 @@ class OperatorSettings:
     """Kopf peering name: replicas with the same name elect one active operator (standby replica)."""
     priority: int = field(default=0, metadata=option("--priority", help="peering priority"))
     """Peering priority of this replica; the highest active one works."""
+    peering_lifetime: int = field(default=60, metadata=option(
+        "--peering-lifetime", help="seconds a silent peer counts as alive: a standby takes over this long after the active replica died"))
+    """Seconds a replica's peering entry stays valid without a keep-alive: how soon a standby takes
+    over from a replica that died without saying goodbye (SIGKILL, node loss)."""
+    metrics_port: int = field(default=0, metadata=option("--metrics-port", help="serve Prometheus /metrics on this port (0: off)"))
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    metrics_address: str = field(default="0.0.0.0", metadata=option("--metrics-address", help="address of the /metrics endpoint"))
+    """Address the /metrics endpoint listens on."""
     field_manager: str = "kiln"
     """Field manager name for server-side apply."""
     network_policies: bool = True

@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "workloadImagePullPolicy": "Always", "operator.verbose": True,
     },
     "digest": {"image.digest": "sha256:" + "ab" * 32},
+    "argocd-health-no-metrics-service": {"argocd.healthChecks.enabled": True, "metrics.enabled": False},
     "no-rbac-own-sa": {"rbac.create": False, "serviceAccount.create": False, "serviceAccount.name": "ops"},
     "sa-annotations-overrides": {"serviceAccount.annotations": {"iam.example.com/role": "kiln"}, "fullnameOverride": "kiln-op",
                                  "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}}},
@@ -104,7 +105,9 @@ def test_defaults(render: Any) -> None:
     assert env["KILN_LIVENESS"] == "http://0.0.0.0:8080/healthz"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert env["KILN_METRICS_PORT"] == "9090" and env["KILN_PEERING_LIFETIME"] == "60"
     sc = c["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"] == {"drop": ["ALL"]}
@@ -113,7 +116,8 @@ def test_defaults(render: Any) -> None:
     assert pod["serviceAccountName"] == "kiln" and dep["spec"]["strategy"] == {"type": "Recreate"}
     assert [d["kind"] for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")] == [
         "ClusterRole", "ClusterRoleBinding"]
-    assert not by_kind(docs, "Service") and not by_kind(docs, "ClusterKopfPeering")
+    assert [s["metadata"]["name"] for s in by_kind(docs, "Service")] == ["kiln-metrics"]
+    assert not by_kind(docs, "ClusterKopfPeering") and not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "ConfigMap")
     labels = dep["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "kiln" and labels["helm.sh/chart"] == "kiln-0.1.0"
 
@@ -212,7 +216,7 @@ def test_namespaced_peering(render: Any) -> None:
 
 def test_service_pull_secrets_images_scheduling(render: Any) -> None:
     docs = render({**VARIANTS["service-and-scheduling"], **VARIANTS["pull-secrets-and-images"]})
-    (svc,) = by_kind(docs, "Service")
+    (svc,) = [s for s in by_kind(docs, "Service") if not s["metadata"]["name"].endswith("-metrics")]
     assert svc["spec"]["type"] == "NodePort" and svc["spec"]["ports"][0]["targetPort"] == "health"
     (dep,) = by_kind(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]

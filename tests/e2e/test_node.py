@@ -340,6 +340,43 @@ def test_operator_pod_deleted_mid_training_converges(kube: Kube, namespace: str,
     assert status["progress"]["percent"] == 100
 
 
+def test_standby_pod_takes_over_after_the_active_pod_is_killed(kube: Kube, chart: dict[str, str], namespace: str) -> None:
+    """The chart's standby (peering.enabled + standby.enabled) on the real node: the active operator pod is
+    killed (grace period 0) while TrainingJobs are being created; the standby pod takes over within the
+    peering lifetime, every TrainingJob gets exactly one Job and succeeds. The chart goes back to one replica."""
+    lifetime = 15
+    release, release_ns = chart["release"], chart["namespace"]
+    kube.helm("upgrade", release, str(ROOT / "charts" / "kiln"), "-n", release_ns, "--reuse-values", "--wait", "--timeout", "3m",
+              "--set", "peering.enabled=true", "--set", "standby.enabled=true", "--set", f"peering.lifetime={lifetime}")
+
+    def role_pods(role: str) -> list[dict[str, Any]]:
+        return [p for p in operator_pods(kube) if p["metadata"]["labels"].get("kiln.dev/operator-role") == role
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
+
+    (active,) = eventually(lambda: role_pods("active"), 180, "the active operator pod Ready")
+    (standby,) = eventually(lambda: role_pods("standby"), 180, "the standby operator pod Ready")
+    logs = lambda: kube.run("logs", standby["metadata"]["name"], namespace=release_ns).stdout  # noqa: E731
+    assert "Resuming operations" not in logs(), "the standby must stay paused while the active pod lives"
+    names = [f"ha-{i:02d}" for i in range(12)]
+    try:
+        killed = 0.0
+        for i, name in enumerate(names):
+            kube.apply(training(namespace, name, {"command": ["true"]}))
+            if i == 4:
+                kube.run("delete", "pod", active["metadata"]["name"], "--grace-period=0", "--force", "--wait=false",
+                         namespace=release_ns, check=False)
+                killed = time.monotonic()
+            time.sleep(0.5)
+        eventually(lambda: "Resuming operations" in logs(), lifetime + 60, "the standby pod to resume")
+        print(f"\nstandby pod took over {time.monotonic() - killed:.1f} s after the active pod was killed (lifetime {lifetime} s)")
+        for name in names:
+            assert wait_finished(kube, namespace, name, 300)["phase"] == "Succeeded", name
+            assert len(kube.items("jobs", namespace, f"kiln.dev/trainingjob={name}")) == 1, name
+    finally:
+        kube.helm("upgrade", release, str(ROOT / "charts" / "kiln"), "-n", release_ns, "--reuse-values", "--wait", "--timeout", "3m",
+                  "--set", "peering.enabled=false", "--set", "standby.enabled=false")
+
+
 def test_uninstall_leaves_nothing_behind(kube: Kube, chart: dict[str, str]) -> None:
     """Last: helm uninstall and CRD deletion take every Kiln object with them, in every namespace."""
     kube.helm("uninstall", chart["release"], "-n", chart["namespace"], "--wait", "--timeout", "2m")

@@ -67,6 +67,11 @@ def test_user_errors_name_the_document_and_field(kiln_cli: Any, tmp_path: Path) 
     proc = kiln_cli("run", str(_write(tmp_path, [orphan])), "--once")
     assert proc.returncode == 2 and "spec.model.trainingJob 'elsewhere'" in proc.stderr
 
+    unmatched = {**md, "spec": {"model": {"trainingJobSelector": {"matchLabels": {"kiln.dev/model": "nothing"}}}}}
+    proc = kiln_cli("run", str(_write(tmp_path, [unmatched])), "--once")
+    assert proc.returncode == 2 and "spec.model.trainingJobSelector matches no TrainingJob" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
 
 def _cluster_digits(tmp_path: Path, **extra: dict[str, Any]) -> Path:
     """examples/cluster/digits.yaml, 3 epochs (quick), plus `extra` spec fields per kind, after a PVC document."""

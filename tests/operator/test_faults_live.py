@@ -81,6 +81,7 @@ def test_api_server_restart_while_jobs_run(api: Any, control_plane: Any, operato
     pod = kubelet.wait_pods(namespace, "kiln.dev/trainingjob=outage")[0]
     kubelet.run(pod)
     wait_phase(api, namespace, "outage", "Running")
+    before = operator.metrics()
     control_plane.restart_apiserver(with_etcd=True)
     # Reality moves on right after the outage; the operator must reconnect and notice.
     eventually(lambda: kubelet.succeed(pod, SUMMARY), 30, what="pod status patch after the restart")
@@ -89,3 +90,12 @@ def test_api_server_restart_while_jobs_run(api: Any, control_plane: Any, operato
     # And new work is still picked up.
     create(api, namespace, manifest("after"))
     eventually(lambda: len(jobs(api, namespace)) == 2, 60, what="a Job for a TrainingJob created after the outage")
+    # The outage shows in /metrics: watches started again (re-established, or Kopf restarted in-process).
+    after = operator.metrics()
+
+    def total(samples: dict[Any, float], name: str, pred: Any = lambda labels: True) -> float:
+        return sum(v for (n, labels), v in samples.items() if n == name and pred(dict(labels)))
+
+    again = (total(after, "kiln_operator_watch_starts_total") + total(after, "kiln_operator_watch_restarts_total")
+             - total(before, "kiln_operator_watch_starts_total") - total(before, "kiln_operator_watch_restarts_total"))
+    assert again > 0 or total(after, "kiln_operator_restarts_total") > total(before, "kiln_operator_restarts_total")

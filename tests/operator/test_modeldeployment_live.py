@@ -86,7 +86,7 @@ def test_trainingjob_deploys_and_becomes_ready(api: Any, operator: Any, namespac
     assert st["model"] == {"uri": "pvc://models/iris/model.onnx", "sha256": "a" * 64, "trainingJob": "iris", "format": "onnx"}
     assert st["readyReplicas"] == 1
     conds = {c["type"]: c["status"] for c in st["conditions"]}
-    assert conds["Ready"] == "True" and conds["PredictorReady"] == "True" and conds["ModelReady"] == "True"
+    assert conds["Ready"] == "True" and conds["PredictorReady"] == "True" and conds["ModelResolved"] == "True" and conds["Available"] == "True" and conds["Stalled"] == "False" and conds["Reconciling"] == "False"
 
 
 def test_waits_for_training_then_rolls_out_a_new_model(api: Any, operator: Any, namespace: str) -> None:

@@ -225,7 +225,7 @@ def test_api_reference_is_up_to_date() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     text = (ROOT / "docs" / "api-reference.md").read_text()
-    assert "| `spec.training.optimizer.name` | string |" in text and "exactly one of `trainingJob` / `uri`" in text
+    assert "| `spec.training.optimizer.name` | string |" in text and "exactly one of `trainingJob` / `trainingJobSelector` / `uri`" in text
 
 
 def test_render_previews_the_model_of_a_trainingjob_in_the_same_file(kiln_cli: Any) -> None:

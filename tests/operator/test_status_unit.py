@@ -123,3 +123,98 @@ def test_subset_sees_hand_edits_but_not_defaults() -> None:
     assert not subset(want, {"spec": {"replicas": 3, "ports": [{"port": 80, "name": "http"}], "cpu": "1"}})
     assert not subset(want, {"spec": {"replicas": 1, "ports": [{"port": 80, "name": "http"}, {"port": 9, "name": "x"}], "cpu": "1"}})
     assert subset({"n": 1}, {"n": "1"})
+
+
+# ------------------------------------------------------------------ conditions that tools read (issue 16)
+
+def conds(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_trainingjob_carries_every_condition_in_every_phase() -> None:
+    from kiln_operator.conditions import REASON_PATTERN
+
+    running = derive(tj({"jobName": "t-train", "phase": "Pending"}), job(), [pod("Running", startTime=fmt_time(NOW))], NOW).status
+    assert conds(running) == {"Created": "True", "Running": "True", "Succeeded": "False", "Failed": "False",
+                              "Ready": "False", "Reconciling": "True", "Stalled": "False"}
+    assert running["observedGeneration"] == 1 and all(c["observedGeneration"] == 1 for c in running["conditions"])
+    failed = derive(tj({"jobName": "t-train", "phase": "Running", "conditions": running["conditions"]}), job(),
+                    [pod(age=60, **waiting("ImagePullBackOff"))], NOW).status
+    assert failed["phase"] == "Failed"
+    assert conds(failed) == {"Created": "True", "Running": "False", "Succeeded": "False", "Failed": "True",
+                             "Ready": "False", "Reconciling": "False", "Stalled": "True"}
+    stalled = next(c for c in failed["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "ImagePullBackOff" and stalled["lastTransitionTime"] == fmt_time(NOW)
+    assert all(REASON_PATTERN.match(c["reason"]) and c["message"] is not None for c in failed["conditions"])
+
+
+def test_condition_reasons_are_always_valid() -> None:
+    out = set_condition([], "Ready", "False", "not a reason!", "m", NOW)
+    assert out[0]["reason"] == "NotReady"
+    assert set_condition([], "Ready", "True", "", "m", NOW)[0]["reason"] == "Ready"
+
+
+def test_one_event_lists_the_conditions_a_write_changes() -> None:
+    from kiln_operator.conditions import change_event, changes
+
+    before = set_condition(set_condition([], "Ready", "False", "Running", "r", NOW), "Stalled", "False", "Running", "r", NOW)
+    after = set_condition(set_condition(before, "Ready", "False", "OOMKilled", "oom", NOW), "Stalled", "True", "OOMKilled", "oom", NOW)
+    event = change_event(changes(before, after))
+    assert event is not None and event[0] == "Warning" and event[1] == "ConditionsChanged"
+    assert "Ready=False (OOMKilled)" in event[2] and "Stalled=True (OOMKilled)" in event[2]
+    assert change_event(changes(after, after)) is None
+
+
+def test_modeldeployment_is_not_ready_with_a_reason_from_the_start() -> None:
+    md = {"metadata": {"name": "m", "namespace": "ns", "generation": 3}, "spec": {"model": {"trainingJob": "t"}}, "status": {}}
+    st = derive_md_status(md, resolve_model(md, None), None, [], OperatorSettings(), NOW).status
+    assert conds(st) == {"ModelResolved": "False", "Available": "False", "Ready": "False", "Reconciling": "True", "Stalled": "False"}
+    assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "TrainingJobNotFound"
+    assert st["observedGeneration"] == 3
+
+
+def succeeded_tj(name: str, sha: str, done: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": labels or {}, "creationTimestamp": done},
+            "status": {"phase": "Succeeded", "completionTime": done,
+                       "result": {"modelUri": f"pvc://models/{name}/model.onnx", "onnxSha256": sha}}}
+
+
+def test_selector_follows_the_newest_succeeded_trainingjob() -> None:
+    from kiln_operator.modeldeployment.follow import follows, resolve_followed
+
+    from kiln.labels import selector_matches
+
+    sel = {"matchLabels": {"app": "iris"}, "matchExpressions": [{"key": "stage", "operator": "NotIn", "values": ["dev"]}]}
+    md = {"metadata": {"name": "m"}, "spec": {"model": {"trainingJobSelector": sel}}, "status": {}}
+    old = succeeded_tj("a", "1" * 64, "2026-11-01T00:00:00Z", {"app": "iris"})
+    new = succeeded_tj("b", "2" * 64, "2026-11-02T00:00:00Z", {"app": "iris"})
+    dev = succeeded_tj("c", "3" * 64, "2026-11-03T00:00:00Z", {"app": "iris", "stage": "dev"})
+    training = {"metadata": {"name": "d", "labels": {"app": "iris"}, "creationTimestamp": "2026-11-04T00:00:00Z"},
+                "status": {"phase": "Running"}}
+    got = resolve_followed(md, [old, new, dev, training])
+    assert got.model is not None and got.model.trainingJob == "b" and got.reason == "NewestSucceeded"
+    assert follows(md, training) and not follows(md, {"metadata": {"name": "x", "labels": {"app": "other"}}})
+    assert selector_matches({}, {"any": "thing"}) and not selector_matches({"matchExpressions": [{"key": "k", "operator": "Exists"}]}, {})
+    nothing = resolve_followed(md, [training])
+    assert nothing.model is None and nothing.reason == "TrainingJobNotSucceeded"
+    assert resolve_followed(md, []).reason == "NoTrainingJobMatches"
+
+
+def test_the_previous_model_stays_served_while_a_new_run_trains_or_after_it_failed() -> None:
+    from kiln_operator.modeldeployment.follow import resolve_followed
+
+    served = {"uri": "pvc://models/t/model.onnx", "sha256": "1" * 64, "trainingJob": "t", "format": "onnx"}
+    md = {"metadata": {"name": "m", "namespace": "ns", "generation": 1}, "spec": {"model": {"trainingJob": "t"}},
+          "status": {"model": served, "phase": "Ready"}}
+    rerun = {"metadata": {"name": "t"}, "status": {"phase": "Running", "progress": {"percent": 40}}}
+    got = resolve_followed(md, [rerun])
+    assert got.model is not None and got.model.sha256 == "1" * 64 and got.previous and got.reason == "Retraining"
+    assert "40%" in got.message and "serving the previous model" in got.message
+    failed = resolve_followed(md, [{"metadata": {"name": "t"}, "status": {"phase": "Failed", "reason": "OOMKilled"}}])
+    assert failed.model is not None and failed.reason == "TrainingJobFailed" and not failed.failed
+    dep = {"metadata": {"generation": 1}, "spec": {"replicas": 1},
+           "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+                      "conditions": [{"type": "Available", "status": "True"}]}}
+    st = {**md["status"], **derive_md_status(md, failed, dep, [], OperatorSettings(), NOW).status}
+    assert st["phase"] == "Ready" and st["model"] == served
+    assert conds(st)["Ready"] == "True" and conds(st)["ModelResolved"] == "False" and conds(st)["Available"] == "True"

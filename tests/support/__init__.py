@@ -8,6 +8,8 @@ helpers from `support.*` (tests/conftest.py puts tests/ on sys.path). Modules by
 - `support.server`: `kiln serve` processes on 127.0.0.1 and the ONNX Runtime oracle (server tier)
 - `support.models`: small ONNX models built with onnx.helper (server tier)
 - `support.trainer`: tiny datasets, TrainingJob manifests and `kiln train` runs (training tier)
+- `support.kstatus`: the kstatus rules and a recorder of every status the operator writes (live tier)
+- `support.argocd`: Kiln's Argo CD Lua health checks run on Lua 5.1 (lupa)
 - `support.progress_server`: a stand-in for the API server that records the trainer's progress PATCHes
 
 tests/testenv.py (the control plane, also run by hand as a script) and tests/kubelet.py stay where they are.

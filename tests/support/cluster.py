@@ -46,10 +46,12 @@ class OperatorProcess:
         self.extra = extra or []
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0
 
     def start(self) -> OperatorProcess:
-        self.port = free_port()
-        argv = [*KILN, "operator", "--kubeconfig", str(self.kubeconfig), "--reconcile-interval", "0.5", "--liveness", f"http://127.0.0.1:{self.port}/healthz"]
+        self.port, self.metrics_port = free_port(), free_port()
+        argv = [*KILN, "operator", "--kubeconfig", str(self.kubeconfig), "--reconcile-interval", "0.5", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+                "--metrics-port", str(self.metrics_port), "--metrics-address", "127.0.0.1"]
         for ns in self.namespaces:
             argv += ["--namespace", ns]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILN_TRAINER_IMAGE": "kiln-trainer:test",
@@ -68,6 +70,15 @@ class OperatorProcess:
                 return r.status == 200
         except OSError:
             return False
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """A scrape of its /metrics: (sample name, sorted labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

@@ -66,6 +66,9 @@ spec:
             - name: health
               containerPort: {{ $values.operator.healthPort }}
               protocol: TCP
+            - name: metrics
+              containerPort: {{ $values.operator.metricsPort }}
+              protocol: TCP
           livenessProbe:
             httpGet:
               path: /healthz
@@ -161,6 +164,10 @@ Environment of `kiln operator`: every setting as KILN_<FIELD> (operator/kiln_ope
   value: {{ join "," $values.networkPolicies.trainerEgress | quote }}
 - name: KILN_POLICY
   value: {{ $values.policy | toJson | quote }}
+- name: KILN_PEERING_LIFETIME
+  value: {{ $values.peering.lifetime | int | toString | quote }}
+- name: KILN_METRICS_PORT
+  value: {{ $values.operator.metricsPort | int | toString | quote }}
 - name: HOME
   value: /tmp
 - name: PYTHONDONTWRITEBYTECODE

@@ -19,9 +19,10 @@ from kiln import API_VERSION, GROUP, VERSION, kube
 from kiln.kube import ApiError
 from kiln.policy import REASON as POLICY_VIOLATION
 from kiln.policy import describe
-from kiln.spec import ModelDeploymentSpec
-from kiln_operator import names, policycheck
-from kiln_operator.modeldeployment.render import build_modeldeployment, resolve_model
+from kiln_operator import metrics, names, policycheck
+from kiln_operator.conditions import condition
+from kiln_operator.modeldeployment.follow import follows, resolve_followed
+from kiln_operator.modeldeployment.render import build_modeldeployment
 from kiln_operator.modeldeployment.status import derive_md_status
 from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
 from kiln_operator.settings import OperatorSettings
@@ -68,13 +69,25 @@ class ModelDeploymentController:
                 log.warning("reconcile of ModelDeployment %s/%s failed: %s", key[0], key[1], exc)
 
     # -------------------------------------------------------------------------------- reconcile
+    def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """ModelDeployments by readiness, for /metrics (read at scrape time, no API calls)."""
+        ready = {"true": 0, "false": 0}
+        for key in list(self.mds.items):
+            for body in list((self.mds.items.get(key) or {}).values()):
+                cond = condition(self.writer.view(key, body)["status"], "Ready")
+                ready["true" if cond and cond.get("status") == "True" else "false"] += 1
+        return [("kiln_operator_modeldeployments", {"ready": r}, n) for r, n in ready.items()]
+
     async def reconcile(self, key: Key, body: dict[str, Any]) -> None:
+        with metrics.reconciling("ModelDeployment"):
+            await self._reconcile(key, body)
+
+    async def _reconcile(self, key: Key, body: dict[str, Any]) -> None:
         async with self.writer.locks[key]:
             md = self.writer.view(key, body)
             uid = md["metadata"].get("uid")
-            tj_name = ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job
-            tj = next(iter(self.trainingjobs.get((key[0], tj_name))), None) if tj_name else None
-            resolution = resolve_model(md, tj)
+            namespace_tjs = [t for k in self.trainingjobs if k[0] == key[0] for t in self.trainingjobs.get(k)]
+            resolution = resolve_followed(md, namespace_tjs)
             render_error, render_reason = "", "InvalidSpec"
             if resolution.model is not None:
                 base = self.settings.tenant_policy()
@@ -93,8 +106,8 @@ class ModelDeploymentController:
             deployment = next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
             server_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
             derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
-                                           render_reason=render_reason)
-            await self.writer.patch(key, derived.status)
+                                       render_reason=render_reason)
+            await self.writer.patch(key, derived.status, md)
             if derived.event:
                 await post_event(md, *derived.event)
 
@@ -190,15 +203,17 @@ class ModelDeploymentController:
             self.trainingjobs.items.pop(key, None)
         else:
             self.trainingjobs.items[key] = {"": snapshot(body)}
+        tj = {"metadata": dict(body.get("metadata") or {})}
         for md_key in list(self.mds):
             md = next(iter(self.mds.get(md_key)), None)
-            if md_key[0] == namespace and md and ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job == name:
+            if md_key[0] == namespace and md and follows(self.writer.view(md_key, md), tj):
                 await self.safe_reconcile(md_key)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> ModelDeploymentController:
     """Attach a ModelDeployment controller's handlers to `registry`."""
     c = ModelDeploymentController(settings)
+    metrics.STATE.set_source("ModelDeployment", c.metric_samples)
     selector = {names.LABEL_MODELDEPLOYMENT: kopf.PRESENT}
     kopf.on.startup(id="modeldeployment-resync", registry=registry)(c.start_resync)
     kopf.on.cleanup(id="modeldeployment-resync-stop", registry=registry)(c.stop_resync)

@@ -59,6 +59,8 @@ class Resolution:
     reason: str = ""
     message: str = ""
     failed: bool = False
+    previous: bool = False
+    """The model is the one served before: the newest followed TrainingJob has none (yet)."""
 
 
 def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
@@ -67,7 +69,7 @@ def resolve_model(md: dict[str, Any], tj: dict[str, Any] | None) -> Resolution:
     fmt = source.format
     if source.uri:
         return Resolution(ModelRef(source.uri, source.sha256 or "", "", fmt))
-    name = source.training_job or ""
+    name = source.training_job or ((tj or {}).get("metadata") or {}).get("name", "")
     served = ((md.get("status") or {}).get("model") or {})
     if tj is None:
         if served.get("uri") and served.get("trainingJob") == name:

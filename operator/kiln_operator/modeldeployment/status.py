@@ -8,7 +8,7 @@ from typing import Any
 
 from kiln.spec import ModelDeploymentSpec
 from kiln_operator import names
-from kiln_operator.conditions import now_utc, set_condition
+from kiln_operator.conditions import now_utc, set_all, set_condition, valid_reason
 from kiln_operator.modeldeployment.render import ModelRef, Resolution, grpc_address, service_url
 from kiln_operator.podstatus import START_FAILURES, problems, termination_summary, waits_for_gpu
 from kiln_operator.settings import OperatorSettings
@@ -89,32 +89,56 @@ def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds:
                          f"running spec.autoscaling.minReplicas={autoscaling.min_replicas} replicas", now, gen)
 
 
+def _available(deployment: dict[str, Any] | None) -> tuple[str, str, str]:
+    """(status, reason, message) of `Available`: some replica serves requests, whichever model it has."""
+    dep_status = (deployment or {}).get("status") or {}
+    ready = int(dep_status.get("readyReplicas") or 0)
+    cond = _deployment_condition(deployment or {}, "Available")
+    if deployment is None:
+        return "False", "NoDeployment", "the server Deployment does not exist yet"
+    if cond and cond.get("status") == "True" and ready > 0:
+        return "True", "MinimumReplicasAvailable", f"{ready} replica(s) serving"
+    return "False", valid_reason((cond or {}).get("reason") or "", "NoReplicasReady"), (cond or {}).get("message") or "no replica is ready"
+
+
 def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,
                      pods: list[dict[str, Any]], settings: OperatorSettings, now: datetime | None = None,
                      render_error: str = "", render_reason: str = "InvalidSpec") -> MDDerived:
-    """The status a ModelDeployment should have, from its model resolution and its Deployment."""
+    """The status a ModelDeployment should have, from its model resolution and its Deployment.
+
+    Every condition is present from the first write: Ready=False with a reason from creation on (so
+    kstatus does not take an unreconciled ModelDeployment for a ready one), Reconciling while it waits
+    for a model or rolls one out, Stalled when it cannot get on without a change (a failed TrainingJob,
+    an invalid spec or a policy violation, a rollout past its progress deadline).
+    """
     now = now or now_utc()
     old = md.get("status") or {}
     gen = (md.get("metadata") or {}).get("generation")
-    conds = list(old.get("conditions") or [])
+    conds = [c for c in old.get("conditions") or [] if c.get("type") != "ModelReady"]  # ModelResolved's old name
     new: dict[str, Any] = {"observedGeneration": gen}
     model = resolution.model
-    if render_error:
-        phase, reason, message = "Failed", render_reason, render_error
-        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
-    elif model is None:
-        phase = "Failed" if resolution.failed else "WaitingForModel"
+    if model is None:
+        phase = "Failed" if resolution.failed or render_error else "WaitingForModel"
         reason, message = resolution.reason, resolution.message
-        conds = set_condition(conds, "ModelReady", "False", reason, message, now, gen)
-        conds = set_condition(conds, "Ready", "False", reason, message, now, gen)
+        conds = set_condition(conds, "ModelResolved", "False", reason, message, now, gen)
     else:
-        conds = set_condition(conds, "ModelReady", "True", resolution.reason or "ModelResolved",
+        resolved = "False" if resolution.previous and resolution.reason != "Retraining" else "True"
+        conds = set_condition(conds, "ModelResolved", resolved, resolution.reason or "ModelResolved",
                               resolution.message or f"model {model.uri}", now, gen)
         phase, reason, message = _rollout(md, model, deployment, pods, new)
-        ready = "True" if phase == "Ready" else "False"
-        conds = set_condition(conds, "PredictorReady", ready, reason, message, now, gen)
-        conds = set_condition(conds, "Ready", ready, reason, message, now, gen)
+        if resolution.previous and phase == "Ready":
+            message = f"{message}; {resolution.message}"
+        conds = set_condition(conds, "PredictorReady", "True" if phase == "Ready" else "False", reason, message, now, gen)
         conds = _autoscaler_condition(md, settings, conds, now, gen)
+    if render_error:
+        phase, reason, message = "Failed", render_reason, render_error
+    ready = "True" if phase == "Ready" else "False"
+    conds = set_all(conds, [
+        ("Available", *_available(deployment)),
+        ("Ready", ready, reason, message),
+        ("Reconciling", "True" if phase in ("WaitingForModel", "Deploying") else "False", reason, message),
+        ("Stalled", "True" if phase == "Failed" else "False", reason, message),
+    ], now, gen)
     new.update(phase=phase, reason=reason, message=message[:2048], conditions=conds)
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     event = None

@@ -29,14 +29,14 @@ from kiln.kube import ApiError
 from kiln.policy import REASON as POLICY_VIOLATION
 from kiln.policy import describe
 from kiln.spec import TrainingJobSpec
-from kiln_operator import names, policycheck
-from kiln_operator.conditions import fmt_time, now_utc, set_condition
+from kiln_operator import metrics, names, policycheck
+from kiln_operator.conditions import fmt_time, now_utc, set_condition, stamp
 from kiln_operator.podstatus import pod_phase
 from kiln_operator.runtime import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError
 from kiln_operator.trainingjob.render import build_deployment, build_trainingjob
-from kiln_operator.trainingjob.status import HELD_BACK_MESSAGE, TERMINAL, derive, job_finished
+from kiln_operator.trainingjob.status import HELD_BACK_MESSAGE, TERMINAL, conditions_for, derive, job_finished
 
 PLURAL = "trainingjobs"
 Outcome = tuple[dict[str, Any], bool] | ApiError
@@ -161,7 +161,22 @@ class TrainingJobController:
             log.warning("reconcile of %s/%s failed (retried by the resync): %s", key[0], key[1], exc)
 
     # -------------------------------------------------------------------------------- reconcile
+    def metric_samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """TrainingJobs by phase and the reconcile queue, for /metrics (read at scrape time, no API calls)."""
+        phases = dict.fromkeys(("Pending", "Running", "Succeeded", "Failed", "Suspended"), 0)
+        for key in list(self.trainingjobs.items):
+            for body in list((self.trainingjobs.items.get(key) or {}).values()):
+                phase = self.writer.view(key, body)["status"].get("phase") or "Pending"
+                phases[phase] = phases.get(phase, 0) + 1
+        out: list[tuple[str, dict[str, str], float]] = [("kiln_operator_trainingjobs", {"phase": p}, n) for p, n in phases.items()]
+        out.append(("kiln_operator_queue_depth", {"kind": "TrainingJob"}, len(self.coalescer.dirty) + len(self.coalescer.running)))
+        return out
+
     async def reconcile(self, key: Key, body: dict[str, Any]) -> None:
+        with metrics.reconciling("TrainingJob"):
+            await self._reconcile(key, body)
+
+    async def _reconcile(self, key: Key, body: dict[str, Any]) -> None:
         async with self.writer.locks[key]:
             self.reconciled[key] = time.monotonic()
             tj = self.writer.view(key, body)
@@ -213,7 +228,7 @@ class TrainingJobController:
         derived = derive(tj, job, job_pods, held_back=held_back)
         if derived.delete_job and job:
             await kube.api().delete("batch/v1", "Job", key[0], job["metadata"]["name"])
-        await self.writer.patch(key, derived.status)
+        await self.writer.patch(key, derived.status, tj)
         if derived.event:
             await post_event(tj, *derived.event)
         status = self.writer.view(key, body)["status"]
@@ -235,10 +250,11 @@ class TrainingJobController:
     async def fail(self, key: Key, tj: dict[str, Any], reason: str, message: str) -> None:
         """Mark the TrainingJob Failed (the caller holds its lock)."""
         now = now_utc()
-        conditions = set_condition(tj["status"].get("conditions") or [], "Failed", "True", reason, message, now,
-                                   tj["metadata"].get("generation"))
+        generation = tj["metadata"].get("generation")
+        conditions = conditions_for(tj["status"].get("conditions") or [], "Failed", reason, message, now, generation,
+                                    created=bool(tj["status"].get("jobName")))
         await self.writer.patch(key, {"phase": "Failed", "reason": reason, "message": message, "conditions": conditions,
-                                      "completionTime": fmt_time(now), "observedGeneration": tj["metadata"].get("generation")})
+                                      "completionTime": fmt_time(now), "observedGeneration": generation}, tj)
         await post_event(tj, "Warning", reason, message)
 
     # -------------------------------------------------------------------------------- children
@@ -247,7 +263,11 @@ class TrainingJobController:
         if TrainingJobSpec.from_dict(tj.get("spec")).run_policy.suspend and not self.features.job_suspend:
             # No Job suspend on this API server: hold the Job back until the user resumes.
             if tj["status"].get("phase") != "Suspended":
-                await self.writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE})
+                generation = tj["metadata"].get("generation")
+                conditions = conditions_for(tj["status"].get("conditions") or [], "Suspended", "Suspended", HELD_BACK_MESSAGE,
+                                            now_utc(), generation, created=False)
+                await self.writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": HELD_BACK_MESSAGE,
+                                              "conditions": conditions, "observedGeneration": generation}, tj)
                 await post_event(tj, "Normal", "Suspended", "the Job is held back while spec.runPolicy.suspend is true")
             return
         violations = await policycheck.check("TrainingJob", tj, self.settings.tenant_policy())
@@ -293,17 +313,16 @@ class TrainingJobController:
         status, spec = tj["status"], TrainingJobSpec.from_dict(tj.get("spec"))
         now = now_utc()
         generation = tj["metadata"].get("generation")
-        update: dict[str, Any] = {
-            "jobName": job_name,
-            "observedGeneration": generation,
-            "conditions": set_condition(status.get("conditions") or [], "Created", "True", "JobCreated",
-                                        f"created Job {job_name}", now, generation),
-        }
+        conditions = set_condition(status.get("conditions") or [], "Created", "True", "JobCreated",
+                                   f"created Job {job_name}", now, generation)
+        update: dict[str, Any] = {"jobName": job_name, "observedGeneration": generation, "conditions": conditions}
         if not status.get("phase") or status.get("phase") == "Suspended":
-            update.update(phase="Pending", reason="JobCreated", message=f"Job {job_name} created, waiting for pods")
+            message = f"Job {job_name} created, waiting for pods"
+            update.update(phase="Pending", reason="JobCreated", message=message,
+                          conditions=conditions_for(conditions, "Pending", "JobCreated", message, now, generation, created=True))
         if not status.get("progress") and not spec.command:
             update["progress"] = {"epoch": 0, "epochs": spec.training.epochs, "percent": 0}
-        await self.writer.patch(key, {k: v for k, v in update.items() if status.get(k) != v})
+        await self.writer.patch(key, {k: v for k, v in update.items() if status.get(k) != v}, tj)
 
     # -------------------------------------------------------------------------------- spec edits
     async def spec_changed(self, key: Key, tj: dict[str, Any], job: dict[str, Any] | None) -> None:
@@ -312,21 +331,22 @@ class TrainingJobController:
         generation = tj["metadata"].get("generation")
         original = recorded_spec(job) if job else None
         fields = changed_fields(original, spec) if original is not None else ["spec"]
-        update: dict[str, Any] = {"observedGeneration": generation}
-        conditions = status.get("conditions") or []
+        # Every condition is now observed at the new generation, or `kubectl wait` would wait forever.
+        conditions = stamp(status.get("conditions") or [], generation)
+        update: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
         if all(f.startswith("spec.runPolicy.suspend") for f in fields) and job is not None and status.get("phase") not in TERMINAL:
             await self._apply_suspend(key, tj, job)
             ignored = next((c for c in conditions if c.get("type") == "SpecChangeIgnored"), None)
             if ignored is not None and ignored.get("status") == "True":
                 update["conditions"] = set_condition(conditions, "SpecChangeIgnored", "False", "SpecMatchesJob",
                                                      "the spec is back to what the Job runs with", now_utc(), generation)
-            await self.writer.patch(key, update)
+            await self.writer.patch(key, update, tj)
             return
         message = (f"{', '.join(fields)} changed after Job {status.get('jobName')} was created; the change is not "
                    "applied to the running job. Delete and re-create the TrainingJob to train with it.")
         update["conditions"] = set_condition(conditions, "SpecChangeIgnored", "True", "SpecChangeIgnored",
                                              message, now_utc(), generation)
-        await self.writer.patch(key, update)
+        await self.writer.patch(key, update, tj)
         await post_event(tj, "Warning", "SpecChangeIgnored", message)
 
     async def _apply_suspend(self, key: Key, tj: dict[str, Any], job: dict[str, Any]) -> None:
@@ -383,6 +403,7 @@ def _ours(outcome: Outcome, uid: str | None) -> bool:
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> TrainingJobController:
     """Attach a TrainingJob controller's handlers to `registry`."""
     c = TrainingJobController(settings)
+    metrics.STATE.set_source("TrainingJob", c.metric_samples)
     selector = {names.LABEL_TRAININGJOB: kopf.PRESENT}
     kopf.on.startup(id="trainingjob-resync", registry=registry)(c.start_resync)
     kopf.on.cleanup(id="trainingjob-resync-stop", registry=registry)(c.stop_resync)

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from kiln.spec import TrainingJobSpec
-from kiln_operator.conditions import fmt_time, now_utc, parse_time, set_condition
+from kiln_operator.conditions import fmt_time, now_utc, parse_time, set_all
 from kiln_operator.podstatus import START_FAILURES, pod_phase, problems, statuses, termination_summary, waits_for_gpu
 
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
@@ -192,7 +192,10 @@ def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, 
     if job is not None:
         new["jobName"] = job["metadata"]["name"]
     generation = (tj.get("metadata") or {}).get("generation")
-    new["conditions"] = _conditions(list(old.get("conditions") or []), phase, reason, message, now, generation)
+    new["observedGeneration"] = generation
+    before = list(old.get("conditions") or [])
+    new["conditions"] = conditions_for(before, phase, reason, message, now, generation,
+                                       created=bool(new.get("jobName") or old.get("jobName")))
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     event = None
     if (phase, reason) != (old.get("phase"), old.get("reason")):
@@ -201,22 +204,37 @@ def derive(tj: dict[str, Any], job: dict[str, Any] | None, pods: list[dict[str, 
     return Derived(status=changed, delete_job=delete_job, event=event)
 
 
-def _conditions(conditions: list[dict[str, Any]], phase: str, reason: str, message: str, now: datetime,
-                generation: int | None) -> list[dict[str, Any]]:
+def conditions_for(conditions: list[dict[str, Any]], phase: str, reason: str, message: str, now: datetime,
+                   generation: int | None, created: bool) -> list[dict[str, Any]]:
+    """The full condition set for a phase: Kubeflow's Created/Running/Succeeded/Failed, plus Ready and
+    kstatus' Reconciling/Stalled, every one present (False where not true) from the first write.
+
+    A terminal failure is Stalled=True (kstatus and Flux then say Failed, not InProgress forever);
+    Ready is True only once Succeeded; Reconciling is True while the run is pending or running.
+    """
+    reason = reason or phase
+    done = phase in TERMINAL
+    had_created = next((c for c in conditions if c.get("type") == "Created" and c.get("status") == "True"), None)
+    wanted: list[tuple[str, str, str, str]] = []
+    if created and not had_created:
+        wanted.append(("Created", "True", "JobCreated", "the Job was created"))
+    elif not created and not had_created:
+        wanted.append(("Created", "False", reason, message))
     if phase == "Running":
-        conditions = set_condition(conditions, "Running", "True", reason or "Running", message, now, generation)
+        wanted.append(("Running", "True", reason, message))
         if reason == "Restarting":
-            conditions = set_condition(conditions, "Restarting", "True", reason, message, now, generation)
-    elif phase == "Succeeded":
-        conditions = set_condition(conditions, "Running", "False", "Finished", "the job finished", now, generation)
-        conditions = set_condition(conditions, "Succeeded", "True", reason, message, now, generation)
-    elif phase == "Failed":
-        if any(c.get("type") == "Running" for c in conditions):
-            conditions = set_condition(conditions, "Running", "False", "Finished", "the job finished", now, generation)
-        conditions = set_condition(conditions, "Failed", "True", reason, message, now, generation)
-    elif phase in ("Pending", "Suspended") and any(c.get("type") == "Running" and c.get("status") == "True" for c in conditions):
-        conditions = set_condition(conditions, "Running", "False", reason or phase, message, now, generation)
-    return [c for c in conditions if not (c["type"] == "Restarting" and phase != "Running")]
+            wanted.append(("Restarting", "True", reason, message))
+    else:
+        wanted.append(("Running", "False", "Finished" if done else reason, "the job finished" if done else message))
+    wanted += [
+        ("Succeeded", "True" if phase == "Succeeded" else "False", reason, message),
+        ("Failed", "True" if phase == "Failed" else "False", reason, message),
+        ("Ready", "True" if phase == "Succeeded" else "False", reason, message),
+        ("Reconciling", "True" if phase in ("Pending", "Running") else "False", reason, message),
+        ("Stalled", "True" if phase == "Failed" else "False", reason, message),
+    ]
+    out = set_all(conditions, wanted, now, generation)
+    return [c for c in out if not (c["type"] == "Restarting" and phase != "Running")]
 
 
 def _pod_trouble(pod: dict[str, Any], gpus: int, start_timeout: int, now: datetime) -> tuple[str, str, str, bool] | None:

@@ -1,0 +1,64 @@
+-- Argo CD health of a Kiln ModelDeployment (resource.customizations.health.kiln.dev_ModelDeployment).
+-- Healthy when the current model is rolled out (Ready), Degraded when it cannot go on without a
+-- change (Stalled: failed TrainingJob, invalid spec, rollout past its deadline), Progressing while it
+-- waits for a model or rolls one out (the message says whether some replica serves meanwhile).
+local hs = {}
+
+local function condition(kind)
+  if obj.status ~= nil and obj.status.conditions ~= nil then
+    for _, c in ipairs(obj.status.conditions) do
+      if c.type == kind then
+        return c
+      end
+    end
+  end
+  return nil
+end
+
+local function detail(prefix)
+  local text = prefix
+  if obj.status.reason ~= nil and obj.status.reason ~= "" then
+    text = text .. " (" .. obj.status.reason .. ")"
+  end
+  if obj.status.message ~= nil and obj.status.message ~= "" then
+    text = text .. ": " .. obj.status.message
+  end
+  return text
+end
+
+if obj.status == nil or obj.status.phase == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Kiln operator"
+  return hs
+end
+
+local generation = obj.metadata.generation
+if obj.status.observedGeneration ~= nil and generation ~= nil and obj.status.observedGeneration < generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Kiln operator to observe generation " .. generation
+  return hs
+end
+
+local ready = condition("Ready")
+local stalled = condition("Stalled")
+local available = condition("Available")
+local phase = obj.status.phase
+
+if (ready ~= nil and ready.status == "True") or (ready == nil and phase == "Ready") then
+  hs.status = "Healthy"
+  hs.message = detail("Ready")
+  return hs
+end
+if (stalled ~= nil and stalled.status == "True") or (stalled == nil and phase == "Failed") then
+  hs.status = "Degraded"
+  hs.message = detail("Failed")
+  return hs
+end
+
+local text = phase
+if available ~= nil and available.status == "True" then
+  text = text .. ", still serving"
+end
+hs.status = "Progressing"
+hs.message = detail(text)
+return hs
