@@ -362,7 +362,7 @@ def _wanted(path: str, manifests: list[Manifest], trained: dict[str, Trained], r
         if ref.training_job_selector is not None:
             # The newest match is the last one in the file (they train in file order).
             matching = [t for t in trained.values()
-                        if selector_matches(ref.training_job_selector, (t.manifest.raw.get("metadata") or {}).get("labels"))]
+                        if selector_matches(ref.training_job_selector.to_dict(), (t.manifest.raw.get("metadata") or {}).get("labels"))]
             if not matching:
                 raise LocalError(f"{where}: spec.model.trainingJobSelector matches no TrainingJob in this file")
             wanted.append(Wanted(name, spec, matching[-1], *_model_file(matching[-1], ref.format), timeout))

@@ -213,10 +213,25 @@ class Scheduling(Model):
 
 # ---------------------------------------------------------------------------------------- ModelDeployment
 @dataclass(frozen=True)
+class LabelRequirement(Model):
+    key: str
+    operator: str
+    values: list[str] | None
+
+
+@dataclass(frozen=True)
+class LabelSelector(Model):
+    """A metav1.LabelSelector (`kiln.labels.selector_matches` reads its `to_dict()`)."""
+
+    match_labels: dict[str, str] | None
+    match_expressions: list[LabelRequirement] | None
+
+
+@dataclass(frozen=True)
 class ModelSource(Model):
     training_job: str | None
-    training_job_selector: dict[str, Any] | None
-    """A metav1.LabelSelector (kiln.labels matches it); the newest succeeded TrainingJob it selects is served."""
+    training_job_selector: LabelSelector | None
+    """The newest succeeded TrainingJob it selects is served."""
     uri: str | None
     format: str
     sha256: str | None
