@@ -435,6 +435,9 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
         with contextlib.suppress(KeyboardInterrupt):
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C while the servers were still starting (or being tried): a stop like any other, no traceback.
+        return 130 if once else 0
     finally:
         for s in servers:
             if s.process.poll() is None:
