@@ -68,6 +68,7 @@ def test_fast_and_general_paths_agree(datatype: str, data: Any, shape: list[int]
     np.testing.assert_array_equal(fast, general)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the server filters it too (protocol.py)
 @pytest.mark.parametrize(
     ("datatype", "data", "shape", "needle"),
     [
