@@ -194,6 +194,11 @@ def render(points: list[run.Point], meta: dict[str, Any], command: str) -> str:
             continue
         lines.append(f"| {label} | {p.rps:,.0f} | {p.rps / json_rps:.2f}x | {p.p50_ms:.2f} | {p.server_cpu_cores:.2f} | "
                      f"{p.per_core:,.0f} | {', '.join(str(v) for v in p.extra.get('rounds_rps', []))} |")
+    load = float(meta["load"].split()[0])
+    if load > (meta["cpus"] or 1):
+        lines += ["", (f"**Caveat: the machine was overloaded during this run** (load average {load:.1f} on {meta['cpus']} CPUs, "
+                       "from other work on it): the server got a fraction of its CPU, so absolute req/s are far below what "
+                       "it serves on a quiet machine; the ratios and the per-core column are the comparable numbers.")]
     lines += ["", f"Command: `{command}`",
               "Raw numbers: `bench/results/grpc_rest.json`.", ""]
     return "\n".join(lines)

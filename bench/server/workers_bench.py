@@ -115,6 +115,13 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], command: str) -> st
                    f"(CPU per request {extra_cost:+.0f} % "
                    "with two workers: beyond that, the req/s ratio follows how much CPU the shared machine left the server)."), "",
               f"Command: `{command}`", "Raw numbers: `bench/results/workers.json`.", ""]
+    load = max(float(meta["load_before"].split()[0]), float(meta["load_after"].split()[0]))
+    if load > (meta["cpus"] or 1):
+        lines[-3:-3] = [(
+            f"**Caveat: the machine was overloaded during this run** (load average up to {load:.1f} on {meta['cpus']} CPUs, "
+            "from other work on it): the server got a fraction of a core, and two processes get a larger share of a "
+            "contended scheduler than one. This run therefore neither confirms nor refutes the 1.7x target; rerun on a quiet "
+            "machine. What it does show is the CPU cost per request with one and with two workers."), ""]
     return "\n".join(lines)
 
 
