@@ -34,7 +34,8 @@ RBAC_KINDS = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
 class ChartOperator(OperatorProcess):
-    """The real `kiln operator` with exactly the args and env of the chart's Deployment (liveness on a free port)."""
+    """The real `kiln operator` with exactly the args and env of the chart's Deployment (liveness and
+    metrics on free ports: the chart's fixed 9090 would collide with another operator on this host)."""
 
     def __init__(self, deployment: dict[str, Any], kubeconfig: Path, log: Path) -> None:
         super().__init__(kubeconfig, [], log)
@@ -43,8 +44,9 @@ class ChartOperator(OperatorProcess):
         self.env = {e["name"]: e["value"] for e in container["env"]}
 
     def start(self) -> ChartOperator:
-        self.port = free_port()
-        env = {**os.environ, **self.env, "KILN_LIVENESS": f"http://127.0.0.1:{self.port}/healthz", "HOME": os.environ.get("HOME", "/tmp")}
+        self.port, self.metrics_port = free_port(), free_port()
+        env = {**os.environ, **self.env, "KILN_LIVENESS": f"http://127.0.0.1:{self.port}/healthz",
+               "KILN_METRICS_PORT": str(self.metrics_port), "KILN_METRICS_ADDRESS": "127.0.0.1", "HOME": os.environ.get("HOME", "/tmp")}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([*KILN, "operator", "--kubeconfig", str(self.kubeconfig), *self.args],
                                          stdout=log, stderr=log, env=env, cwd=ROOT)
