@@ -162,7 +162,10 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     pod_lat = sorted(pods_seen[k] - created[k] for k in created if k in pods_seen) if pods else []
     rss = peak_rss_mb(proc.pid)
     events = kube.blocking().call("GET", f"/api/v1/namespaces/{ns}/events").get("items") or []
-    failed_creates = sum(1 for e in events if e.get("reason") == "FailedCreate")
+    failed = [e for e in events if e.get("reason") == "FailedCreate"]
+    failed_creates = len(failed)
+    # Why they were refused, e.g. a ServiceAccount whose token Secret did not exist yet (first 3 distinct).
+    failed_messages = list(dict.fromkeys(str(e.get("message", ""))[:300] for e in failed))[:3]
     if os.environ.get("BENCH_EVENTS"):
         from collections import Counter
         print(Counter((e["involvedObject"]["kind"], e["reason"]) for e in events), flush=True)
@@ -180,7 +183,8 @@ def one_round(cp: ControlPlane, which: str, n: int, logdir: Path, wrap: list[str
     return {"operator": which, "n": n, "jobs": len(seen), "p50_s": p50, "p95_s": p95,
             "all_jobs_s": total, "pod_p50_s": pod_p50, "pod_p95_s": pod_p95, "all_pods_s": pod_total,
             "peak_rss_mb": rss,
-            "cpu_s": cpu, "failed_pod_creates": failed_creates, "busy_cores_before": round(idle, 2)}
+            "cpu_s": cpu, "failed_pod_creates": failed_creates, "failed_pod_create_messages": failed_messages,
+            "busy_cores_before": round(idle, 2)}
 
 
 def main() -> int:

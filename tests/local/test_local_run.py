@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
 import shutil
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from support import models
+from support.fetchrules import LOOPBACK_FETCH
 
 pytestmark = [pytest.mark.training, pytest.mark.server]
 
@@ -154,8 +156,9 @@ def test_a_model_uri_is_served_with_its_sha256_and_limits(tmp_path: Path, model_
           "spec": {"model": {"uri": url, "sha256": sha}, "limits": {"maxElements": 1500}}}
     f = tmp_path / "md.yaml"
     f.write_text(yaml.safe_dump(md))
+    # The test's model server is plain http on 127.0.0.1: opted in explicitly (the fetch rules refuse both by default).
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "run", str(f)], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **LOOPBACK_FETCH})
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
