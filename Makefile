@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   set up, then train and serve the quickstart on this machine (no cluster)
 #   make test   set up (venv, kubectl/helm, control plane), then run every test tier; the e2e tier last,
-#               on a real node (scripts/images.sh + scripts/cluster.sh, started and stopped by the tier)
+#               on a real node (scripts/images.sh + scripts/cluster.sh, started and stopped by the tier;
+#               --timeout 2400 because its first test also waits for a cold image build and cluster start)
 .PHONY: demo test unit live e2e lint crds
 
 PYTEST = .venv/bin/pytest
@@ -16,7 +17,7 @@ test:
 	.venv/bin/lint-imports
 	.venv/bin/mypy --strict kiln operator/kiln_operator images/server/kiln_server images/trainer/kiln_trainer
 	$(PYTEST) -q -p no:cacheprovider -m "not e2e"
-	$(PYTEST) -q -p no:cacheprovider -m e2e
+	$(PYTEST) -q -p no:cacheprovider -m e2e --timeout 2400
 
 # One tier at a time while developing.
 unit:
@@ -24,7 +25,7 @@ unit:
 live:
 	$(PYTEST) -q -m live
 e2e:
-	$(PYTEST) -q -m e2e
+	$(PYTEST) -q -m e2e --timeout 2400
 
 lint:
 	.venv/bin/ruff check .
