@@ -20,6 +20,11 @@ import pytest
 from support.node import IMAGES, RELEASE, RELEASE_NS, ROOT, SCRIPTS, Kube, Volumes, run_script
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `last` (the uninstall, which deletes the CRDs) run after every other test, whatever file they are in."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
     """The node cluster: the session's own (images built, `cluster.sh up`, `down` at the end) or KILN_E2E_KUBECONFIG's."""
