@@ -378,7 +378,8 @@ def test_standby_pod_takes_over_after_the_active_pod_is_killed(kube: Kube, chart
         eventually(lambda: sum("Resuming" in line for line in peering()) > resumed_before, lifetime + 60, "the standby pod to resume")
         print(f"\nstandby pod took over {time.monotonic() - killed:.1f} s after the active pod was killed (lifetime {lifetime} s)")
         for name in names:
-            assert wait_finished(kube, namespace, name, 300)["phase"] == "Succeeded", name
+            status = wait_finished(kube, namespace, name, 300)
+            assert status["phase"] == "Succeeded", (name, status)
             assert len(kube.items("jobs", namespace, f"kiln.dev/trainingjob={name}")) == 1, name
     finally:
         kube.helm("upgrade", release, str(ROOT / "charts" / "kiln"), "-n", release_ns, "--reuse-values", "--wait", "--timeout", "3m",
