@@ -116,6 +116,9 @@ LAYER_TYPES = ["Dense", "Dropout", "BatchNormalization", "Conv2D", "MaxPooling2D
 ACTIVATIONS = ["linear", "relu", "sigmoid", "softmax", "tanh", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu"]
 LOSSES = ["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae", "huber"]
 METRICS = ["accuracy", "mse", "mae", "auc", "precision", "recall"]
+INITIALIZERS = ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
+                "orthogonal", "random_normal", "random_uniform", "truncated_normal", "zeros", "ones"]
+SCHEDULES = ["constant", "exponential", "cosine", "step", "plateau"]
 
 LAYER = obj(
     "One Keras layer. Which fields apply depends on `type`; the trainer rejects a field that the type does not take.",
@@ -132,6 +135,15 @@ LAYER = obj(
         "poolSize": s("integer", "Pooling: square window size.", minimum=1, maximum=64),
         "targetShape": arr("Reshape: target shape without the batch dimension.", {"type": "integer", "minimum": 1}, minItems=1, maxItems=4),
         "momentum": s("number", "BatchNormalization: moving average momentum.", minimum=0, maximum=1),
+        "kernelInitializer": s("string", "Dense/Conv2D: how the kernel is initialized (Keras' default glorot_uniform; he_* suit relu).", enum=INITIALIZERS),
+        "kernelRegularizer": obj(
+            "Dense/Conv2D: weight penalty added to the loss (against overfitting); at least one above 0.",
+            {
+                "l1": s("number", "L1 factor: sum of absolute weights (drives weights to exactly 0).", minimum=0, maximum=10),
+                "l2": s("number", "L2 factor: sum of squared weights (shrinks weights).", minimum=0, maximum=10),
+            },
+            minProperties=1,
+        ),
     },
     required=["type"],
 )
@@ -223,6 +235,16 @@ TRAININGJOB_SPEC = obj(
                         "dropDuplicates": s("boolean", "Drop duplicate rows.", default=True),
                         "missingValues": s("string", "Rows with missing features: drop them, or impute by mean, median or zero (imputation is part of the exported model).", enum=["drop", "mean", "median", "zero"], default="drop"),
                         "normalization": s("string", "Feature scaling fitted on the training split and exported inside the model.", enum=["none", "standard", "minmax"], default="none"),
+                        "dropColumns": arr("CSV/Parquet: feature columns the model ignores; the exported model still takes every raw column (the drop is in the graph).", {"type": "string", "minLength": 1}, minItems=1),
+                        "varianceThreshold": s("number", "Drop feature columns whose variance on the training split is at or below this (0 drops constant columns); in the exported graph like dropColumns.", minimum=0),
+                        "pca": obj(
+                            "Principal component analysis fitted on the training split (after imputation and normalization) and exported in the graph: the model takes raw features. Exactly one of components and varianceRatio; flat inputs only.",
+                            {
+                                "components": s("integer", "Number of components kept.", minimum=1, maximum=65536),
+                                "varianceRatio": s("number", "Keep the fewest components that explain at least this share of the variance.", minimum=0, exclusiveMinimum=True, maximum=1),
+                            },
+                            oneOf=[{"required": ["components"]}, {"required": ["varianceRatio"]}],
+                        ),
                         "augmentation": obj(
                             "Image augmentation, active in training only.",
                             {
@@ -233,6 +255,11 @@ TRAININGJOB_SPEC = obj(
                             },
                         ),
                     },
+                ),
+                "balance": obj(
+                    "Imbalanced classes: reweight or resample the training split (never the held-out rows). Classification losses only.",
+                    {"strategy": s("string", "classWeights: weight the loss by n / (k * count) per class; oversample: repeat minority rows (with replacement) up to the majority count; undersample: drop majority rows down to the minority count.", enum=["classWeights", "oversample", "undersample"])},
+                    required=["strategy"],
                 ),
             },
             required=["uri"],
@@ -260,6 +287,21 @@ TRAININGJOB_SPEC = obj(
                         "epsilon": s("number", "adam, adamw, rmsprop: epsilon.", minimum=0, exclusiveMinimum=True),
                         "rho": s("number", "rmsprop: discounting factor.", minimum=0, maximum=1),
                         "weightDecay": s("number", "adamw: decoupled weight decay.", minimum=0),
+                        "clipNorm": s("number", "Every optimizer: rescale each gradient to at most this L2 norm (against exploding gradients). Not with clipValue.", minimum=0, exclusiveMinimum=True),
+                        "clipValue": s("number", "Every optimizer: clip each gradient element to [-clipValue, clipValue]. Not with clipNorm.", minimum=0, exclusiveMinimum=True),
+                    },
+                    **{"not": {"required": ["clipNorm", "clipValue"]}},
+                ),
+                "learningRateSchedule": obj(
+                    "How the learning rate changes per epoch, starting from optimizer.learningRate. Each epoch's rate is recorded in history.json (learning_rate).",
+                    {
+                        "type": s("string", "constant; exponential: lr * decayRate^(t/decaySteps); step: lr * decayRate^floor(t/decaySteps); cosine: from lr down to minLearningRate over decaySteps epochs; plateau: multiply by factor after patience epochs without a better val_loss.", enum=SCHEDULES, default="constant"),
+                        "warmupEpochs": s("integer", "Ramp linearly up to the learning rate over this many epochs first (fewer than epochs).", minimum=0, maximum=100000),
+                        "decayRate": s("number", "exponential, step: factor per decaySteps epochs.", minimum=0, exclusiveMinimum=True, maximum=1),
+                        "decaySteps": s("integer", "exponential, step: epochs per decay; cosine: length of the decay in epochs (default: all epochs after warmup).", minimum=1),
+                        "minLearningRate": s("number", "exponential, step, cosine, plateau: the rate never goes below this (must be below learningRate).", minimum=0),
+                        "patience": s("integer", "plateau: epochs without improvement of val_loss before reducing.", minimum=1),
+                        "factor": s("number", "plateau: multiply the rate by this.", minimum=0, exclusiveMinimum=True, maximum=1, exclusiveMaximum=True),
                     },
                 ),
                 "loss": s("string", "Loss function.", enum=LOSSES, default="sparse_categorical_crossentropy"),

@@ -168,9 +168,9 @@ def test_same_seed_same_metrics(tmp_path: Path, kiln_train) -> None:
 
 
 def test_class_weight_and_early_stopping(tmp_path: Path, kiln_train) -> None:
-    from kiln_trainer.trainer import _class_weight
+    from kiln_trainer.balance import class_weights
 
-    weights = _class_weight(np.array([0, 0, 0, 1]), "sparse_categorical_crossentropy")
+    weights = class_weights(np.array([0, 0, 0, 1]))
     assert weights == {0: pytest.approx(4 / 6), 1: pytest.approx(2.0)}
 
     x, y = blobs(n=200)

@@ -102,7 +102,16 @@ def _fill(model: keras.Model) -> np.ndarray | None:
         pre = model.get_layer(PREPROCESS)
     except ValueError:
         return None
-    return np.asarray(pre.fill) if getattr(pre, "impute", False) else None
+    if not getattr(pre, "impute", False):
+        return None
+    fill = np.asarray(pre.fill)
+    try:  # columns selected in front of the imputation: the fill values sit at the kept raw columns
+        keep = model.get_layer("kiln_select").keep
+    except ValueError:
+        return fill
+    raw = np.zeros(int(model.input_shape[-1]), dtype=fill.dtype)
+    raw[keep] = fill
+    return raw
 
 
 def _preprocess_nodes(path: Path) -> list[str]:

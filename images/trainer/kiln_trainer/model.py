@@ -16,10 +16,11 @@ from kiln_trainer.errors import SpecError
 
 # Per layer type: (required fields, optional fields). `type` and `name` apply to all.
 LAYER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "Dense": (("units",), ("activation",)),
+    "Dense": (("units",), ("activation", "kernelInitializer", "kernelRegularizer")),
     "Dropout": (("rate",), ()),
     "BatchNormalization": ((), ("momentum",)),
-    "Conv2D": (("filters", "kernelSize"), ("strides", "padding", "activation")),
+    "Conv2D": (("filters", "kernelSize"), ("strides", "padding", "activation", "kernelInitializer",
+                                          "kernelRegularizer")),
     "MaxPooling2D": ((), ("poolSize", "strides", "padding")),
     "AveragePooling2D": ((), ("poolSize", "strides", "padding")),
     "Flatten": ((), ()),
@@ -28,6 +29,18 @@ LAYER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
+
+
+def _kernel_args(spec: dict[str, Any], where: str) -> dict[str, Any]:
+    """`kernel_initializer` (Keras' default glorot_uniform when unset) and an L1/L2 `kernel_regularizer`."""
+    args: dict[str, Any] = {"kernel_initializer": spec.get("kernelInitializer", "glorot_uniform")}
+    reg = spec.get("kernelRegularizer")
+    if reg:
+        l1, l2 = float(reg.get("l1", 0) or 0), float(reg.get("l2", 0) or 0)
+        if not (l1 or l2):
+            raise SpecError("kernelRegularizer needs l1 or l2 above 0", f"{where}.kernelRegularizer")
+        args["kernel_regularizer"] = keras.regularizers.L1L2(l1=l1, l2=l2)
+    return args
 
 
 def _one_layer(i: int, spec: dict[str, Any]) -> keras.layers.Layer:
@@ -47,7 +60,7 @@ def _one_layer(i: int, spec: dict[str, Any]) -> keras.layers.Layer:
     act = spec.get("activation", "linear")
     pool = spec.get("poolSize", 2)
     if kind == "Dense":
-        return keras.layers.Dense(int(spec["units"]), activation=act, name=name)
+        return keras.layers.Dense(int(spec["units"]), activation=act, name=name, **_kernel_args(spec, where))
     if kind == "Dropout":
         return keras.layers.Dropout(float(spec["rate"]), name=name)
     if kind == "BatchNormalization":
@@ -55,7 +68,8 @@ def _one_layer(i: int, spec: dict[str, Any]) -> keras.layers.Layer:
     if kind == "Conv2D":
         k = int(spec["kernelSize"])
         return keras.layers.Conv2D(int(spec["filters"]), (k, k), strides=int(spec.get("strides", 1)),
-                                   padding=spec.get("padding", "valid"), activation=act, name=name)
+                                   padding=spec.get("padding", "valid"), activation=act, name=name,
+                                   **_kernel_args(spec, where))
     if kind in ("MaxPooling2D", "AveragePooling2D"):
         cls = keras.layers.MaxPooling2D if kind == "MaxPooling2D" else keras.layers.AveragePooling2D
         strides = spec.get("strides")
@@ -76,16 +90,17 @@ class Models:
     training: keras.Model
 
 
-def build(input_shape: list[int], layer_specs: list[dict[str, Any]], pre: keras.layers.Layer | None,
+def build(input_shape: list[int], layer_specs: list[dict[str, Any]], pre: list[keras.layers.Layer] | None,
           augment: list[keras.layers.Layer]) -> Models:
-    """The inference model (input -> preprocessing -> layers) and the training model that shares it."""
+    """The inference model (input -> preprocessing layers -> layers) and the training model that shares it."""
     if not layer_specs:
         raise SpecError("needs at least one layer", "spec.model.layers")
     layers = [_one_layer(i, s) for i, s in enumerate(layer_specs)]
     inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
     train_inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
-    h = pre(inp) if pre is not None else inp
-    t = pre(train_inp) if pre is not None else train_inp
+    h, t = inp, train_inp
+    for p in pre or []:
+        h, t = p(h), p(t)
     for a in augment:
         t = a(t)
     for i, lay in enumerate(layers):

@@ -20,6 +20,9 @@ OPTIMIZER_FIELDS: dict[str, dict[str, str]] = {
     "adamw": {"beta1": "beta_1", "beta2": "beta_2", "epsilon": "epsilon", "weightDecay": "weight_decay"},
 }
 _CLASSES = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop", "adamw": "AdamW"}
+# Gradient clipping, taken by every optimizer: clipNorm rescales each gradient to at most this L2 norm,
+# clipValue clips each gradient element to [-v, v]. Keras takes only one of them.
+CLIP_FIELDS = {"clipNorm": "clipnorm", "clipValue": "clipvalue"}
 
 
 def build(spec: dict[str, Any]) -> keras.optimizers.Optimizer:
@@ -28,7 +31,10 @@ def build(spec: dict[str, Any]) -> keras.optimizers.Optimizer:
     name = spec.get("name", "adam")
     if name not in OPTIMIZER_FIELDS:
         raise SpecError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZER_FIELDS)})", f"{where}.name")
-    fields = OPTIMIZER_FIELDS[name]
+    fields = {**OPTIMIZER_FIELDS[name], **CLIP_FIELDS}
+    if "clipNorm" in spec and "clipValue" in spec:
+        raise SpecError("set clipNorm or clipValue, not both (Keras applies only one kind of clipping)",
+                        f"{where}.clipValue")
     kwargs: dict[str, Any] = {"learning_rate": float(spec.get("learningRate", 0.001))}
     for key, value in spec.items():
         if key in ("name", "learningRate"):

@@ -133,7 +133,8 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bases = [k for k in history if not k.startswith("val_") and k != "learning_rate"]
-    fig, axes = plt.subplots(1, max(len(bases), 1), figsize=(5 * max(len(bases), 1), 3.6), squeeze=False)
+    panels = len(bases) + ("learning_rate" in history)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 3.6), squeeze=False)
     for ax, key in zip(axes[0], bases, strict=False):
         epochs = range(1, len(history[key]) + 1)
         ax.plot(epochs, history[key], marker="o", label="training")
@@ -142,6 +143,13 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
+        ax.grid(alpha=0.3)
+    if "learning_rate" in history:  # the schedule, one value per epoch (log scale: decays are exponential)
+        ax = axes[0][len(bases)]
+        ax.plot(range(1, len(history["learning_rate"]) + 1), history["learning_rate"], marker="o", color="tab:green")
+        ax.set_title("learning rate")
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -63,6 +63,14 @@ class PreprocessState:
         return {"fill": self.fill.tolist(), "offset": self.offset.tolist(), "scale": self.scale.tolist(),
                 "impute": self.impute, "normalization": self.normalization}
 
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """What the fitted layer computes, in NumPy (float64): for fitting what comes after it (PCA)."""
+        flat = x.reshape(-1, x.shape[-1]).astype("float64")
+        if self.impute:
+            flat = np.where(np.isnan(flat), self.fill, flat)
+        out: np.ndarray = (flat - self.offset) * self.scale
+        return out
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PreprocessState:
         return cls(np.asarray(d["fill"], dtype="float64"), np.asarray(d["offset"], dtype="float64"),

@@ -51,7 +51,8 @@ class Progress:
             return (key.startswith("val_"), base != "loss", base)
 
         ordered = sorted(self.metrics, key=order)
-        parts = [f"epoch {self.epoch}/{self.epochs}"] + [f"{k}={self.metrics[k]:.4f}" for k in ordered]
+        parts = [f"epoch {self.epoch}/{self.epochs}"] + [
+            f"{k}={self.metrics[k]:.3g}" if k == "learning_rate" else f"{k}={self.metrics[k]:.4f}" for k in ordered]
         return " ".join(parts)
 
 

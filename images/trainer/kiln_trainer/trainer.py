@@ -11,11 +11,12 @@ import logging
 import random
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kiln_trainer import checkpoint, data, distributed, export, optimizers, outputs, preprocess, storage
+from kiln_trainer import balance, checkpoint, data, distributed, export, features, optimizers, outputs, preprocess, schedules, storage
 from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
 from kiln_trainer.errors import DataError, SpecError
@@ -25,7 +26,6 @@ from kiln_trainer.progress import EpochLogger, EpochSummaries, ProgressFn, Progr
 
 log = logging.getLogger("kiln_trainer")
 PARITY_ROWS = 1024
-CLASSIFICATION = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
 def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | None) -> int:
@@ -78,13 +78,45 @@ def _labels(y: np.ndarray, loss: str, out_dim: int, last_layer: int) -> np.ndarr
     return y
 
 
-def _class_weight(y: np.ndarray, loss: str) -> dict[int, float] | None:
-    """`balanced`: n / (k * count_c), as scikit-learn defines it."""
-    if loss not in CLASSIFICATION:
-        raise SpecError(f"classWeight: balanced needs a classification loss, not {loss}", "spec.training.classWeight")
-    labels = y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype("int64")
-    classes, counts = np.unique(labels, return_counts=True)
-    return {int(c): float(len(labels) / (len(classes) * n)) for c, n in zip(classes, counts, strict=True)}
+@dataclass
+class Fitted:
+    """Everything fitted on the training split that becomes part of the exported graph."""
+
+    pre: preprocess.PreprocessState
+    feats: features.FeatureState
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.pre.to_json(), "features": self.feats.to_json()}
+
+    def layers(self, raw_width: int) -> list[Any]:
+        """Select columns -> impute/normalize -> PCA, the layers in front of the model's own."""
+        before, after = features.layers(self.feats)
+        width = len(self.feats.keep) if self.feats.keep is not None else raw_width
+        core = preprocess.layer(self.pre, width)
+        return [*before, *([core] if core is not None else []), *after]
+
+
+def _fit_preprocessing(spec: dict[str, Any], x_tr: np.ndarray, names: list[str], resumed: Any) -> Fitted:
+    """Selection, imputation/normalization and PCA fitted on the training rows (or restored on resume)."""
+    pp = spec["dataset"].get("preprocessing", {})
+    features.check_input(pp, [int(d) for d in spec["model"]["inputShape"]])
+    if resumed is not None:
+        return Fitted(preprocess.PreprocessState.from_json(resumed.preprocess),
+                      features.FeatureState.from_json(resumed.preprocess.get("features")))
+    feats = features.fit_selection(x_tr, pp, names) if features.wanted(pp) else features.FeatureState(None, {})
+    x_sel = features.select(feats, x_tr)
+    state = preprocess.fit(x_sel, pp)
+    if pp.get("pca"):
+        feats = features.fit_pca(feats, state.transform(x_sel), pp)
+    return Fitted(state, feats)
+
+
+def _check_finite(history: dict[str, list[float]]) -> None:
+    """A loss that became NaN/inf means training diverged: fail with advice instead of exporting garbage."""
+    for i, value in enumerate(history.get("loss", [])):
+        if not np.isfinite(value):
+            raise SpecError(f"training diverged: the loss became {value} in epoch {i + 1}; lower learningRate, "
+                            "set clipNorm/clipValue or add BatchNormalization", "spec.training.optimizer")
 
 
 def train(job: Job, output: str | None = None, progress: ProgressFn | None = None,
@@ -118,9 +150,11 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         ds = _load_dataset(job)
         timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
         x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, float(spec["dataset"].get("validationSplit", 0.2)), seed)
-        state = (preprocess.PreprocessState.from_json(resumed.preprocess) if resumed
-                 else preprocess.fit(x_tr, spec["dataset"].get("preprocessing", {})))
-        models, y_tr, y_val = _compile(spec, strategy, state, y_tr_raw, y_val_raw, seed, metric_names, resumed)
+        fitted = _fit_preprocessing(spec, x_tr, ds.report.features, resumed)
+        models, y_tr, y_val = _compile(spec, strategy, fitted, y_tr_raw, y_val_raw, seed, metric_names, resumed)
+        balanced = balance.apply(spec, x_tr, y_tr, loss, seed)
+        if balanced.report:
+            print(balanced.line(), flush=True)
         start = resumed.epoch if resumed else 0
         if resumed is None:  # a fresh run: curves of an earlier run in the same place would overlap
             storage.rmtree_quiet(out.logs)
@@ -128,17 +162,19 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
         reporter = ProgressReporter(epochs, StatusPatcher.from_env(), progress, cluster.chief,
                                     prefix="" if cluster.chief else f"[worker {cluster.index}] ")
-        callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, state, reporter)
+        callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, fitted, reporter)
         if start < epochs and not (resumed and resumed.stopped):
-            _fit(tf, models, cluster, strategy, (x_tr, y_tr), (x_val, y_val), tr_spec, loss, seed, start, callbacks)
+            _fit(tf, models, cluster, strategy, balanced, (x_val, y_val), tr_spec, seed, start, callbacks)
         timings["fit"], clock = time.perf_counter() - clock, time.perf_counter()
         history = ckpt.history
+        _check_finite(history)
         done = len(next(iter(history.values()), []))
         if not history or done == 0:
             raise DataError("training ran no epochs", "spec.training.epochs")
         if not cluster.chief:
             out.finish_worker()
             return {}
+        ds.report.extra = {**fitted.feats.report(), **({"balance": balanced.report} if balanced.report else {})}
         result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
         out.commit()
         timings["export"] = time.perf_counter() - clock
@@ -163,7 +199,7 @@ def _load_dataset(job: Job) -> data.Dataset:
     return ds
 
 
-def _compile(spec: dict[str, Any], strategy: Any, state: preprocess.PreprocessState, y_tr_raw: np.ndarray,
+def _compile(spec: dict[str, Any], strategy: Any, fitted: Fitted, y_tr_raw: np.ndarray,
              y_val_raw: np.ndarray, seed: int, metric_names: list[str], resumed: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """The training and inference models (preprocessing inside), compiled, restored from a checkpoint if resuming."""
     model_spec, tr_spec = spec["model"], spec.get("training", {})
@@ -171,7 +207,7 @@ def _compile(spec: dict[str, Any], strategy: Any, state: preprocess.PreprocessSt
     input_shape = [int(d) for d in model_spec["inputShape"]]
     pp_spec = spec["dataset"].get("preprocessing", {})
     with strategy.scope():
-        models = model_lib.build(input_shape, model_spec["layers"], preprocess.layer(state, input_shape[-1]),
+        models = model_lib.build(input_shape, model_spec["layers"], fitted.layers(input_shape[-1]),
                                  preprocess.augmentation(pp_spec, input_shape, seed))
         out_dim = int(models.inference.output_shape[-1])
         last = len(model_spec["layers"]) - 1
@@ -185,27 +221,30 @@ def _compile(spec: dict[str, Any], strategy: Any, state: preprocess.PreprocessSt
 
 
 def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, seed: int,
-               state: preprocess.PreprocessState, reporter: ProgressReporter) -> tuple[list[Any], Any]:
-    """Early stopping and checkpoints (both resumable), the per-epoch log/progress, TensorBoard summaries."""
+               fitted: Fitted, reporter: ProgressReporter) -> tuple[list[Any], Any]:
+    """The learning rate, early stopping and checkpoints (resumable), the per-epoch log/progress, TensorBoard."""
+    import keras
+
     early = None
     if tr_spec.get("earlyStopping"):
         es = tr_spec["earlyStopping"]
         early = checkpoint.ResumableEarlyStopping(
             resumed.early_stopping if resumed else None, monitor=es.get("monitor", "val_loss"),
             patience=int(es.get("patience", 3)), min_delta=float(es.get("minDelta", 0)))
-    ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
+    ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, fitted.to_json(),
                                          resumed.history if resumed else {}, early)
-    callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
+    rate = schedules.LearningRateCallback(schedules.parse(tr_spec), ckpt.history)
+    nan = keras.callbacks.TerminateOnNaN()
+    callbacks: list[Any] = [c for c in (rate, nan, early, ckpt) if c is not None]
     callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
     return callbacks, ckpt
 
 
-def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train_xy: tuple[np.ndarray, np.ndarray],
-         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: dict[str, Any], loss: str, seed: int, start: int,
+def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train: balance.Balanced,
+         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: dict[str, Any], seed: int, start: int,
          callbacks: list[Any]) -> None:
-    (x_tr, y_tr), (x_val, y_val) = train_xy, val_xy
+    (x_tr, y_tr), (x_val, y_val), class_weight = (train.x, train.y), val_xy, train.class_weight
     epochs = int(tr_spec.get("epochs", 10))
-    class_weight = _class_weight(y_tr, loss) if tr_spec.get("classWeight") == "balanced" else None
     batch = int(tr_spec.get("batchSize", 32))
     if cluster.multi_worker:
         distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
@@ -253,7 +292,7 @@ def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, 
                          float(out_spec.get("parityTolerance", 1e-4)))
     onnx_pred = export.onnx_predict(onnx_path, x_val)
     heldout = export.evaluate(onnx_pred, y_val, metric_names, loss) if metric_names else {}
-    metrics = {k: float(v[-1]) for k, v in history.items()}
+    metrics = {k: float(v[-1]) for k, v in history.items() if k != schedules.LR_KEY}
     metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
     fmt_results = formats_lib.export_formats(models.inference, spec, stage, x_tr, x_val, y_val,
                                              metric_names[0] if metric_names else None, loss)
