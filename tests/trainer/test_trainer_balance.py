@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kiln_trainer import balance
 from kiln_trainer.errors import SpecError
-from support.trainer import manifest, write_csv, write_manifest
+from support.trainer import EXAMPLES, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 
 
 @pytest.fixture(scope="module")
-def imbalanced() -> dict[str, np.ndarray]:
-    """Training CSV rows: 270 benign (1) and 30 malignant (0), 1:9. Held out of the CSV: every other malignant row."""
-    from sklearn.datasets import load_breast_cancer
+def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """examples/imbalanced: 270 benign (1) and 30 malignant (0) training rows; the rest held out of the CSV."""
+    import pandas as pd
 
-    x, y = load_breast_cancer(return_X_y=True)
-    rng = np.random.default_rng(0)
-    benign, malignant = rng.permutation(np.flatnonzero(y == 1)), rng.permutation(np.flatnonzero(y == 0))
-    train = rng.permutation(np.concatenate([benign[:270], malignant[:30]]))
-    held = np.concatenate([benign[270:], malignant[30:]])
-    return {"x": x[train], "y": y[train], "x_held": x[held], "y_held": y[held]}
+    sys.path.insert(0, str(EXAMPLES / "imbalanced"))
+    from make_data import make
+
+    folder = tmp_path_factory.mktemp("imbalanced")
+    make(folder)
+    train, held = pd.read_csv(folder / "data.csv"), pd.read_csv(folder / "heldout.csv")
+    return {"x": train.drop(columns="label").to_numpy(), "y": train["label"].to_numpy(),
+            "x_held": held.drop(columns="label").to_numpy(), "y_held": held["label"].to_numpy()}
 
 
 def _run(tmp_path: Path, kiln_train, data: dict, strategy: str | None):

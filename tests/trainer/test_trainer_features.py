@@ -115,3 +115,17 @@ def test_schema_rejects_pca_with_both_or_neither() -> None:
             validate(manifest(dataset={"uri": "d.csv", "preprocessing": {"pca": pca}}), "TrainingJob")
     with pytest.raises(SpecError):
         features.fit_pca(features.FeatureState(None, {}), np.zeros((3, 2)), {"pca": {"components": 1, "varianceRatio": 0.5}})
+
+
+def test_calibration_rows_fill_the_kept_raw_columns() -> None:
+    """int8 calibration feeds raw-width rows: the fill values of the selected columns land at their raw positions."""
+    from kiln_trainer import formats, preprocess
+    from kiln_trainer import model as model_lib
+
+    x = np.array([[1.0, 7.0, 3.0], [3.0, 7.0, np.nan], [np.nan, 7.0, 5.0]])
+    feats = features.fit_selection(x, {"varianceThreshold": 0.0}, ["a", "b", "c"])
+    state = preprocess.fit(features.select(feats, x), {"missingValues": "mean"})
+    pre = [*features.layers(feats)[0], preprocess.layer(state, 2)]
+    models = model_lib.build([3], [{"type": "Dense", "units": 2}], pre, [])
+    rows = formats.calibration_rows(models.inference, x.astype("float32"))
+    np.testing.assert_allclose(rows, [[1, 7, 3], [3, 7, 4], [2, 7, 5]])

@@ -1,0 +1,32 @@
+"""The examples for schedules/regularization, feature reduction and imbalance train as written (epochs cut to 2)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from support.trainer import EXAMPLES, write_manifest
+
+pytestmark = pytest.mark.training
+
+
+@pytest.mark.parametrize("example", ["digits/regularized.yaml", "digits/reduced.yaml", "imbalanced/trainingjob.yaml"])
+def test_example_trains(tmp_path: Path, kiln_train, example: str) -> None:
+    src = EXAMPLES / example
+    if src.parent.name == "imbalanced":
+        sys.path.insert(0, str(src.parent))
+        from make_data import make
+
+        make(tmp_path)
+    else:
+        shutil.copy(src.parent / "digits.csv", tmp_path / "digits.csv")
+    doc = yaml.safe_load(src.read_text())
+    doc["spec"]["training"]["epochs"] = 2
+    if doc["spec"]["training"].get("learningRateSchedule", {}).get("warmupEpochs"):
+        doc["spec"]["training"]["learningRateSchedule"]["warmupEpochs"] = 1
+    run = kiln_train(write_manifest(tmp_path, doc))
+    assert run.code == 0, run.err
+    assert run.result()["metrics"]["heldout_accuracy"] > 0.6
