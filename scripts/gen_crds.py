@@ -246,9 +246,14 @@ TRAININGJOB_SPEC = obj(
                             oneOf=[{"required": ["components"]}, {"required": ["varianceRatio"]}],
                         ),
                         "augmentation": obj(
-                            "Image augmentation, active in training only.",
+                            "Augmentation, active in training only (never in the exported model). Image fields need inputShape [H, W, C]; gaussianNoise works on any input.",
                             {
                                 "horizontalFlip": s("boolean", "Random horizontal flips.", default=False),
+                                "verticalFlip": s("boolean", "Random vertical flips.", default=False),
+                                "crop": s("number", "Random crop of up to this fraction of height and width, resized back to the input size.", minimum=0, maximum=0.9),
+                                "contrast": s("number", "Random contrast: each channel's deviation from its mean scaled by a factor in [1 - contrast, 1 + contrast].", minimum=0, maximum=1),
+                                "mixup": s("number", "Mixup: train on convex mixtures of pairs of rows and their labels, the mix drawn from Beta(mixup, mixup) (0.2 is usual; 0 is off). Losses: cross-entropies and mse.", minimum=0, maximum=10),
+                                "gaussianNoise": s("number", "Additive Gaussian noise with this standard deviation on the normalized values (in standard deviations with normalization: standard).", minimum=0, maximum=10),
                                 "rotation": s("number", "Random rotation, as a fraction of a full turn.", minimum=0, maximum=1, default=0),
                                 "zoom": s("number", "Random zoom factor.", minimum=0, maximum=1, default=0),
                                 "translation": s("number", "Random translation, as a fraction of height/width.", minimum=0, maximum=1, default=0),

@@ -1,4 +1,4 @@
-"""The examples for schedules/regularization, feature reduction and imbalance train as written (epochs cut to 2)."""
+"""The examples for schedules/regularization, feature reduction, augmentation and imbalance train as written (epochs cut to 2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from support.trainer import EXAMPLES, write_manifest
 pytestmark = pytest.mark.training
 
 
-@pytest.mark.parametrize("example", ["digits/regularized.yaml", "digits/reduced.yaml", "imbalanced/trainingjob.yaml"])
+@pytest.mark.parametrize("example", ["digits/regularized.yaml", "digits/reduced.yaml", "digits/augmented.yaml",
+                                     "imbalanced/trainingjob.yaml"])
 def test_example_trains(tmp_path: Path, kiln_train, example: str) -> None:
     src = EXAMPLES / example
     if src.parent.name == "imbalanced":

@@ -119,23 +119,34 @@ def layer(state: PreprocessState, channels: int) -> Preprocess | None:
     return pre
 
 
+IMAGE_AUGMENTATIONS = ("horizontalFlip", "verticalFlip", "rotation", "zoom", "translation", "crop", "contrast")
+
+
 def augmentation(spec: dict[str, Any], input_shape: list[int], seed: int | None) -> list[keras.layers.Layer]:
-    """Random image layers for training only; an error if asked for on inputs that are not H x W x C."""
+    """Random layers for the training model only (after the normalization); image ones need H x W x C inputs."""
+    from kiln_trainer.augment import RandomContrastCentered, RandomCropResize
+
     aug = spec.get("augmentation") or {}
-    flip = bool(aug.get("horizontalFlip", False))
-    rotation, zoom, shift = (float(aug.get(k, 0) or 0) for k in ("rotation", "zoom", "translation"))
-    if not (flip or rotation or zoom or shift):
-        return []
-    if len(input_shape) != 3:
-        raise SpecError(f"image augmentation needs an image inputShape [height, width, channels], got {input_shape}",
-                        "spec.dataset.preprocessing.augmentation")
+    image = [k for k in IMAGE_AUGMENTATIONS if aug.get(k)]
+    if image and len(input_shape) != 3:
+        raise SpecError(f"image augmentation ({', '.join(image)}) needs an image inputShape [height, width, channels], "
+                        f"got {input_shape}; flat inputs take gaussianNoise", "spec.dataset.preprocessing.augmentation")
     layers: list[keras.layers.Layer] = []
-    if flip:
+    if aug.get("horizontalFlip"):
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="augment_flip"))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation, seed=seed, name="augment_rotation"))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, seed=seed, name="augment_zoom"))
-    if shift:
+    if aug.get("verticalFlip"):
+        layers.append(keras.layers.RandomFlip("vertical", seed=seed, name="augment_vflip"))
+    if aug.get("rotation"):
+        layers.append(keras.layers.RandomRotation(float(aug["rotation"]), seed=seed, name="augment_rotation"))
+    if aug.get("zoom"):
+        layers.append(keras.layers.RandomZoom(float(aug["zoom"]), seed=seed, name="augment_zoom"))
+    if aug.get("translation"):
+        shift = float(aug["translation"])
         layers.append(keras.layers.RandomTranslation(shift, shift, seed=seed, name="augment_translation"))
+    if aug.get("crop"):
+        layers.append(RandomCropResize(float(aug["crop"]), input_shape[0], input_shape[1], seed, name="augment_crop"))
+    if aug.get("contrast"):
+        layers.append(RandomContrastCentered(float(aug["contrast"]), seed, name="augment_contrast"))
+    if aug.get("gaussianNoise"):  # on the normalized values: stddev is in standard deviations with `standard`
+        layers.append(keras.layers.GaussianNoise(float(aug["gaussianNoise"]), seed=seed, name="augment_noise"))
     return layers

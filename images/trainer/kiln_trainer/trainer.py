@@ -16,7 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from kiln_trainer import balance, checkpoint, data, distributed, export, features, optimizers, outputs, preprocess, schedules, storage
+from kiln_trainer import (
+    balance,
+    checkpoint,
+    data,
+    distributed,
+    export,
+    features,
+    mixup,
+    optimizers,
+    outputs,
+    preprocess,
+    schedules,
+    storage,
+)
 from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
 from kiln_trainer.errors import DataError, SpecError
@@ -164,7 +177,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
                                     prefix="" if cluster.chief else f"[worker {cluster.index}] ")
         callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, fitted, reporter)
         if start < epochs and not (resumed and resumed.stopped):
-            _fit(tf, models, cluster, strategy, balanced, (x_val, y_val), tr_spec, seed, start, callbacks)
+            _fit(tf, models, cluster, strategy, balanced, (x_val, y_val), spec, seed, start, callbacks)
         timings["fit"], clock = time.perf_counter() - clock, time.perf_counter()
         history = ckpt.history
         _check_finite(history)
@@ -241,17 +254,24 @@ def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, 
 
 
 def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train: balance.Balanced,
-         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: dict[str, Any], seed: int, start: int,
+         val_xy: tuple[np.ndarray, np.ndarray], spec: dict[str, Any], seed: int, start: int,
          callbacks: list[Any]) -> None:
     (x_tr, y_tr), (x_val, y_val), class_weight = (train.x, train.y), val_xy, train.class_weight
+    tr_spec = spec.get("training", {})
     epochs = int(tr_spec.get("epochs", 10))
     batch = int(tr_spec.get("batchSize", 32))
+    mix = mixup.alpha(spec, tr_spec.get("loss", "sparse_categorical_crossentropy"))
     if cluster.multi_worker:
         distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
-        train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
-        val_data = _distributed_data(tf, x_val, y_val, batch, None)
-        models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
-                            class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
+        train_data = (mixup.dataset(tf, x_tr, y_tr, batch, mix, seed, class_weight) if mix
+                      else _distributed_data(tf, x_tr, y_tr, batch, seed))
+        models.training.fit(_sharded(tf, train_data), validation_data=_distributed_data(tf, x_val, y_val, batch, None),
+                            epochs=epochs, initial_epoch=start, class_weight=None if mix else class_weight,
+                            callbacks=callbacks, verbose=0, shuffle=False)
+    elif mix:
+        models.training.fit(mixup.dataset(tf, x_tr, y_tr, batch, mix, seed, class_weight),
+                            validation_data=(x_val, y_val), validation_batch_size=batch, epochs=epochs,
+                            initial_epoch=start, callbacks=callbacks, verbose=0)
     else:
         models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
                             batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
@@ -274,9 +294,13 @@ def _distributed_data(tf: Any, x: np.ndarray, y: np.ndarray, batch: int, seed: i
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if seed is not None:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return _sharded(tf, dataset.batch(batch))
+
+
+def _sharded(tf: Any, dataset: Any) -> Any:
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.batch(batch).with_options(opts)
+    return dataset.with_options(opts)
 
 
 def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, list[float]], ds: data.Dataset,
