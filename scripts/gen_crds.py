@@ -334,7 +334,7 @@ TRAININGJOB_SPEC = obj(
                 "onnx": obj("ONNX export.", {"opset": s("integer", "ONNX opset.", minimum=13, maximum=18, default=17)}),
                 "formats": arr(
                     "Formats to export next to the Keras model.",
-                    {"type": "string", "enum": ["onnx", "onnx-int8", "tflite", "tflite-int8"]},
+                    {"type": "string", "enum": ["onnx", "onnx-int8", "tflite", "tflite-int8", "keras-h5"]},
                     minItems=1, default=["onnx"],
                 ),
                 "parityTolerance": s("number", "Largest allowed max abs difference between Keras and ONNX Runtime outputs.", minimum=0, default=0.0001),
@@ -395,7 +395,7 @@ TRAININGJOB_STATUS = obj(
                     obj(
                         "One exported file.",
                         {
-                            "format": s("string", "onnx, onnx-int8, tflite or tflite-int8."),
+                            "format": s("string", "onnx, onnx-int8, tflite, tflite-int8 or keras-h5."),
                             "file": s("string", "File name under the output location."),
                             "uri": s("string", "Full location."),
                             "sizeBytes": s("integer", "File size."),

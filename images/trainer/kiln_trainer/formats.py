@@ -30,7 +30,7 @@ from kiln_trainer.model import INPUT_NAME
 from kiln_trainer.storage import sha256
 
 FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "tflite": "model.tflite",
-         "tflite-int8": "model-int8.tflite"}
+         "tflite-int8": "model-int8.tflite", "keras-h5": "model.h5"}
 CALIBRATION_ROWS = 256
 PREPROCESS = "kiln_preprocess"
 # TFLite ops that only the imputation produces (`isnan` becomes x != x, `where` SELECT_V2): kept float.
@@ -189,8 +189,17 @@ def tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def predict(fmt: str, path: Path, x: np.ndarray) -> np.ndarray:
-    """Predictions of an exported file in the runtime that serves that format."""
+    """Predictions of an exported file in the runtime that serves that format (keras-h5: reloaded by Keras)."""
+    if fmt == "keras-h5":
+        return np.asarray(keras.saving.load_model(path, compile=False).predict(x.astype("float32"), verbose=0))
     return tflite_predict(path, x) if fmt.startswith("tflite") else export.onnx_predict(path, x)
+
+
+def keras_h5(model: keras.Model, path: Path) -> None:
+    """model.h5, the legacy HDF5 file the article's example saves (Keras warns that it is legacy: it is asked for)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(path))
 
 
 def _check(fmt: str, metric: str, value: float, base: float, tolerance: float) -> None:
@@ -231,6 +240,8 @@ def export_formats(model: keras.Model, spec: dict[str, Any], out: Path, x_train:
                 tflite(model, input_shape, path, None)
             elif fmt == "tflite-int8":
                 tflite(model, input_shape, path, rows)
+            elif fmt == "keras-h5":
+                keras_h5(model, path)
             pred = predict(fmt, path, x_val)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -21,7 +21,7 @@ from kiln_trainer.storage import Location
 
 RESULT = "result.json"
 # Files a successful run leaves; removed at the start of a run so a failure never leaves old ones behind.
-ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras",
+ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras", "model.h5",
              "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json")
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
 TERMINATION_LIMIT = 4096

@@ -120,4 +120,4 @@ class LearningRateCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:  # read back from the optimizer: the rate it really trained with
-            logs[LR_KEY] = float(self.model.optimizer.learning_rate)
+            logs[LR_KEY] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # Mirrored too
