@@ -249,7 +249,7 @@ TRAININGJOB_SPEC = obj(
                             "Augmentation, active in training only (never in the exported model). Image fields need inputShape [H, W, C]; gaussianNoise works on any input.",
                             {
                                 "horizontalFlip": s("boolean", "Random horizontal flips.", default=False),
-                                "verticalFlip": s("boolean", "Random vertical flips.", default=False),
+                                "verticalFlip": s("boolean", "Random vertical flips."),
                                 "crop": s("number", "Random crop of up to this fraction of height and width, resized back to the input size.", minimum=0, maximum=0.9),
                                 "contrast": s("number", "Random contrast: each channel's deviation from its mean scaled by a factor in [1 - contrast, 1 + contrast].", minimum=0, maximum=1),
                                 "mixup": s("number", "Mixup: train on convex mixtures of pairs of rows and their labels, the mix drawn from Beta(mixup, mixup) (0.2 is usual; 0 is off). Losses: cross-entropies and mse.", minimum=0, maximum=10),
@@ -338,6 +338,7 @@ TRAININGJOB_SPEC = obj(
                     minItems=1, default=["onnx"],
                 ),
                 "parityTolerance": s("number", "Largest allowed max abs difference between Keras and ONNX Runtime outputs.", minimum=0, default=0.0001),
+                "explain": s("boolean", "Permutation feature importance on the held-out rows through model.onnx: explanations.json, explanations.png, the top features in status.result.topFeatures. Flat inputs only."),
                 "formatTolerance": s("number", "Largest allowed drop of the held-out metric for a derived format (int8, tflite); a negative value turns the check off.", default=0.02),
                 "quantization": s("string", "How onnx-int8 is quantized: dynamic (int8 weights, activations quantized at run time), static (activations calibrated on training rows) or auto (static when the model has Conv2D layers, else dynamic).", enum=["auto", "dynamic", "static"], default="auto"),
             },
@@ -390,6 +391,10 @@ TRAININGJOB_STATUS = obj(
                 "parityMaxAbsDiff": s("number", "Max abs difference between Keras and ONNX Runtime on held-out rows."),
                 "inputs": IO_SPEC,
                 "outputs": IO_SPEC,
+                "topFeatures": arr(
+                    "With spec.output.explain: the most important feature columns (permutation importance on held-out rows).",
+                    obj("One column.", {"feature": s("string", "Column name."), "importance": s("number", "Drop of the held-out metric when the column is shuffled.")}),
+                ),
                 "formats": arr(
                     "Every exported format with its cost.",
                     obj(

@@ -35,7 +35,6 @@ CALIBRATION_ROWS = 256
 PREPROCESS = "kiln_preprocess"
 # TFLite ops that only the imputation produces (`isnan` becomes x != x, `where` SELECT_V2): kept float.
 _TFLITE_FLOAT_OPS = ["NOT_EQUAL", "SELECT_V2"]
-_HIGHER_IS_BETTER = {"accuracy", "auc", "precision", "recall"}
 
 
 @dataclass
@@ -203,7 +202,7 @@ def keras_h5(model: keras.Model, path: Path) -> None:
 
 
 def _check(fmt: str, metric: str, value: float, base: float, tolerance: float) -> None:
-    higher = metric in _HIGHER_IS_BETTER
+    higher = metric in export.HIGHER_IS_BETTER
     worse = (base - value) if higher else (value - base)
     if tolerance >= 0 and worse > tolerance:
         raise SpecError(f"{fmt} held-out {metric} {value:.4g} is {worse:.4g} {'below' if higher else 'above'} the "

@@ -21,6 +21,7 @@ from kiln_trainer import (
     checkpoint,
     data,
     distributed,
+    explain,
     export,
     features,
     mixup,
@@ -113,6 +114,7 @@ def _fit_preprocessing(spec: dict[str, Any], x_tr: np.ndarray, names: list[str],
     """Selection, imputation/normalization and PCA fitted on the training rows (or restored on resume)."""
     pp = spec["dataset"].get("preprocessing", {})
     features.check_input(pp, [int(d) for d in spec["model"]["inputShape"]])
+    explain.check(spec)
     if resumed is not None:
         return Fitted(preprocess.PreprocessState.from_json(resumed.preprocess),
                       features.FeatureState.from_json(resumed.preprocess.get("features")))
@@ -122,6 +124,14 @@ def _fit_preprocessing(spec: dict[str, Any], x_tr: np.ndarray, names: list[str],
     if pp.get("pca"):
         feats = features.fit_pca(feats, state.transform(x_sel), pp)
     return Fitted(state, feats)
+
+
+def _explain(onnx_path: Any, x_val: np.ndarray, y_val: np.ndarray, names: list[str], metric_names: list[str],
+             loss: str, seed: int) -> dict[str, Any]:
+    """Permutation importance by the first metric (accuracy or mse when the spec lists none)."""
+    classify = loss.endswith("crossentropy")
+    metric = metric_names[0] if metric_names else ("accuracy" if classify else "mse")
+    return explain.importance(onnx_path, x_val, y_val, names, metric, loss, seed)
 
 
 def _check_finite(history: dict[str, list[float]]) -> None:
@@ -337,5 +347,10 @@ def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, 
     if ds.classes is not None:
         outputs.write_json(stage / "labels.json", ds.classes)
     outputs.plot_curves(history, stage / "training-curves.png")
+    if out_spec.get("explain"):
+        ranked = _explain(onnx_path, x_val, y_val, ds.report.features, metric_names, loss, seed)
+        outputs.write_json(stage / "explanations.json", ranked)
+        explain.plot(ranked, stage / "explanations.png")
+        result["topFeatures"] = explain.top(ranked)
     outputs.write_json(stage / outputs.RESULT, {**result, "epochsRun": done, "seed": seed})
     return result
