@@ -325,6 +325,21 @@ TRAININGJOB_SPEC = obj(
                 "seed": s("integer", "Seed for data splitting, initialization and shuffling: a run is repeatable.", minimum=0, maximum=2147483647),
             },
         ),
+        "tuning": obj(
+            "Hyperparameter search: trials run one after another in the trainer pod (workers: 1), each recorded in status.tuning; the best is trained again and exported.",
+            {
+                "algorithm": s("string", "grid: every combination of the listed values; random: `trials` draws.", enum=["grid", "random"], default="grid"),
+                "trials": s("integer", "random: number of trials (default 10); grid: an upper bound that must cover the grid.", minimum=1, maximum=1000),
+                "metric": s("string", "What picks the best trial: its last-epoch val_accuracy (highest) or val_loss (lowest).", enum=["val_accuracy", "val_loss"], default="val_loss"),
+                "parameters": {
+                    "type": "object",
+                    "description": "Path into the spec (starting with model. or training., e.g. `training.optimizer.learningRate`, `model.layers[0].units`) -> a list of values, or for random `{min, max, log}`.",
+                    "minProperties": 1,
+                    "additionalProperties": {"description": "A list of values or {min, max, log}.", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            },
+            required=["parameters"],
+        ),
         "resources": RESOURCES,
         "workers": s("integer", "Worker pods; more than 1 runs multi-worker mirrored training on an Indexed Job.", minimum=1, maximum=64, default=1),
         "output": obj(
@@ -414,6 +429,22 @@ TRAININGJOB_STATUS = obj(
             },
         ),
         "deployment": s("string", "The ModelDeployment created from `spec.deploy`."),
+        "tuning": obj(
+            "With spec.tuning: every finished trial and the best so far, patched by the trainer after each trial.",
+            {
+                "algorithm": s("string", "grid or random."),
+                "metric": s("string", "The metric that picks the best."),
+                "trials": arr("Finished trials in order.", obj("One trial.", {
+                    "trial": s("integer", "Index, from 0."),
+                    "parameters": {"type": "object", "description": "The values this trial used, by spec path.", "x-kubernetes-preserve-unknown-fields": True},
+                    "metrics": number_map("Its last-epoch metrics, held-out ones included."),
+                    "score": s("number", "Its value of the tuning metric."),
+                })),
+                "best": s("integer", "Index of the best trial so far."),
+                "bestScore": s("number", "Its score."),
+                "bestParameters": {"type": "object", "description": "Its parameters.", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        ),
     },
 )
 
@@ -480,6 +511,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Finished epochs in percent."},
             {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus"},
             {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+            {"name": "Best", "type": "number", "jsonPath": ".status.tuning.bestScore", "description": "With spec.tuning: the best trial's score so far."},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
             {"name": "Model", "type": "string", "jsonPath": ".status.result.modelUri", "priority": 1},

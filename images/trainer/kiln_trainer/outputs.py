@@ -23,7 +23,7 @@ RESULT = "result.json"
 # Files a successful run leaves; removed at the start of a run so a failure never leaves old ones behind.
 ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras", "model.h5",
              "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json",
-             "explanations.json", "explanations.png")
+             "explanations.json", "explanations.png", "tuning.json")
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats", "topFeatures")
 TERMINATION_LIMIT = 4096
 SCRATCH_PREFIX = "kiln-out-"

@@ -104,7 +104,11 @@ class StatusPatcher:
 
     def patch(self, progress: Progress) -> bool:
         """Send one progress update; True when the API server accepted it. Never raises."""
-        body = json.dumps({"status": {"progress": progress.to_status()}}).encode()
+        return self.patch_status({"progress": progress.to_status()})
+
+    def patch_status(self, status: dict[str, Any]) -> bool:
+        """Merge `status` into the TrainingJob's status (progress, tuning); never raises."""
+        body = json.dumps({"status": status}).encode()
         headers = {"Content-Type": "application/merge-patch+json", "Accept": "application/json"}
         try:
             if self.token_file is not None:

@@ -30,6 +30,7 @@ from kiln_trainer import (
     preprocess,
     schedules,
     storage,
+    tuning,
 )
 from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
@@ -143,8 +144,13 @@ def _check_finite(history: dict[str, list[float]]) -> None:
 
 
 def train(job: Job, output: str | None = None, progress: ProgressFn | None = None,
-          cluster: distributed.Cluster | None = None, strategy: Any = None) -> dict[str, Any]:
-    """Train the built-in model of `job` and write its outputs; returns the result (as in result.json)."""
+          cluster: distributed.Cluster | None = None, strategy: Any = None,
+          tuning_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the built-in model of `job` and write its outputs; returns the result (as in result.json).
+
+    With `spec.tuning` this runs the search (tuning.py), which calls back here once per trial and
+    once more for the best one (`tuning_summary` is then written next to the model as tuning.json).
+    """
     import keras
     import tensorflow as tf
 
@@ -153,6 +159,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
     cluster = cluster or distributed.setup()
     strategy = strategy or distributed.strategy(cluster)
+    if spec.get("tuning"):
+        return tuning.run(job, train, output, progress, cluster, strategy)
     tr_spec = spec.get("training", {})
     epochs = int(tr_spec.get("epochs", 10))
     loss = tr_spec.get("loss", "sparse_categorical_crossentropy")
@@ -199,6 +207,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             return {}
         ds.report.extra = {**fitted.feats.report(), **({"balance": balanced.report} if balanced.report else {})}
         result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
+        if tuning_summary is not None:
+            outputs.write_json(out.staging / "tuning.json", tuning_summary)
         out.commit()
         timings["export"] = time.perf_counter() - clock
         _finish(out, reporter, history, done, result, timings)
