@@ -511,9 +511,9 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Finished epochs in percent."},
             {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus"},
             {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
-            {"name": "Best", "type": "number", "jsonPath": ".status.tuning.bestScore", "description": "With spec.tuning: the best trial's score so far."},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+            {"name": "Best", "type": "number", "jsonPath": ".status.tuning.bestScore", "priority": 1, "description": "With spec.tuning: the best trial's score so far."},
             {"name": "Model", "type": "string", "jsonPath": ".status.result.modelUri", "priority": 1},
         ],
     )

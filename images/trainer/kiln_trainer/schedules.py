@@ -121,3 +121,17 @@ class LearningRateCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:  # read back from the optimizer: the rate it really trained with
             logs[LR_KEY] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))  # Mirrored too
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops training after an epoch whose loss is NaN or infinite (a learning rate too high, no clipping).
+
+    Why per epoch and not Keras' TerminateOnNaN: a per-batch hook makes Keras turn every batch's
+    logs into Python numbers, a device sync per step that costs wall time on every healthy run.
+    The trainer then fails the run with advice (`spec.training.optimizer`) instead of exporting NaN.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.model.stop_training = True

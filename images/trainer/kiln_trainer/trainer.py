@@ -256,8 +256,6 @@ def _compile(spec: dict[str, Any], strategy: Any, fitted: Fitted, y_tr_raw: np.n
 def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, seed: int,
                fitted: Fitted, reporter: ProgressReporter) -> tuple[list[Any], Any]:
     """The learning rate, early stopping and checkpoints (resumable), the per-epoch log/progress, TensorBoard."""
-    import keras
-
     early = None
     if tr_spec.get("earlyStopping"):
         es = tr_spec["earlyStopping"]
@@ -267,8 +265,7 @@ def _callbacks(tr_spec: dict[str, Any], resumed: Any, out: Output, digest: str, 
     ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, fitted.to_json(),
                                          resumed.history if resumed else {}, early)
     rate = schedules.LearningRateCallback(schedules.parse(tr_spec), ckpt.history)
-    nan = keras.callbacks.TerminateOnNaN()
-    callbacks: list[Any] = [c for c in (rate, nan, early, ckpt) if c is not None]
+    callbacks: list[Any] = [c for c in (rate, schedules.StopOnDivergence(), early, ckpt) if c is not None]
     callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
     return callbacks, ckpt
 
