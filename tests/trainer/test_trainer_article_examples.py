@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from support.trainer import EXAMPLES, write_manifest
+from support.trainer import EXAMPLES, example_module, write_manifest
 
 pytestmark = pytest.mark.training
 
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.training
 def test_example_trains(tmp_path: Path, kiln_train, example: str) -> None:
     src = EXAMPLES / example
     if src.parent.name == "imbalanced":
-        sys.path.insert(0, str(src.parent))
-        from make_data import make
-
-        make(tmp_path)
+        example_module("imbalanced").make(tmp_path)
     else:
         shutil.copy(src.parent / "digits.csv", tmp_path / "digits.csv")
     doc = yaml.safe_load(src.read_text())

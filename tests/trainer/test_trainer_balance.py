@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kiln_trainer import balance
 from kiln_trainer.errors import SpecError
-from support.trainer import EXAMPLES, manifest, write_csv, write_manifest
+from support.trainer import example_module, manifest, write_csv, write_manifest
 
 pytestmark = pytest.mark.training
 
@@ -20,11 +19,8 @@ def imbalanced(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray
     """examples/imbalanced: 270 benign (1) and 30 malignant (0) training rows; the rest held out of the CSV."""
     import pandas as pd
 
-    sys.path.insert(0, str(EXAMPLES / "imbalanced"))
-    from make_data import make
-
     folder = tmp_path_factory.mktemp("imbalanced")
-    make(folder)
+    example_module("imbalanced").make(folder)
     train, held = pd.read_csv(folder / "data.csv"), pd.read_csv(folder / "heldout.csv")
     return {"x": train.drop(columns="label").to_numpy(), "y": train["label"].to_numpy(),
             "x_held": held.drop(columns="label").to_numpy(), "y_held": held["label"].to_numpy()}
