@@ -352,9 +352,22 @@ class EnvVar(Model):
 @dataclass(frozen=True)
 class Augmentation(Model):
     horizontal_flip: bool
+    vertical_flip: bool | None
+    crop: float | None
+    contrast: float | None
+    mixup: float | None
+    gaussian_noise: float | None
     rotation: float
     zoom: float
     translation: float
+
+
+@dataclass(frozen=True)
+class Pca(Model):
+    """`preprocessing.pca`: exactly one of the two (the CRD's oneOf)."""
+
+    components: int | None
+    variance_ratio: float | None
 
 
 @dataclass(frozen=True)
@@ -362,7 +375,15 @@ class Preprocessing(Model):
     drop_duplicates: bool
     missing_values: str
     normalization: str
+    drop_columns: list[str] | None
+    variance_threshold: float | None
+    pca: Pca | None
     augmentation: Augmentation | None
+
+
+@dataclass(frozen=True)
+class Balance(Model):
+    strategy: str
 
 
 @dataclass(frozen=True)
@@ -373,6 +394,13 @@ class Dataset(Model):
     feature_columns: list[str] | None
     validation_split: float
     preprocessing: Preprocessing
+    balance: Balance | None
+
+
+@dataclass(frozen=True)
+class KernelRegularizer(Model):
+    l1: float | None
+    l2: float | None
 
 
 @dataclass(frozen=True)
@@ -389,6 +417,8 @@ class Layer(Model):
     pool_size: int | None
     target_shape: list[int] | None
     momentum: float | None
+    kernel_initializer: str | None
+    kernel_regularizer: KernelRegularizer | None
 
 
 @dataclass(frozen=True)
@@ -408,6 +438,21 @@ class Optimizer(Model):
     epsilon: float | None
     rho: float | None
     weight_decay: float | None
+    clip_norm: float | None
+    clip_value: float | None
+
+
+@dataclass(frozen=True)
+class LearningRateSchedule(Model):
+    """`training.learningRateSchedule`: which fields apply depends on `type` (kiln_trainer.schedules checks)."""
+
+    type: str
+    warmup_epochs: int | None
+    decay_rate: float | None
+    decay_steps: int | None
+    min_learning_rate: float | None
+    patience: int | None
+    factor: float | None
 
 
 @dataclass(frozen=True)
@@ -420,6 +465,7 @@ class EarlyStopping(Model):
 @dataclass(frozen=True)
 class Training(Model):
     optimizer: Optimizer
+    learning_rate_schedule: LearningRateSchedule | None
     loss: str
     metrics: list[str]
     epochs: int
@@ -440,8 +486,19 @@ class Output(Model):
     onnx: Onnx
     formats: list[str]
     parity_tolerance: float
+    explain: bool | None
     format_tolerance: float
     quantization: str
+
+
+@dataclass(frozen=True)
+class Tuning(Model):
+    """`spec.tuning`: `parameters` maps a spec path to a list of values or `{min, max, log}` (kiln_trainer.tuning)."""
+
+    algorithm: str
+    trials: int | None
+    metric: str
+    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -467,6 +524,7 @@ class TrainingJobSpec(Model):
     dataset: Dataset | None
     model: Network | None
     training: Training
+    tuning: Tuning | None
     resources: Resources
     workers: int
     output: Output

@@ -143,6 +143,9 @@ LAYER_TYPES = ["Dense", "Dropout", "BatchNormalization", "Conv2D", "MaxPooling2D
 ACTIVATIONS = ["linear", "relu", "sigmoid", "softmax", "tanh", "elu", "selu", "gelu", "swish", "softplus", "leaky_relu"]
 LOSSES = ["sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy", "mse", "mae", "huber"]
 METRICS = ["accuracy", "mse", "mae", "auc", "precision", "recall"]
+INITIALIZERS = ["glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal",
+                "orthogonal", "random_normal", "random_uniform", "truncated_normal", "zeros", "ones"]
+SCHEDULES = ["constant", "exponential", "cosine", "step", "plateau"]
 
 LAYER = obj(
     "One Keras layer. Which fields apply depends on `type`; the trainer rejects a field that the type does not take.",
@@ -159,6 +162,15 @@ LAYER = obj(
         "poolSize": s("integer", "Pooling: square window size.", minimum=1, maximum=64),
         "targetShape": arr("Reshape: target shape without the batch dimension.", {"type": "integer", "minimum": 1}, minItems=1, maxItems=4),
         "momentum": s("number", "BatchNormalization: moving average momentum.", minimum=0, maximum=1),
+        "kernelInitializer": s("string", "Dense/Conv2D: how the kernel is initialized (Keras' default glorot_uniform; he_* suit relu).", enum=INITIALIZERS),
+        "kernelRegularizer": obj(
+            "Dense/Conv2D: weight penalty added to the loss (against overfitting); at least one above 0.",
+            {
+                "l1": s("number", "L1 factor: sum of absolute weights (drives weights to exactly 0).", minimum=0, maximum=10),
+                "l2": s("number", "L2 factor: sum of squared weights (shrinks weights).", minimum=0, maximum=10),
+            },
+            minProperties=1,
+        ),
     },
     required=["type"],
 )
@@ -285,16 +297,36 @@ TRAININGJOB_SPEC = obj(
                         "dropDuplicates": s("boolean", "Drop duplicate rows.", default=True),
                         "missingValues": s("string", "Rows with missing features: drop them, or impute by mean, median or zero (imputation is part of the exported model).", enum=["drop", "mean", "median", "zero"], default="drop"),
                         "normalization": s("string", "Feature scaling fitted on the training split and exported inside the model.", enum=["none", "standard", "minmax"], default="none"),
+                        "dropColumns": arr("CSV/Parquet: feature columns the model ignores; the exported model still takes every raw column (the drop is in the graph).", {"type": "string", "minLength": 1}, minItems=1),
+                        "varianceThreshold": s("number", "Drop feature columns whose variance on the training split is at or below this (0 drops constant columns); in the exported graph like dropColumns.", minimum=0),
+                        "pca": obj(
+                            "Principal component analysis fitted on the training split (after imputation and normalization) and exported in the graph: the model takes raw features. Exactly one of components and varianceRatio; flat inputs only.",
+                            {
+                                "components": s("integer", "Number of components kept.", minimum=1, maximum=65536),
+                                "varianceRatio": s("number", "Keep the fewest components that explain at least this share of the variance.", minimum=0, exclusiveMinimum=True, maximum=1),
+                            },
+                            oneOf=[{"required": ["components"]}, {"required": ["varianceRatio"]}],
+                        ),
                         "augmentation": obj(
-                            "Image augmentation, active in training only.",
+                            "Augmentation, active in training only (never in the exported model). Image fields need inputShape [H, W, C]; gaussianNoise works on any input.",
                             {
                                 "horizontalFlip": s("boolean", "Random horizontal flips.", default=False),
+                                "verticalFlip": s("boolean", "Random vertical flips."),
+                                "crop": s("number", "Random crop of up to this fraction of height and width, resized back to the input size.", minimum=0, maximum=0.9),
+                                "contrast": s("number", "Random contrast: each channel's deviation from its mean scaled by a factor in [1 - contrast, 1 + contrast].", minimum=0, maximum=1),
+                                "mixup": s("number", "Mixup: train on convex mixtures of pairs of rows and their labels, the mix drawn from Beta(mixup, mixup) (0.2 is usual; 0 is off). Losses: cross-entropies and mse.", minimum=0, maximum=10),
+                                "gaussianNoise": s("number", "Additive Gaussian noise with this standard deviation on the normalized values (in standard deviations with normalization: standard).", minimum=0, maximum=10),
                                 "rotation": s("number", "Random rotation, as a fraction of a full turn.", minimum=0, maximum=1, default=0),
                                 "zoom": s("number", "Random zoom factor.", minimum=0, maximum=1, default=0),
                                 "translation": s("number", "Random translation, as a fraction of height/width.", minimum=0, maximum=1, default=0),
                             },
                         ),
                     },
+                ),
+                "balance": obj(
+                    "Imbalanced classes: reweight or resample the training split (never the held-out rows). Classification losses only.",
+                    {"strategy": s("string", "classWeights: weight the loss by n / (k * count) per class; oversample: repeat minority rows (with replacement) up to the majority count; undersample: drop majority rows down to the minority count.", enum=["classWeights", "oversample", "undersample"])},
+                    required=["strategy"],
                 ),
             },
             required=["uri"],
@@ -322,6 +354,21 @@ TRAININGJOB_SPEC = obj(
                         "epsilon": s("number", "adam, adamw, rmsprop: epsilon.", minimum=0, exclusiveMinimum=True),
                         "rho": s("number", "rmsprop: discounting factor.", minimum=0, maximum=1),
                         "weightDecay": s("number", "adamw: decoupled weight decay.", minimum=0),
+                        "clipNorm": s("number", "Every optimizer: rescale each gradient to at most this L2 norm (against exploding gradients). Not with clipValue.", minimum=0, exclusiveMinimum=True),
+                        "clipValue": s("number", "Every optimizer: clip each gradient element to [-clipValue, clipValue]. Not with clipNorm.", minimum=0, exclusiveMinimum=True),
+                    },
+                    **{"not": {"required": ["clipNorm", "clipValue"]}},
+                ),
+                "learningRateSchedule": obj(
+                    "How the learning rate changes per epoch, starting from optimizer.learningRate. Each epoch's rate is recorded in history.json (learning_rate).",
+                    {
+                        "type": s("string", "constant; exponential: lr * decayRate^(t/decaySteps); step: lr * decayRate^floor(t/decaySteps); cosine: from lr down to minLearningRate over decaySteps epochs; plateau: multiply by factor after patience epochs without a better val_loss.", enum=SCHEDULES, default="constant"),
+                        "warmupEpochs": s("integer", "Ramp linearly up to the learning rate over this many epochs first (fewer than epochs).", minimum=0, maximum=100000),
+                        "decayRate": s("number", "exponential, step: factor per decaySteps epochs.", minimum=0, exclusiveMinimum=True, maximum=1),
+                        "decaySteps": s("integer", "exponential, step: epochs per decay; cosine: length of the decay in epochs (default: all epochs after warmup).", minimum=1),
+                        "minLearningRate": s("number", "exponential, step, cosine, plateau: the rate never goes below this (must be below learningRate).", minimum=0),
+                        "patience": s("integer", "plateau: epochs without improvement of val_loss before reducing.", minimum=1),
+                        "factor": s("number", "plateau: multiply the rate by this.", minimum=0, exclusiveMinimum=True, maximum=1, exclusiveMaximum=True),
                     },
                 ),
                 "loss": s("string", "Loss function.", enum=LOSSES, default="sparse_categorical_crossentropy"),
@@ -340,6 +387,21 @@ TRAININGJOB_SPEC = obj(
                 "seed": s("integer", "Seed for data splitting, initialization and shuffling: a run is repeatable.", minimum=0, maximum=2147483647),
             },
         ),
+        "tuning": obj(
+            "Hyperparameter search: trials run one after another in the trainer pod (workers: 1), each recorded in status.tuning; the best is trained again and exported.",
+            {
+                "algorithm": s("string", "grid: every combination of the listed values; random: `trials` draws.", enum=["grid", "random"], default="grid"),
+                "trials": s("integer", "random: number of trials (default 10); grid: an upper bound that must cover the grid.", minimum=1, maximum=1000),
+                "metric": s("string", "What picks the best trial: its last-epoch val_accuracy (highest) or val_loss (lowest).", enum=["val_accuracy", "val_loss"], default="val_loss"),
+                "parameters": {
+                    "type": "object",
+                    "description": "Path into the spec (starting with model. or training., e.g. `training.optimizer.learningRate`, `model.layers[0].units`) -> a list of values, or for random `{min, max, log}`.",
+                    "minProperties": 1,
+                    "additionalProperties": {"description": "A list of values or {min, max, log}.", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            },
+            required=["parameters"],
+        ),
         "resources": RESOURCES,
         "workers": s("integer", "Worker pods; more than 1 runs multi-worker mirrored training on an Indexed Job.", minimum=1, maximum=64, default=1),
         "output": obj(
@@ -349,10 +411,11 @@ TRAININGJOB_SPEC = obj(
                 "onnx": obj("ONNX export.", {"opset": s("integer", "ONNX opset.", minimum=13, maximum=18, default=17)}),
                 "formats": arr(
                     "Formats to export next to the Keras model.",
-                    {"type": "string", "enum": ["onnx", "onnx-int8", "tflite", "tflite-int8"]},
+                    {"type": "string", "enum": ["onnx", "onnx-int8", "tflite", "tflite-int8", "keras-h5"]},
                     minItems=1, default=["onnx"],
                 ),
                 "parityTolerance": s("number", "Largest allowed max abs difference between Keras and ONNX Runtime outputs.", minimum=0, default=0.0001),
+                "explain": s("boolean", "Permutation feature importance on the held-out rows through model.onnx: explanations.json, explanations.png, the top features in status.result.topFeatures. Flat inputs only."),
                 "formatTolerance": s("number", "Largest allowed drop of the held-out metric for a derived format (int8, tflite); a negative value turns the check off.", default=0.02),
                 "quantization": s("string", "How onnx-int8 is quantized: dynamic (int8 weights, activations quantized at run time), static (activations calibrated on training rows) or auto (static when the model has Conv2D layers, else dynamic).", enum=["auto", "dynamic", "static"], default="auto"),
             },
@@ -406,12 +469,16 @@ TRAININGJOB_STATUS = obj(
                 "parityMaxAbsDiff": s("number", "Max abs difference between Keras and ONNX Runtime on held-out rows."),
                 "inputs": IO_SPEC,
                 "outputs": IO_SPEC,
+                "topFeatures": arr(
+                    "With spec.output.explain: the most important feature columns (permutation importance on held-out rows).",
+                    obj("One column.", {"feature": s("string", "Column name."), "importance": s("number", "Drop of the held-out metric when the column is shuffled.")}),
+                ),
                 "formats": arr(
                     "Every exported format with its cost.",
                     obj(
                         "One exported file.",
                         {
-                            "format": s("string", "onnx, onnx-int8, tflite or tflite-int8."),
+                            "format": s("string", "onnx, onnx-int8, tflite, tflite-int8 or keras-h5."),
                             "file": s("string", "File name under the output location."),
                             "uri": s("string", "Full location."),
                             "sizeBytes": s("integer", "File size."),
@@ -425,6 +492,22 @@ TRAININGJOB_STATUS = obj(
             },
         ),
         "deployment": s("string", "The ModelDeployment created from `spec.deploy`."),
+        "tuning": obj(
+            "With spec.tuning: every finished trial and the best so far, patched by the trainer after each trial.",
+            {
+                "algorithm": s("string", "grid or random."),
+                "metric": s("string", "The metric that picks the best."),
+                "trials": arr("Finished trials in order.", obj("One trial.", {
+                    "trial": s("integer", "Index, from 0."),
+                    "parameters": {"type": "object", "description": "The values this trial used, by spec path.", "x-kubernetes-preserve-unknown-fields": True},
+                    "metrics": number_map("Its last-epoch metrics, held-out ones included."),
+                    "score": s("number", "Its value of the tuning metric."),
+                })),
+                "best": s("integer", "Index of the best trial so far."),
+                "bestScore": s("number", "Its score."),
+                "bestParameters": {"type": "object", "description": "Its parameters.", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        ),
     },
 )
 
@@ -494,6 +577,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "priority": 1},
+            {"name": "Best", "type": "number", "jsonPath": ".status.tuning.bestScore", "priority": 1, "description": "With spec.tuning: the best trial's score so far."},
             {"name": "Model", "type": "string", "jsonPath": ".status.result.modelUri", "priority": 1},
             {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status", "priority": 1, "description": "The Ready condition: True once the training succeeded."},
         ],

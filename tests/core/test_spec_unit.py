@@ -30,7 +30,10 @@ def _matches(hint: Any, schema: dict[str, Any], where: str, problems: list[str])
             problems.append(f"{where}: int-or-string in the CRD, {hint} in kiln.spec")
         return
     if schema.get("x-kubernetes-preserve-unknown-fields"):
-        if origin is not dict:
+        if "type" not in schema:  # any JSON value (e.g. a tuning parameter's list or {min, max})
+            if hint is not Any:
+                problems.append(f"{where}: any JSON value in the CRD, {hint} in kiln.spec")
+        elif origin is not dict:
             problems.append(f"{where}: free-form object in the CRD, {hint} in kiln.spec")
         return
     kind = schema.get("type")

@@ -97,3 +97,16 @@ def popen_train(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.P
     """Start `kiln train ARGS` with stdout piped line by line (stderr merged)."""
     return subprocess.Popen([*KILN, "train", *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def example_module(folder: str, name: str = "make_data") -> Any:
+    """`examples/<folder>/<name>.py` as a module of its own (every example's script is called make_data)."""
+    import importlib.util
+
+    path = EXAMPLES / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{folder}_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+

@@ -32,6 +32,7 @@ class DataReport:
     rows_kept: int = 0
     rows_imputed: int = 0
     features: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # what the trainer did to the columns/rows afterwards
 
     def line(self) -> str:
         reasons = ", ".join(f"{k}: {v}" for k, v in self.dropped.items())
@@ -49,6 +50,7 @@ class DataReport:
             "rowsKept": self.rows_kept,
             "rowsImputed": self.rows_imputed,
             "features": list(self.features),
+            **self.extra,
         }
 
 

@@ -123,6 +123,9 @@ def tensor_info(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return [info(v) for v in graph.input], [info(v) for v in graph.output]
 
 
+HIGHER_IS_BETTER = frozenset({"accuracy", "auc", "precision", "recall"})
+
+
 def metric_objects(names: list[str], loss: str) -> list[keras.metrics.Metric]:
     """Keras metric objects named as in the spec, so history keys are `accuracy`, `val_accuracy`, ..."""
     out: list[keras.metrics.Metric] = []

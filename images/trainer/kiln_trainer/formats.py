@@ -31,12 +31,11 @@ from kiln_trainer.model import INPUT_NAME
 from kiln_trainer.storage import sha256
 
 FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "tflite": "model.tflite",
-         "tflite-int8": "model-int8.tflite"}
+         "tflite-int8": "model-int8.tflite", "keras-h5": "model.h5"}
 CALIBRATION_ROWS = 256
 PREPROCESS = "kiln_preprocess"
 # TFLite ops that only the imputation produces (`isnan` becomes x != x, `where` SELECT_V2): kept float.
 _TFLITE_FLOAT_OPS = ["NOT_EQUAL", "SELECT_V2"]
-_HIGHER_IS_BETTER = {"accuracy", "auc", "precision", "recall"}
 
 
 @dataclass
@@ -103,7 +102,16 @@ def _fill(model: keras.Model) -> np.ndarray | None:
         pre = model.get_layer(PREPROCESS)
     except ValueError:
         return None
-    return np.asarray(pre.fill) if getattr(pre, "impute", False) else None
+    if not getattr(pre, "impute", False):
+        return None
+    fill = np.asarray(pre.fill)
+    try:  # columns selected in front of the imputation: the fill values sit at the kept raw columns
+        keep = model.get_layer("kiln_select").keep
+    except ValueError:
+        return fill
+    raw = np.zeros(int(model.input_shape[-1]), dtype=fill.dtype)
+    raw[keep] = fill
+    return raw
 
 
 def _preprocess_nodes(path: Path) -> list[str]:
@@ -181,12 +189,21 @@ def tflite_predict(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def predict(fmt: str, path: Path, x: np.ndarray) -> np.ndarray:
-    """Predictions of an exported file in the runtime that serves that format."""
+    """Predictions of an exported file in the runtime that serves that format (keras-h5: reloaded by Keras)."""
+    if fmt == "keras-h5":
+        return np.asarray(keras.saving.load_model(path, compile=False).predict(x.astype("float32"), verbose=0))
     return tflite_predict(path, x) if fmt.startswith("tflite") else export.onnx_predict(path, x)
 
 
+def keras_h5(model: keras.Model, path: Path) -> None:
+    """model.h5, the legacy HDF5 file the article's example saves (Keras warns that it is legacy: it is asked for)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(path))
+
+
 def _check(fmt: str, metric: str, value: float, base: float, tolerance: float) -> None:
-    higher = metric in _HIGHER_IS_BETTER
+    higher = metric in export.HIGHER_IS_BETTER
     worse = (base - value) if higher else (value - base)
     if tolerance >= 0 and worse > tolerance:
         raise SpecError(f"{fmt} held-out {metric} {value:.4g} is {worse:.4g} {'below' if higher else 'above'} the "
@@ -222,6 +239,8 @@ def export_formats(model: keras.Model, spec: TrainingJobSpec, out: Path, x_train
                 tflite(model, input_shape, path, None)
             elif fmt == "tflite-int8":
                 tflite(model, input_shape, path, rows)
+            elif fmt == "keras-h5":
+                keras_h5(model, path)
             pred = predict(fmt, path, x_val)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

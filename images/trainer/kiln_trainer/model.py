@@ -8,6 +8,7 @@ The schema allows every field on every layer, so this check lives here, naming `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import keras
 
@@ -16,10 +17,11 @@ from kiln_trainer.errors import SpecError
 
 # Per layer type: (required fields, optional fields). `type` and `name` apply to all.
 LAYER_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "Dense": (("units",), ("activation",)),
+    "Dense": (("units",), ("activation", "kernelInitializer", "kernelRegularizer")),
     "Dropout": (("rate",), ()),
     "BatchNormalization": ((), ("momentum",)),
-    "Conv2D": (("filters", "kernelSize"), ("strides", "padding", "activation")),
+    "Conv2D": (("filters", "kernelSize"), ("strides", "padding", "activation", "kernelInitializer",
+                                          "kernelRegularizer")),
     "MaxPooling2D": ((), ("poolSize", "strides", "padding")),
     "AveragePooling2D": ((), ("poolSize", "strides", "padding")),
     "Flatten": ((), ()),
@@ -30,11 +32,24 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
+def _kernel_args(spec: Layer, where: str) -> dict[str, Any]:
+    """`kernel_initializer` (Keras' default glorot_uniform when unset) and an L1/L2 `kernel_regularizer`."""
+    args: dict[str, Any] = {"kernel_initializer": spec.kernel_initializer or "glorot_uniform"}
+    reg = spec.kernel_regularizer
+    if reg is not None:
+        l1, l2 = float(reg.l1 or 0), float(reg.l2 or 0)
+        if not (l1 or l2):
+            raise SpecError("kernelRegularizer needs l1 or l2 above 0", f"{where}.kernelRegularizer")
+        args["kernel_regularizer"] = keras.regularizers.L1L2(l1=l1, l2=l2)
+    return args
+
+
 def _one_layer(i: int, spec: Layer) -> keras.layers.Layer:
     """One Keras layer; a field its type does not take (or lacks) is a SpecError naming it.
 
-    The fallbacks below (activation, pool size, strides, padding, momentum) are Keras' own defaults for
-    that layer type; they cannot be CRD defaults, which would put them on every layer of every type.
+    The fallbacks below (activation, pool size, strides, padding, momentum, kernel initializer) are
+    Keras' own defaults for that layer type; they cannot be CRD defaults, which would put them on every
+    layer of every type.
     """
     where = f"spec.model.layers[{i}]"
     kind = spec.type
@@ -51,7 +66,7 @@ def _one_layer(i: int, spec: Layer) -> keras.layers.Layer:
             raise SpecError(f"{kind} needs {key!r}", f"{where}.{key}")
     name, act, padding = spec.name, spec.activation or "linear", spec.padding or "valid"
     if kind == "Dense":
-        return keras.layers.Dense(int(given["units"]), activation=act, name=name)
+        return keras.layers.Dense(int(given["units"]), activation=act, name=name, **_kernel_args(spec, where))
     if kind == "Dropout":
         return keras.layers.Dropout(float(given["rate"]), name=name)
     if kind == "BatchNormalization":
@@ -59,7 +74,7 @@ def _one_layer(i: int, spec: Layer) -> keras.layers.Layer:
     if kind == "Conv2D":
         k = int(given["kernelSize"])
         return keras.layers.Conv2D(int(given["filters"]), (k, k), strides=int(spec.strides or 1),
-                                   padding=padding, activation=act, name=name)
+                                   padding=padding, activation=act, name=name, **_kernel_args(spec, where))
     if kind in ("MaxPooling2D", "AveragePooling2D"):
         cls = keras.layers.MaxPooling2D if kind == "MaxPooling2D" else keras.layers.AveragePooling2D
         pool = int(spec.pool_size or 2)
@@ -79,16 +94,17 @@ class Models:
     training: keras.Model
 
 
-def build(input_shape: list[int], layer_specs: list[Layer], pre: keras.layers.Layer | None,
+def build(input_shape: list[int], layer_specs: list[Layer], pre: list[keras.layers.Layer] | None,
           augment: list[keras.layers.Layer]) -> Models:
-    """The inference model (input -> preprocessing -> layers) and the training model that shares it."""
+    """The inference model (input -> preprocessing layers -> layers) and the training model that shares it."""
     if not layer_specs:
         raise SpecError("needs at least one layer", "spec.model.layers")
     layers = [_one_layer(i, s) for i, s in enumerate(layer_specs)]
     inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
     train_inp = keras.Input(shape=tuple(int(d) for d in input_shape), name=INPUT_NAME, dtype="float32")
-    h = pre(inp) if pre is not None else inp
-    t = pre(train_inp) if pre is not None else train_inp
+    h, t = inp, train_inp
+    for p in pre or []:
+        h, t = p(h), p(t)
     for a in augment:
         t = a(t)
     for i, lay in enumerate(layers):

@@ -21,6 +21,9 @@ OPTIMIZER_FIELDS: dict[str, dict[str, str]] = {
     "adamw": {"beta1": "beta_1", "beta2": "beta_2", "epsilon": "epsilon", "weightDecay": "weight_decay"},
 }
 _CLASSES = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop", "adamw": "AdamW"}
+# Gradient clipping, taken by every optimizer: clipNorm rescales each gradient to at most this L2 norm,
+# clipValue clips each gradient element to [-v, v]. Keras takes only one of them.
+CLIP_FIELDS = {"clipNorm": "clipnorm", "clipValue": "clipvalue"}
 
 
 def build(spec: Optimizer) -> keras.optimizers.Optimizer:
@@ -29,7 +32,10 @@ def build(spec: Optimizer) -> keras.optimizers.Optimizer:
     name = spec.name
     if name not in OPTIMIZER_FIELDS:
         raise SpecError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZER_FIELDS)})", f"{where}.name")
-    fields = OPTIMIZER_FIELDS[name]
+    fields = {**OPTIMIZER_FIELDS[name], **CLIP_FIELDS}
+    if spec.clip_norm is not None and spec.clip_value is not None:
+        raise SpecError("set clipNorm or clipValue, not both (Keras applies only one kind of clipping)",
+                        f"{where}.clipValue")
     kwargs: dict[str, Any] = {"learning_rate": float(spec.learning_rate)}
     for key, value in spec.to_dict().items():  # the fields set (name and learningRate always are)
         if key in ("name", "learningRate"):

@@ -26,9 +26,10 @@ from kiln_trainer.storage import Location
 
 RESULT = "result.json"
 # Files a successful run leaves; removed at the start of a run so a failure never leaves old ones behind.
-ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras",
-             "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json")
-RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
+ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras", "model.h5",
+             "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json",
+             "explanations.json", "explanations.png", "tuning.json")
+RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats", "topFeatures")
 TERMINATION_LIMIT = 4096
 SCRATCH_PREFIX = "kiln-out-"
 
@@ -163,7 +164,8 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bases = [k for k in history if not k.startswith("val_") and k != "learning_rate"]
-    fig, axes = plt.subplots(1, max(len(bases), 1), figsize=(5 * max(len(bases), 1), 3.6), squeeze=False)
+    panels = len(bases) + ("learning_rate" in history)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(5 * max(panels, 1), 3.6), squeeze=False)
     for ax, key in zip(axes[0], bases, strict=False):
         epochs = range(1, len(history[key]) + 1)
         ax.plot(epochs, history[key], marker="o", label="training")
@@ -172,6 +174,13 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.legend()
+        ax.grid(alpha=0.3)
+    if "learning_rate" in history:  # the schedule, one value per epoch (log scale: decays are exponential)
+        ax = axes[0][len(bases)]
+        ax.plot(range(1, len(history["learning_rate"]) + 1), history["learning_rate"], marker="o", color="tab:green")
+        ax.set_title("learning rate")
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kiln.spec import Preprocessing
+from kiln.spec import Preprocessing, camel
 from kiln_trainer.errors import SpecError
 
 
@@ -63,6 +63,14 @@ class PreprocessState:
     def to_json(self) -> dict[str, Any]:
         return {"fill": self.fill.tolist(), "offset": self.offset.tolist(), "scale": self.scale.tolist(),
                 "impute": self.impute, "normalization": self.normalization}
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """What the fitted layer computes, in NumPy (float64): for fitting what comes after it (PCA)."""
+        flat = x.reshape(-1, x.shape[-1]).astype("float64")
+        if self.impute:
+            flat = np.where(np.isnan(flat), self.fill, flat)
+        out: np.ndarray = (flat - self.offset) * self.scale
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PreprocessState:
@@ -112,24 +120,36 @@ def layer(state: PreprocessState, channels: int) -> Preprocess | None:
     return pre
 
 
+IMAGE_AUGMENTATIONS = ("horizontal_flip", "vertical_flip", "rotation", "zoom", "translation", "crop", "contrast")
+
+
 def augmentation(spec: Preprocessing, input_shape: list[int], seed: int | None) -> list[keras.layers.Layer]:
-    """Random image layers for training only; an error if asked for on inputs that are not H x W x C."""
+    """Random layers for the training model only (after the normalization); image ones need H x W x C inputs."""
+    from kiln_trainer.augment import RandomContrastCentered, RandomCropResize
+
     aug = spec.augmentation
     if aug is None:
         return []
-    flip, rotation, zoom, shift = aug.horizontal_flip, float(aug.rotation), float(aug.zoom), float(aug.translation)
-    if not (flip or rotation or zoom or shift):
-        return []
-    if len(input_shape) != 3:
-        raise SpecError(f"image augmentation needs an image inputShape [height, width, channels], got {input_shape}",
-                        "spec.dataset.preprocessing.augmentation")
+    image = [camel(k) for k in IMAGE_AUGMENTATIONS if getattr(aug, k)]
+    if image and len(input_shape) != 3:
+        raise SpecError(f"image augmentation ({', '.join(image)}) needs an image inputShape [height, width, channels], "
+                        f"got {input_shape}; flat inputs take gaussianNoise", "spec.dataset.preprocessing.augmentation")
     layers: list[keras.layers.Layer] = []
-    if flip:
+    if aug.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=seed, name="augment_flip"))
-    if rotation:
-        layers.append(keras.layers.RandomRotation(rotation, seed=seed, name="augment_rotation"))
-    if zoom:
-        layers.append(keras.layers.RandomZoom(zoom, seed=seed, name="augment_zoom"))
-    if shift:
+    if aug.vertical_flip:
+        layers.append(keras.layers.RandomFlip("vertical", seed=seed, name="augment_vflip"))
+    if aug.rotation:
+        layers.append(keras.layers.RandomRotation(float(aug.rotation), seed=seed, name="augment_rotation"))
+    if aug.zoom:
+        layers.append(keras.layers.RandomZoom(float(aug.zoom), seed=seed, name="augment_zoom"))
+    if aug.translation:
+        shift = float(aug.translation)
         layers.append(keras.layers.RandomTranslation(shift, shift, seed=seed, name="augment_translation"))
+    if aug.crop:
+        layers.append(RandomCropResize(float(aug.crop), input_shape[0], input_shape[1], seed, name="augment_crop"))
+    if aug.contrast:
+        layers.append(RandomContrastCentered(float(aug.contrast), seed, name="augment_contrast"))
+    if aug.gaussian_noise:  # on the normalized values: stddev is in standard deviations with `standard`
+        layers.append(keras.layers.GaussianNoise(float(aug.gaussian_noise), seed=seed, name="augment_noise"))
     return layers

@@ -50,7 +50,8 @@ class Progress:
             return (key.startswith("val_"), base != "loss", base)
 
         ordered = sorted(self.metrics, key=order)
-        parts = [f"epoch {self.epoch}/{self.epochs}"] + [f"{k}={self.metrics[k]:.4f}" for k in ordered]
+        parts = [f"epoch {self.epoch}/{self.epochs}"] + [
+            f"{k}={self.metrics[k]:.3g}" if k == "learning_rate" else f"{k}={self.metrics[k]:.4f}" for k in ordered]
         return " ".join(parts)
 
 
@@ -97,8 +98,12 @@ class StatusPatcher:
 
     def patch(self, progress: Progress) -> bool:
         """Send one progress update; True when the API server accepted it. Never raises."""
+        return self.patch_status({"progress": progress.to_status()})
+
+    def patch_status(self, status: dict[str, Any]) -> bool:
+        """Merge `status` into the TrainingJob's status (progress, tuning) through kiln.kube; never raises."""
         try:
-            self.client.patch_status(API_VERSION, "TrainingJob", self.namespace, self.name, {"progress": progress.to_status()})
+            self.client.patch_status(API_VERSION, "TrainingJob", self.namespace, self.name, status)
             return True
         except kube.ApiError as exc:
             detail = exc.body[:300].replace("\n", " ") if exc.body else exc.reason

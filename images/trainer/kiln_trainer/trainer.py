@@ -11,12 +11,28 @@ import logging
 import random
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kiln.spec import Training, TrainingJobSpec
-from kiln_trainer import checkpoint, data, distributed, export, optimizers, outputs, preprocess, storage
+from kiln_trainer import (
+    balance,
+    checkpoint,
+    data,
+    distributed,
+    explain,
+    export,
+    features,
+    mixup,
+    optimizers,
+    outputs,
+    preprocess,
+    schedules,
+    storage,
+    tuning,
+)
 from kiln_trainer import formats as formats_lib
 from kiln_trainer import model as model_lib
 from kiln_trainer.errors import DataError, SpecError
@@ -26,7 +42,6 @@ from kiln_trainer.progress import EpochLogger, EpochSummaries, ProgressFn, Progr
 
 log = logging.getLogger("kiln_trainer")
 PARITY_ROWS = 1024
-CLASSIFICATION = ("sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy")
 
 
 def _seed(job: Job, cluster: distributed.Cluster, resumed: checkpoint.Resumed | None) -> int:
@@ -79,18 +94,65 @@ def _labels(y: np.ndarray, loss: str, out_dim: int, last_layer: int) -> np.ndarr
     return y
 
 
-def _class_weight(y: np.ndarray, loss: str) -> dict[int, float] | None:
-    """`balanced`: n / (k * count_c), as scikit-learn defines it."""
-    if loss not in CLASSIFICATION:
-        raise SpecError(f"classWeight: balanced needs a classification loss, not {loss}", "spec.training.classWeight")
-    labels = y.argmax(axis=1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype("int64")
-    classes, counts = np.unique(labels, return_counts=True)
-    return {int(c): float(len(labels) / (len(classes) * n)) for c, n in zip(classes, counts, strict=True)}
+@dataclass
+class Fitted:
+    """Everything fitted on the training split that becomes part of the exported graph."""
+
+    pre: preprocess.PreprocessState
+    feats: features.FeatureState
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.pre.to_json(), "features": self.feats.to_json()}
+
+    def layers(self, raw_width: int) -> list[Any]:
+        """Select columns -> impute/normalize -> PCA, the layers in front of the model's own."""
+        before, after = features.layers(self.feats)
+        width = len(self.feats.keep) if self.feats.keep is not None else raw_width
+        core = preprocess.layer(self.pre, width)
+        return [*before, *([core] if core is not None else []), *after]
+
+
+def _fit_preprocessing(spec: TrainingJobSpec, x_tr: np.ndarray, names: list[str], resumed: Any) -> Fitted:
+    """Selection, imputation/normalization and PCA fitted on the training rows (or restored on resume)."""
+    assert spec.dataset is not None and spec.model is not None  # train() checked
+    pp = spec.dataset.preprocessing
+    features.check_input(pp, [int(d) for d in spec.model.input_shape])
+    explain.check(spec)
+    if resumed is not None:
+        return Fitted(preprocess.PreprocessState.from_json(resumed.preprocess),
+                      features.FeatureState.from_json(resumed.preprocess.get("features")))
+    feats = features.fit_selection(x_tr, pp, names) if features.wanted(pp) else features.FeatureState(None, {})
+    x_sel = features.select(feats, x_tr)
+    state = preprocess.fit(x_sel, pp)
+    if pp.pca is not None:
+        feats = features.fit_pca(feats, state.transform(x_sel), pp)
+    return Fitted(state, feats)
+
+
+def _explain(onnx_path: Any, x_val: np.ndarray, y_val: np.ndarray, names: list[str], metric_names: list[str],
+             loss: str, seed: int) -> dict[str, Any]:
+    """Permutation importance by the first metric (accuracy or mse when the spec lists none)."""
+    classify = loss.endswith("crossentropy")
+    metric = metric_names[0] if metric_names else ("accuracy" if classify else "mse")
+    return explain.importance(onnx_path, x_val, y_val, names, metric, loss, seed)
+
+
+def _check_finite(history: dict[str, list[float]]) -> None:
+    """A loss that became NaN/inf means training diverged: fail with advice instead of exporting garbage."""
+    for i, value in enumerate(history.get("loss", [])):
+        if not np.isfinite(value):
+            raise SpecError(f"training diverged: the loss became {value} in epoch {i + 1}; lower learningRate, "
+                            "set clipNorm/clipValue or add BatchNormalization", "spec.training.optimizer")
 
 
 def train(job: Job, output: str | None = None, progress: ProgressFn | None = None,
-          cluster: distributed.Cluster | None = None, strategy: Any = None) -> dict[str, Any]:
-    """Train the built-in model of `job` and write its outputs; returns the result (as in result.json)."""
+          cluster: distributed.Cluster | None = None, strategy: Any = None,
+          tuning_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train the built-in model of `job` and write its outputs; returns the result (as in result.json).
+
+    With `spec.tuning` this runs the search (tuning.py), which calls back here once per trial and
+    once more for the best one (`tuning_summary` is then written next to the model as tuning.json).
+    """
     import keras
     import tensorflow as tf
 
@@ -99,6 +161,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         raise SpecError("the built-in trainer needs spec.dataset and spec.model (or set spec.command)", "spec")
     cluster = cluster or distributed.setup()
     strategy = strategy or distributed.strategy(cluster)
+    if spec.tuning is not None:
+        return tuning.run(job, train, output, progress, cluster, strategy)
     tr_spec = spec.training
     epochs, loss, metric_names = tr_spec.epochs, tr_spec.loss, list(tr_spec.metrics)
 
@@ -118,9 +182,11 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         ds = _load_dataset(job)
         timings["data"], clock = time.perf_counter() - clock, time.perf_counter()
         x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, spec.dataset.validation_split, seed)
-        state = (preprocess.PreprocessState.from_json(resumed.preprocess) if resumed
-                 else preprocess.fit(x_tr, spec.dataset.preprocessing))
-        models, y_tr, y_val = _compile(spec, strategy, state, y_tr_raw, y_val_raw, seed, metric_names, resumed)
+        fitted = _fit_preprocessing(spec, x_tr, ds.report.features, resumed)
+        models, y_tr, y_val = _compile(spec, strategy, fitted, y_tr_raw, y_val_raw, seed, metric_names, resumed)
+        balanced = balance.apply(spec, x_tr, y_tr, loss, seed)
+        if balanced.report:
+            print(balanced.line(), flush=True)
         start = resumed.epoch if resumed else 0
         if resumed is None:  # a fresh run: curves of an earlier run in the same place would overlap
             storage.rmtree_quiet(out.logs)
@@ -128,18 +194,22 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
         reporter = ProgressReporter(epochs, StatusPatcher.from_env(), progress, cluster.chief,
                                     prefix="" if cluster.chief else f"[worker {cluster.index}] ")
-        callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, state, reporter)
+        callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, fitted, reporter)
         if start < epochs and not (resumed and resumed.stopped):
-            _fit(tf, models, cluster, strategy, (x_tr, y_tr), (x_val, y_val), tr_spec, loss, seed, start, callbacks)
+            _fit(tf, models, cluster, strategy, balanced, (x_val, y_val), spec, seed, start, callbacks)
         timings["fit"], clock = time.perf_counter() - clock, time.perf_counter()
         history = ckpt.history
+        _check_finite(history)
         done = len(next(iter(history.values()), []))
         if not history or done == 0:
             raise DataError("training ran no epochs", "spec.training.epochs")
         if not cluster.chief:
             out.finish_worker()
             return {}
+        ds.report.extra = {**fitted.feats.report(), **({"balance": balanced.report} if balanced.report else {})}
         result = _export(job, out, models, history, ds, x_tr, x_val, y_val, metric_names, loss, seed, done)
+        if tuning_summary is not None:
+            outputs.write_json(out.staging / "tuning.json", tuning_summary)
         out.commit()
         timings["export"] = time.perf_counter() - clock
         _finish(out, reporter, history, done, result, timings)
@@ -163,7 +233,7 @@ def _load_dataset(job: Job) -> data.Dataset:
     return ds
 
 
-def _compile(spec: TrainingJobSpec, strategy: Any, state: preprocess.PreprocessState, y_tr_raw: np.ndarray,
+def _compile(spec: TrainingJobSpec, strategy: Any, fitted: Fitted, y_tr_raw: np.ndarray,
              y_val_raw: np.ndarray, seed: int, metric_names: list[str], resumed: Any) -> tuple[Any, np.ndarray, np.ndarray]:
     """The training and inference models (preprocessing inside), compiled, restored from a checkpoint if resuming."""
     assert spec.model is not None and spec.dataset is not None  # train() checked
@@ -171,7 +241,7 @@ def _compile(spec: TrainingJobSpec, strategy: Any, state: preprocess.PreprocessS
     loss = tr_spec.loss
     input_shape = [int(d) for d in model_spec.input_shape]
     with strategy.scope():
-        models = model_lib.build(input_shape, model_spec.layers, preprocess.layer(state, input_shape[-1]),
+        models = model_lib.build(input_shape, model_spec.layers, fitted.layers(input_shape[-1]),
                                  preprocess.augmentation(spec.dataset.preprocessing, input_shape, seed))
         out_dim = int(models.inference.output_shape[-1])
         last = len(model_spec.layers) - 1
@@ -185,33 +255,39 @@ def _compile(spec: TrainingJobSpec, strategy: Any, state: preprocess.PreprocessS
 
 
 def _callbacks(tr_spec: Training, resumed: Any, out: Output, digest: str, seed: int,
-               state: preprocess.PreprocessState, reporter: ProgressReporter) -> tuple[list[Any], Any]:
-    """Early stopping and checkpoints (both resumable), the per-epoch log/progress, TensorBoard summaries."""
+               fitted: Fitted, reporter: ProgressReporter) -> tuple[list[Any], Any]:
+    """The learning rate, early stopping and checkpoints (resumable), the per-epoch log/progress, TensorBoard."""
     early = None
     es = tr_spec.early_stopping
     if es is not None:
         early = checkpoint.ResumableEarlyStopping(
             resumed.early_stopping if resumed else None, monitor=es.monitor, patience=es.patience, min_delta=float(es.min_delta))
-    ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, state.to_json(),
+    ckpt = checkpoint.CheckpointCallback(out.checkpoints, digest, seed, fitted.to_json(),
                                          resumed.history if resumed else {}, early, out.push_checkpoint)
-    callbacks: list[Any] = [c for c in (early, ckpt) if c is not None]
+    rate = schedules.LearningRateCallback(schedules.parse(tr_spec), ckpt.history)
+    callbacks: list[Any] = [c for c in (rate, schedules.StopOnDivergence(), early, ckpt) if c is not None]
     callbacks += [EpochLogger(reporter), EpochSummaries(out.logs)]
     return callbacks, ckpt
 
 
-def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train_xy: tuple[np.ndarray, np.ndarray],
-         val_xy: tuple[np.ndarray, np.ndarray], tr_spec: Training, loss: str, seed: int, start: int,
+def _fit(tf: Any, models: Any, cluster: distributed.Cluster, strategy: Any, train: balance.Balanced,
+         val_xy: tuple[np.ndarray, np.ndarray], spec: TrainingJobSpec, seed: int, start: int,
          callbacks: list[Any]) -> None:
-    (x_tr, y_tr), (x_val, y_val) = train_xy, val_xy
-    epochs = tr_spec.epochs
-    class_weight = _class_weight(y_tr, loss) if tr_spec.class_weight == "balanced" else None
-    batch = tr_spec.batch_size
+    (x_tr, y_tr), (x_val, y_val), class_weight = (train.x, train.y), val_xy, train.class_weight
+    tr_spec = spec.training
+    epochs, batch = tr_spec.epochs, tr_spec.batch_size
+    mix = mixup.alpha(spec.dataset.preprocessing.augmentation if spec.dataset else None, tr_spec.loss)
     if cluster.multi_worker:
         distributed.fix_keras_multi_worker(models.training, strategy, (x_tr[:2], y_tr[:2]))
-        train_data = _distributed_data(tf, x_tr, y_tr, batch, seed)
-        val_data = _distributed_data(tf, x_val, y_val, batch, None)
-        models.training.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=start,
-                            class_weight=class_weight, callbacks=callbacks, verbose=0, shuffle=False)
+        train_data = (mixup.dataset(tf, x_tr, y_tr, batch, mix, seed, class_weight) if mix
+                      else _distributed_data(tf, x_tr, y_tr, batch, seed))
+        models.training.fit(_sharded(tf, train_data), validation_data=_distributed_data(tf, x_val, y_val, batch, None),
+                            epochs=epochs, initial_epoch=start, class_weight=None if mix else class_weight,
+                            callbacks=callbacks, verbose=0, shuffle=False)
+    elif mix:
+        models.training.fit(mixup.dataset(tf, x_tr, y_tr, batch, mix, seed, class_weight),
+                            validation_data=(x_val, y_val), validation_batch_size=batch, epochs=epochs,
+                            initial_epoch=start, callbacks=callbacks, verbose=0)
     else:
         models.training.fit(x_tr, y_tr, validation_data=(x_val, y_val), epochs=epochs, initial_epoch=start,
                             batch_size=batch, class_weight=class_weight, callbacks=callbacks, verbose=0)
@@ -234,9 +310,13 @@ def _distributed_data(tf: Any, x: np.ndarray, y: np.ndarray, batch: int, seed: i
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if seed is not None:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return _sharded(tf, dataset.batch(batch))
+
+
+def _sharded(tf: Any, dataset: Any) -> Any:
     opts = tf.data.Options()
     opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.batch(batch).with_options(opts)
+    return dataset.with_options(opts)
 
 
 def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, list[float]], ds: data.Dataset,
@@ -252,7 +332,7 @@ def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, 
     diff = export.parity(models.inference, onnx_path, x_val[:PARITY_ROWS], float(out_spec.parity_tolerance))
     onnx_pred = export.onnx_predict(onnx_path, x_val)
     heldout = export.evaluate(onnx_pred, y_val, metric_names, loss) if metric_names else {}
-    metrics = {k: float(v[-1]) for k, v in history.items()}
+    metrics = {k: float(v[-1]) for k, v in history.items() if k != schedules.LR_KEY}
     metrics.update({f"heldout_{k}": v for k, v in heldout.items()})
     fmt_results = formats_lib.export_formats(models.inference, spec, stage, x_tr, x_val, y_val,
                                              metric_names[0] if metric_names else None, loss)
@@ -273,5 +353,10 @@ def _export(job: Job, out: Output, models: model_lib.Models, history: dict[str, 
     if ds.classes is not None:
         outputs.write_json(stage / "labels.json", ds.classes)
     outputs.plot_curves(history, stage / "training-curves.png")
+    if out_spec.explain:
+        ranked = _explain(onnx_path, x_val, y_val, ds.report.features, metric_names, loss, seed)
+        outputs.write_json(stage / "explanations.json", ranked)
+        explain.plot(ranked, stage / "explanations.png")
+        result["topFeatures"] = explain.top(ranked)
     outputs.write_json(stage / outputs.RESULT, {**result, "epochsRun": done, "seed": seed})
     return result

@@ -15,7 +15,7 @@ from kiln.spec import TrainingJobSpec
 from kiln_operator.conditions import fmt_time, now_utc, parse_time, set_all
 from kiln_operator.podstatus import START_FAILURES, pod_phase, problems, statuses, termination_summary, waits_for_gpu
 
-RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats")
+RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats", "topFeatures")
 TERMINAL = ("Succeeded", "Failed")
 HELD_BACK_MESSAGE = ("suspended: the Job is created when spec.runPolicy.suspend is set to false "
                      "(this API server has no Job suspend, so Kiln holds the Job back)")

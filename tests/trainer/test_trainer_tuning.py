@@ -1,0 +1,74 @@
+"""spec.tuning: a grid over learning rate and units on digits, trials in this process, the best exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kiln_trainer import tuning
+from kiln_trainer.errors import SpecError
+from support.progress_server import ProgressServer
+from support.trainer import EXAMPLES, manifest, write_manifest
+
+from kiln.spec import Tuning
+
+pytestmark = pytest.mark.training
+
+
+def test_grid_picks_the_best_and_records_every_trial(tmp_path: Path, kiln_train) -> None:
+    doc = manifest(dataset={"uri": str(EXAMPLES / "digits" / "digits.csv"), "preprocessing": {"normalization": "standard"}},
+                   training={"epochs": 2, "batchSize": 64, "seed": 5},
+                   tuning={"algorithm": "grid", "metric": "val_accuracy",
+                           "parameters": {"training.optimizer.learningRate": [0.0003, 0.01],
+                                          "model.layers[0].units": [2, 32]}})
+    doc["spec"]["model"] = {"inputShape": [64], "layers": [{"type": "Dense", "units": 8, "activation": "relu"},
+                                                            {"type": "Dense", "units": 10, "activation": "softmax"}]}
+    with ProgressServer() as server:
+        run = kiln_train(write_manifest(tmp_path, doc),
+                         env={"KILN_TRAININGJOB": "t", "KILN_NAMESPACE": "ns", "KILN_API_SERVER": server.url})
+    assert run.code == 0, run.err
+    summary = json.loads((run.output / "tuning.json").read_text())
+    trials = summary["trials"]
+    assert [t["parameters"] for t in trials] == [
+        {"training.optimizer.learningRate": lr, "model.layers[0].units": u} for lr in (0.0003, 0.01) for u in (2, 32)]
+    scores = [t["score"] for t in trials]
+    assert scores == [t["metrics"]["val_accuracy"] for t in trials] and len(set(scores)) > 1
+    best = max(range(4), key=lambda i: scores[i])
+    assert summary["best"] == best and summary["bestScore"] == scores[best]
+    assert summary["bestParameters"] == {"training.optimizer.learningRate": 0.01, "model.layers[0].units": 32}
+    # The exported model is the best trial trained again: same seed, same numbers.
+    assert run.result()["metrics"]["val_accuracy"] == pytest.approx(scores[best])
+    patches = [r["body"]["status"]["tuning"] for r in server.requests if "tuning" in r["body"]["status"]]
+    assert [len(p["trials"]) for p in patches] == [1, 2, 3, 4] and patches[-1] == summary
+    assert sum(ln.startswith("trial ") for ln in run.out.splitlines()) == 4
+
+
+def test_random_plan_is_seeded_and_paths_are_checked() -> None:
+    t = {"algorithm": "random", "trials": 6, "parameters": {"training.optimizer.learningRate": {"min": 1e-4, "max": 1e-1,
+                                                                                                  "log": True},
+                                                            "model.layers[0].units": {"min": 4, "max": 64}}}
+    first, again = tuning.plan(Tuning.from_dict(t), 3), tuning.plan(Tuning.from_dict(t), 3)
+    assert first == again and len(first) == 6
+    assert all(1e-4 <= p["training.optimizer.learningRate"] <= 0.1 for p in first)
+    assert all(isinstance(p["model.layers[0].units"], int) and 4 <= p["model.layers[0].units"] <= 64 for p in first)
+    spec = {"model": {"layers": [{"units": 1}]}, "training": {}}
+    tuning.set_path(spec, "model.layers[0].units", 9)
+    tuning.set_path(spec, "training.optimizer.learningRate", 0.1)
+    assert spec == {"model": {"layers": [{"units": 9}]}, "training": {"optimizer": {"learningRate": 0.1}}}
+    for path, words in (("model.layers[3].units", "no item [3]"), ("dataset.uri", "start with model.")):
+        with pytest.raises(SpecError, match=words.replace("[", r"\[").replace(".", r"\.")) as e:
+            tuning.set_path(spec, path, 1)
+        assert e.value.field == f"spec.tuning.parameters[{path}]"
+    with pytest.raises(SpecError, match="grid has 4 combinations"):
+        tuning.plan(Tuning.from_dict({"trials": 2, "parameters": {"a.b": [1, 2], "a.c": [3, 4]}}), 0)
+    with pytest.raises(SpecError, match="grid search needs a list"):
+        tuning.plan(Tuning.from_dict({"parameters": {"training.epochs": {"min": 1, "max": 3}}}), 0)
+
+
+def test_a_trial_value_the_schema_rejects_fails_before_training(tmp_path: Path, kiln_train) -> None:
+    doc = manifest(tuning={"parameters": {"training.optimizer.learningRate": [0.01, -1]}})
+    run = kiln_train(write_manifest(tmp_path, doc))
+    assert run.code == 2 and run.termination["field"] == "spec.tuning"
+    assert "trial {'training.optimizer.learningRate': -1}" in run.termination["error"]
+    assert "epoch " not in run.out
