@@ -340,6 +340,10 @@ def test_operator_pod_deleted_mid_training_converges(kube: Kube, namespace: str,
     assert status["progress"]["percent"] == 100
 
 
+WRITE_RESULT = ["sh", "-c", 'echo \'{"metrics": {"accuracy": 1.0}}\' > "$KILN_OUTPUT_DIR/result.json"']
+"""The smallest bring-your-own trainer that honours the contract (kiln_trainer.byo: a result.json in $KILN_OUTPUT_DIR)."""
+
+
 def test_standby_pod_takes_over_after_the_active_pod_is_killed(kube: Kube, chart: dict[str, str], namespace: str) -> None:
     """The chart's standby (peering.enabled + standby.enabled) on the real node: the active operator pod is
     killed (grace period 0) while TrainingJobs are being created; the standby pod takes over within the
@@ -369,7 +373,7 @@ def test_standby_pod_takes_over_after_the_active_pod_is_killed(kube: Kube, chart
     try:
         killed = 0.0
         for i, name in enumerate(names):
-            kube.apply(training(namespace, name, {"command": ["true"]}))
+            kube.apply(training(namespace, name, {"command": WRITE_RESULT}))
             if i == 4:
                 kube.run("delete", "pod", active["metadata"]["name"], "--grace-period=0", "--force", "--wait=false",
                          namespace=release_ns, check=False)
