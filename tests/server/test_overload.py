@@ -38,6 +38,11 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, float]:
     return path, rows, per_row * rows
 
 
+BIG_BODY = 1 << 30
+"""The long requests here carry 20 x `rows` rows of 1 KiB; on a quiet machine `rows` is large (a fast row) and
+the body passes the default 64 MiB limit: the request would get 413 at once and never be in flight."""
+
+
 def _request(rows: int) -> tuple[bytes, dict[str, str]]:
     x = np.ones((rows, 256), dtype=np.float32)
     head = json.dumps({
@@ -85,7 +90,8 @@ def _counter(text: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def queue_server(slow: tuple[Path, int, float], server_tmp: Path) -> Iterator[Server]:
-    s = start_server(slow[0], "slow", server_tmp, "--max-queue", "4", "--max-elements", str(10**8), "--inline-max-us", "250")
+    s = start_server(slow[0], "slow", server_tmp, "--max-queue", "4", "--max-elements", str(10**8), "--inline-max-us", "250",
+                     "--max-body-bytes", str(BIG_BODY))
     yield s
     s.stop()
 
@@ -114,7 +120,8 @@ def test_full_queue_sheds_with_503_and_retry_after_and_latency_stays_bounded(
 
 @pytest.fixture(scope="module")
 def deadline_server(slow: tuple[Path, int, float], server_tmp: Path) -> Iterator[Server]:
-    s = start_server(slow[0], "slow", server_tmp, "--max-queue", "0", "--request-deadline-ms", "200", "--max-elements", str(10**8))
+    s = start_server(slow[0], "slow", server_tmp, "--max-queue", "0", "--request-deadline-ms", "200", "--max-elements", str(10**8),
+                     "--max-body-bytes", str(BIG_BODY))
     yield s
     s.stop()
 
