@@ -8,6 +8,21 @@ loopback or private address would let a tenant probe or read internal services t
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
+
+DEFAULT_MAX_MODEL_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What an `http(s)://` model download may do: the policy's `fetch:` part, rendered into the init
+    container's flags, and the fetcher's rules. The defaults are the strict ones."""
+
+    allow_http: bool = False
+    allow_private: bool = False
+    """Loopback, link-local, private, shared and reserved addresses (tests opt in for 127.0.0.1)."""
+    require_sha256: bool = True
+    max_bytes: int = DEFAULT_MAX_MODEL_BYTES
 
 
 def address_problem(address: str) -> str | None:

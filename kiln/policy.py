@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import jsonschema
 import yaml
 
-from kiln.netguard import address_problem
+from kiln.netguard import DEFAULT_MAX_MODEL_BYTES, FetchPolicy, address_problem
 
 PROFILE_LABEL = "kiln.dev/policy-profile"
 """Namespace label selecting a `namespaceProfiles` entry: only who may edit Namespaces can set it."""
@@ -34,7 +34,6 @@ CONTROL_PLANE_KEYS = ("node-role.kubernetes.io/control-plane", "node-role.kubern
 REASON = "PolicyViolation"
 MOUNTABLE: Mapping[str, str] = {"kiln.dev/mountable": "true"}
 """The default PVC selector: only someone who may edit a claim can label it, so mounting it gives nothing new."""
-DEFAULT_MAX_MODEL_BYTES = 4 << 30
 
 _NAMES = {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 253}, "uniqueItems": True}
 _SELECTOR = {"type": ["object", "null"], "additionalProperties": {"type": ["string", "null"], "maxLength": 63}}
@@ -80,16 +79,6 @@ class Violation:
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """How a ModelDeployment's init container may fetch `http(s)://` models."""
-
-    allow_http: bool = False
-    allow_private: bool = False
-    require_sha256: bool = True
-    max_bytes: int = DEFAULT_MAX_MODEL_BYTES
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 from kiln_server.fetch import FetchError, fetch
-from kiln_server.fetchguard import FetchGuard, FetchRefused, check_url
+from kiln_server.fetchguard import FetchRefused, check_url
+
+from kiln.netguard import FetchPolicy
 
 pytestmark = pytest.mark.server
 
 PAYLOAD = b"model-bytes" * 1000
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
-LOOPBACK = FetchGuard(allow_http=True, allow_private=True)
+LOOPBACK = FetchPolicy(allow_http=True, allow_private=True)
 """The opt-in these tests need to reach their own server at all: plain http to a loopback address."""
 
 
@@ -75,11 +77,11 @@ def test_loopback_opt_in_fetches(base: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("guard", "expected"), [
-    (FetchGuard(), "plain http is refused"),
-    (FetchGuard(allow_http=True), "127.0.0.1, a loopback address"),
-    (FetchGuard(allow_private=True), "plain http is refused"),
+    (FetchPolicy(), "plain http is refused"),
+    (FetchPolicy(allow_http=True), "127.0.0.1, a loopback address"),
+    (FetchPolicy(allow_private=True), "plain http is refused"),
 ])
-def test_strict_defaults_refuse_the_local_server(base: str, tmp_path: Path, guard: FetchGuard, expected: str) -> None:
+def test_strict_defaults_refuse_the_local_server(base: str, tmp_path: Path, guard: FetchPolicy, expected: str) -> None:
     with pytest.raises(FetchError, match=expected) as info:
         fetch(f"{base}/model.onnx", tmp_path / "m.onnx", sha256=SHA, retries=0, guard=guard)
     assert info.value.exit_code == 4
@@ -89,7 +91,7 @@ def test_strict_defaults_refuse_the_local_server(base: str, tmp_path: Path, guar
 def test_sha256_required_unless_allowed(base: str, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match="sha256 is required"):
         fetch(f"{base}/model.onnx", tmp_path / "m.onnx", retries=0, guard=LOOPBACK)
-    relaxed = FetchGuard(allow_http=True, allow_private=True, require_sha256=False)
+    relaxed = FetchPolicy(allow_http=True, allow_private=True, require_sha256=False)
     assert fetch(f"{base}/model.onnx", tmp_path / "m.onnx", retries=0, guard=relaxed).sha256 == SHA
 
 
@@ -105,7 +107,7 @@ def test_same_host_redirect_followed_other_host_refused(base: str, tmp_path: Pat
 
 
 def test_size_limit(base: str, tmp_path: Path) -> None:
-    small = FetchGuard(allow_http=True, allow_private=True, max_bytes=len(PAYLOAD) - 1)
+    small = FetchPolicy(allow_http=True, allow_private=True, max_bytes=len(PAYLOAD) - 1)
     with pytest.raises(FetchError, match="over the size limit"):
         fetch(f"{base}/model.onnx", tmp_path / "m.onnx", sha256=SHA, retries=0, guard=small)
     with pytest.raises(FetchError, match="over the size limit"):
@@ -120,13 +122,13 @@ def test_size_limit(base: str, tmp_path: Path) -> None:
 def test_every_resolved_address_is_checked(address: str, kind: str) -> None:
     """A public-looking name that resolves to an internal address is refused (resolver stands in for DNS)."""
     with pytest.raises(FetchRefused, match=kind):
-        check_url("https://models.example.com/m.onnx", FetchGuard(), resolver=lambda host, port: ["93.184.216.34", address])
-    assert check_url("https://models.example.com/m.onnx", FetchGuard(), resolver=lambda h, p: ["93.184.216.34"])[3] == "93.184.216.34"
+        check_url("https://models.example.com/m.onnx", FetchPolicy(), resolver=lambda host, port: ["93.184.216.34", address])
+    assert check_url("https://models.example.com/m.onnx", FetchPolicy(), resolver=lambda h, p: ["93.184.216.34"])[3] == "93.184.216.34"
 
 
 def test_credentials_in_uri_refused() -> None:
     with pytest.raises(FetchRefused, match="credentials"):
-        check_url("https://user:pw@models.example.com/m.onnx", FetchGuard(), resolver=lambda h, p: ["93.184.216.34"])
+        check_url("https://user:pw@models.example.com/m.onnx", FetchPolicy(), resolver=lambda h, p: ["93.184.216.34"])
 
 
 def test_cli_flags_opt_in(base: str, tmp_path: Path) -> None:

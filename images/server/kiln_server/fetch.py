@@ -36,7 +36,8 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from kiln import objectstore
-from kiln_server.fetchguard import FetchGuard, FetchRefused, HTTPStatusError, download
+from kiln.netguard import FetchPolicy
+from kiln_server.fetchguard import FetchRefused, HTTPStatusError, download, fetch_policy_from_env
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -97,7 +98,7 @@ def _copy_stream(src: BinaryIO, out: BinaryIO, h: hashlib._Hash) -> int:
     return n
 
 
-def _http_once(uri: str, out: BinaryIO, guard: FetchGuard, timeout: float) -> int:
+def _http_once(uri: str, out: BinaryIO, guard: FetchPolicy, timeout: float) -> int:
     try:
         return download(uri, out, guard, timeout)
     except FetchRefused as exc:
@@ -113,15 +114,15 @@ def fetch(
     pvc_root: str = "/kiln/pvc",
     log: Callable[[dict[str, object]], None] | None = None,
     max_bytes: int | None = None,
-    guard: FetchGuard | None = None,
+    guard: FetchPolicy | None = None,
 ) -> FetchResult:
     """Fetch `uri` to `dest` (a file, or a folder to keep the URI's file name), atomically, checking sha256.
 
-    `guard`: the http(s) rules (default: `FetchGuard.from_env()`, strict unless `KILN_FETCH_*` relax it).
+    `guard`: the http(s) rules (default: `fetch_policy_from_env()`, strict unless `KILN_FETCH_*` relax it).
     """
     target = _dest_path(uri, dest)
     want = sha256.lower() if sha256 else None
-    guard = guard or FetchGuard.from_env()
+    guard = guard or fetch_policy_from_env()
     if urlparse(uri).scheme in ("http", "https") and guard.require_sha256 and not want:
         raise FetchError(f"{uri}: a sha256 is required for http(s) models (--sha256, or --allow-missing-sha256)", exit_code=4)
     if want and target.is_file() and _sha256(target) == want:
@@ -184,7 +185,7 @@ def _rehash(tmp: Path, out: BinaryIO) -> hashlib._Hash:
 
 def _fetch_http(
     uri: str, out: BinaryIO, timeout: float, retries: int, log: Callable[[dict[str, object]], None] | None,
-    guard: FetchGuard,
+    guard: FetchPolicy,
 ) -> int:
     delay = 1.0
     for attempt in range(retries + 1):
@@ -231,17 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
     parser.add_argument("--retries", type=int, default=4, help="retries for transient failures")
     parser.add_argument("--pvc-root", default=os.environ.get("KILN_PVC_ROOT", "/kiln/pvc"))
-    env = FetchGuard.from_env()
+    env = fetch_policy_from_env()
     parser.add_argument("--allow-http", action="store_true", default=env.allow_http, help="allow plain http:// (default: https only)")
     parser.add_argument("--allow-private", action="store_true", default=env.allow_private,
                         help="allow loopback, link-local and private addresses")
     parser.add_argument("--allow-missing-sha256", action="store_true", default=not env.require_sha256,
                         help="allow http(s) models without --sha256")
-    parser.add_argument("--max-bytes", type=int, default=int(os.environ.get("KILN_MODEL_MAX_BYTES") or 0) or env.max_bytes,
-                        help="refuse a model larger than this many bytes, from any source (KILN_MODEL_MAX_BYTES, "
-                        "KILN_FETCH_MAX_BYTES; default 4 GiB)")
+    parser.add_argument("--max-bytes", type=int, default=env.max_bytes,
+                        help="refuse a model larger than this many bytes, from any source (KILN_FETCH_MAX_BYTES; "
+                        "default 4 GiB)")
     args = parser.parse_args(argv)
-    guard = FetchGuard(args.allow_http, args.allow_private, not args.allow_missing_sha256, args.max_bytes)
+    guard = FetchPolicy(args.allow_http, args.allow_private, not args.allow_missing_sha256, args.max_bytes)
     start = time.perf_counter()
     try:
         res = fetch(args.uri, args.dest, args.sha256, args.timeout, args.retries, args.pvc_root, _log_line,

@@ -15,16 +15,14 @@ import http.client
 import os
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import BinaryIO
 from urllib.parse import urljoin, urlparse
 
-from kiln.netguard import address_problem
+from kiln.netguard import DEFAULT_MAX_MODEL_BYTES, FetchPolicy, address_problem
 from kiln.settings import parse_bool
 
 MAX_REDIRECTS = 5
-DEFAULT_MAX_BYTES = 4 << 30
 CHUNK = 1 << 20
 
 
@@ -45,24 +43,14 @@ def _flag(value: str | None, default: bool, name: str) -> bool:
     return default if value is None or value == "" else parse_bool(value, name)
 
 
-@dataclass(frozen=True)
-class FetchGuard:
-    """What an http(s) download may do. The defaults are the strict ones."""
-
-    allow_http: bool = False
-    allow_private: bool = False
-    """Loopback, link-local, private, shared and reserved addresses (tests opt in for 127.0.0.1)."""
-    require_sha256: bool = True
-    max_bytes: int = DEFAULT_MAX_BYTES
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> FetchGuard:
-        """From `KILN_FETCH_ALLOW_HTTP`, `KILN_FETCH_ALLOW_PRIVATE`, `KILN_FETCH_REQUIRE_SHA256`, `KILN_FETCH_MAX_BYTES`."""
-        env = os.environ if environ is None else environ
-        return cls(_flag(env.get("KILN_FETCH_ALLOW_HTTP"), False, "KILN_FETCH_ALLOW_HTTP"),
-                   _flag(env.get("KILN_FETCH_ALLOW_PRIVATE"), False, "KILN_FETCH_ALLOW_PRIVATE"),
-                   _flag(env.get("KILN_FETCH_REQUIRE_SHA256"), True, "KILN_FETCH_REQUIRE_SHA256"),
-                   int(env.get("KILN_FETCH_MAX_BYTES") or DEFAULT_MAX_BYTES))
+def fetch_policy_from_env(environ: Mapping[str, str] | None = None) -> FetchPolicy:
+    """The rules from `KILN_FETCH_ALLOW_HTTP`, `KILN_FETCH_ALLOW_PRIVATE`, `KILN_FETCH_REQUIRE_SHA256` and
+    `KILN_FETCH_MAX_BYTES` (for `kiln serve --model URL` by hand; the operator renders flags instead)."""
+    env = os.environ if environ is None else environ
+    return FetchPolicy(_flag(env.get("KILN_FETCH_ALLOW_HTTP"), False, "KILN_FETCH_ALLOW_HTTP"),
+                       _flag(env.get("KILN_FETCH_ALLOW_PRIVATE"), False, "KILN_FETCH_ALLOW_PRIVATE"),
+                       _flag(env.get("KILN_FETCH_REQUIRE_SHA256"), True, "KILN_FETCH_REQUIRE_SHA256"),
+                       int(env.get("KILN_FETCH_MAX_BYTES") or DEFAULT_MAX_MODEL_BYTES))
 
 
 Resolver = Callable[[str, int], list[str]]
@@ -74,7 +62,7 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def check_url(uri: str, guard: FetchGuard, resolver: Resolver = resolve) -> tuple[str, str, int, str]:
+def check_url(uri: str, guard: FetchPolicy, resolver: Resolver = resolve) -> tuple[str, str, int, str]:
     """(scheme, host, port, the address to connect to) for `uri`, or FetchRefused saying which rule it breaks."""
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
@@ -132,7 +120,7 @@ def _copy(resp: http.client.HTTPResponse, out: BinaryIO, limit: int, uri: str) -
     return n
 
 
-def download(uri: str, out: BinaryIO, guard: FetchGuard, timeout: float, resolver: Resolver = resolve) -> int:
+def download(uri: str, out: BinaryIO, guard: FetchPolicy, timeout: float, resolver: Resolver = resolve) -> int:
     """GET `uri` into `out` under `guard`, following at most 5 redirects on the same host; bytes written.
 
     Raises FetchRefused (a rule), HTTPStatusError (an error status) or OSError/ConnectionError (transient).

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln import GROUP
-from kiln.policy import FetchPolicy
+from kiln.netguard import FetchPolicy
 from kiln.serverargs import serve_args
 from kiln.spec import ModelDeploymentSpec, NetworkPeer, ServingSpec, TrainingJobSpec
 from kiln_operator import names
