@@ -54,12 +54,14 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--kiln-args", default="", help="extra `kiln serve` flags, space-separated")
     ap.add_argument("--label", default="default", help="key of this run in bench/results/server_floors.json")
+    ap.add_argument("--server-cpus", default="0", help="taskset CPU list of every server (2+ CPUs only)")
+    ap.add_argument("--wrk-cpus", default="1", help="taskset CPU list of wrk (2+ CPUs only)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
     pin = (os.cpu_count() or 1) >= 2
-    srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
+    srv_cpus, wrk_cpus = (args.server_cpus, args.wrk_cpus) if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-floors-"))
     model = run.build_mlp(work / "mlp.onnx")
     import onnxruntime as ort
@@ -101,7 +103,7 @@ def main() -> int:
     lines = [
         f"Measured {meta['date']} on {meta['cpus']} CPUs, loopback, wrk 1 thread, c={args.connections}, "
         f"{args.seconds:g} s per point after a 2 s warm-up, {args.rounds} rounds alternating the order, median round; "
-        + ("server on CPU 0, wrk on CPU 1. " if pin else "no pinning. ")
+        + (f"server on CPU {srv_cpus}, wrk on CPU {wrk_cpus}. " if pin else "no pinning. ")
         + f"Load average before/after: {meta['load_before']} / {meta['load_after']}.",
         "",
         "| server | req/s (median) | rounds | server CPU per request (us) | p50 / p99 ms | share of the inline floor |",

@@ -170,3 +170,35 @@ def test_inputs_sharing_a_named_dim_must_agree() -> None:
     with pytest.raises(ProtocolError, match=r"input 'b': dimension 0 \('batch'\) is 2 but input 'a' gives 'batch' = 1") as info:
         parse_infer_request(orjson.dumps(doc), None, specs, OUT, 100)
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "expected"),
+    [
+        ([1.0, -2.5, 3e3], np.float32, True),
+        ([3e38, 3e38], np.float32, True),  # finite, but the dot product overflows: the exact test decides
+        ([1e300, 1e300], np.float64, True),
+        ([1.0, np.nan, 2.0], np.float32, False),
+        ([1.0, 2.0, np.inf], np.float64, False),
+        ([-np.inf], np.float32, False),
+        ([1.0, np.nan], np.float16, False),  # no BLAS dot for float16: the exact test
+        ([1.0, 2.0], np.float16, True),
+        ([], np.float32, True),
+        ([1, 2], np.int64, True),
+    ],
+)
+def test_all_finite_agrees_with_numpy(values: list[float], dtype: Any, expected: bool) -> None:
+    arr = np.array(values, dtype=dtype)
+    assert protocol.all_finite(arr) is expected
+    assert protocol.all_finite(arr.reshape(1, -1)) is expected
+    if arr.size > 1:
+        assert protocol.all_finite(np.repeat(arr, 2)[::2]) is expected  # not contiguous
+
+
+def test_all_finite_random_arrays_match_isfinite() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        arr = (rng.standard_normal(rng.integers(1, 50)) * 10.0 ** rng.integers(-5, 40)).astype(np.float32)
+        if rng.random() < 0.3:
+            arr[rng.integers(0, arr.size)] = rng.choice([np.nan, np.inf, -np.inf])
+        assert protocol.all_finite(arr) == bool(np.isfinite(arr).all())

@@ -14,6 +14,7 @@ the binary tensor data extension instead (`parameters.binary_data_size`), the on
 from __future__ import annotations
 
 import array
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -165,23 +166,34 @@ class JsonLoader:
         # keys() + lookups, not items(): items() converts every value to Python objects, the tensor
         # data included, which is the one thing worth keeping lazy. A key simdjson cannot look up
         # again (escapes such as \u0000) raises KeyError, and the caller decodes with orjson.
+        # Exact type tests (`type(v) is _OBJECT`) instead of isinstance: this runs for every request.
+        obj, arr = _simdjson.Object, _simdjson.Array
         out: dict[str, Any] = {}
         for key in list(doc.keys()):
             value = doc[key]
-            if key == "inputs" and isinstance(value, _simdjson.Array):
+            kind = type(value)
+            if key == "inputs" and kind is arr:
                 items: list[Any] = []
                 for item in value:
-                    if isinstance(item, _simdjson.Object):
+                    if type(item) is obj:
                         entry: dict[str, Any] = {}
                         for ik in list(item.keys()):
                             iv = item[ik]
-                            entry[ik] = iv if ik == "data" and isinstance(iv, _simdjson.Array) else _plain(iv)
+                            ikind = type(iv)
+                            if ikind is arr:
+                                entry[ik] = iv if ik == "data" else iv.as_list()
+                            else:
+                                entry[ik] = iv.as_dict() if ikind is obj else iv
                         items.append(entry)
                     else:
                         items.append(_plain(item))
                 out[key] = items
+            elif kind is obj:
+                out[key] = value.as_dict()
+            elif kind is arr:
+                out[key] = value.as_list()
             else:
-                out[key] = _plain(value)
+                out[key] = value
         return out
 
 
@@ -227,9 +239,25 @@ def _from_simd(name: str, data: Any, spec: TensorSpec, shape: list[int], count: 
     return _finite(name, spec, buf.astype(dtype, copy=False)).reshape(shape)
 
 
+def all_finite(arr: np.ndarray) -> bool:
+    """True when no element is NaN or infinite.
+
+    For float32/64 one BLAS dot product (about 0.6 us for 1000 values, against 2.3 us for
+    `isfinite().all()`): any NaN or infinity makes the dot non-finite, so a finite dot proves the
+    array finite; only a non-finite dot (which large finite values can also cause) takes the exact test.
+    """
+    if arr.dtype.kind != "f" or not arr.size:
+        return True
+    if arr.dtype.char in "fd" and arr.flags.c_contiguous:
+        flat = arr.reshape(-1)
+        if math.isfinite(flat.dot(flat)):
+            return True
+    return bool(np.isfinite(arr).all())
+
+
 def _finite(name: str, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
     """Refuse a JSON float that overflowed the datatype (JSON has no NaN/Infinity, so that is the only way)."""
-    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+    if not all_finite(arr):
         raise ProtocolError(400, f"input '{name}': a value is out of range for {spec.datatype} (not finite once converted)")
     return arr
 
@@ -522,7 +550,7 @@ def _bytes_element(x: Any) -> bytes:
 
 def json_safe(arr: np.ndarray) -> Any:
     """For V1 (no binary form): a float array holding NaN/Infinity as a list with those as strings."""
-    if arr.dtype.kind != "f" or np.isfinite(arr).all():
+    if all_finite(arr):
         return arr
     return _nonfinite_strings(arr.tolist())
 
@@ -564,7 +592,7 @@ def encode_infer_response(
     out_docs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for spec, arr, binary in outputs:
-        if not binary and arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        if not binary and not all_finite(arr):
             binary = True  # JSON cannot carry NaN/Infinity: the binary extension can (documented)
         entry: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(arr.shape)}
         if binary:
