@@ -52,7 +52,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
-    ap.add_argument("--kiln-args", default="", help="extra `kiln serve` flags, space-separated")
+    ap.add_argument("--kiln-args", action="append", default=None,
+                    help="extra `kiln serve` flags, space-separated; repeat for several Kiln rows in the same run")
+    ap.add_argument("--levels", default=",".join(LEVELS), help="which floors to run (comma-separated; infer is required)")
     ap.add_argument("--label", default="default", help="key of this run in bench/results/server_floors.json")
     ap.add_argument("--server-cpus", default="0", help="taskset CPU list of every server (2+ CPUs only)")
     ap.add_argument("--wrk-cpus", default="1", help="taskset CPU list of wrk (2+ CPUs only)")
@@ -60,6 +62,12 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
+    variants = args.kiln_args or [""]
+    levels = [lv for lv in args.levels.split(",") if lv]
+    if "infer" not in levels or any(lv not in LEVELS for lv in levels):
+        ap.error(f"--levels: a comma-separated subset of {','.join(LEVELS)} that includes infer")
+    labels = {"floor-http": "HTTP only (httptools + uvloop)", "floor-parse": "+ simdjson parse",
+              "floor-infer": "+ inline ONNX Runtime and V2 reply (the minimal inline server)"}
     pin = (os.cpu_count() or 1) >= 2
     srv_cpus, wrk_cpus = (args.server_cpus, args.wrk_cpus) if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-floors-"))
@@ -71,17 +79,21 @@ def main() -> int:
     body = run.json_body(x1)
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
-        "rounds": args.rounds, "pinned": pin, "connections": args.connections, "kiln_args": args.kiln_args,
+        "rounds": args.rounds, "pinned": pin, "connections": args.connections, "kiln_args": variants,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     servers: dict[str, run.Server] = {}
     points: list[run.Point] = []
     try:
-        for level in LEVELS:
+        for level in levels:
             servers[f"floor-{level}"] = start_floor(level, model, work, srv_cpus)
-        servers["kiln"] = run.start_kiln(model, work, srv_cpus, *args.kiln_args.split())
-        for name in ("floor-infer", "kiln"):
-            run.check_answer(servers[name], body, expected)
+        for i, extra in enumerate(variants):
+            name = "kiln" if i == 0 else f"kiln-{i + 1}"
+            servers[name] = run.start_kiln(model, work, srv_cpus, *extra.split(), label=name)
+            labels[name] = "**Kiln** (`kiln serve`" + (f" {extra}" if extra else "") + ")"
+        for name in servers:
+            if name == "floor-infer" or name.startswith("kiln"):
+                run.check_answer(servers[name], body, expected)
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds}", flush=True)
             order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
@@ -109,9 +121,6 @@ def main() -> int:
         "| server | req/s (median) | rounds | server CPU per request (us) | p50 / p99 ms | share of the inline floor |",
         "|---|---|---|---|---|---|",
     ]
-    labels = {"floor-http": "HTTP only (httptools + uvloop)", "floor-parse": "+ simdjson parse",
-              "floor-infer": "+ inline ONNX Runtime and V2 reply (the minimal inline server)",
-              "kiln": "**Kiln** (`kiln serve`" + (f" {args.kiln_args}" if args.kiln_args else "") + ")"}
     for name, p in med.items():
         rounds = ", ".join(f"{q.rps:,.0f}" for q in points if q.server == name)
         cpu_us = p.server_cpu_cores / p.rps * 1e6 if p.rps else 0.0

@@ -97,3 +97,43 @@ def test_fixed_shape_model_is_not_batched(model_dir: Path, server_tmp: Path) -> 
             assert r.json()["outputs"][0]["data"] == [3.0, 6.0, 9.0, 12.0, 15.0, 18.0]
     finally:
         s.stop()
+
+
+def test_inline_only_for_a_lone_request(model_dir: Path) -> None:
+    """The batcher runs a request on the loop only when it is alone; requests parsed together share one hand-off."""
+    import asyncio
+
+    from kiln_server.batching import Batcher
+    from kiln_server.model import OnnxModel
+
+    model = OnnxModel(str(model_dir / "mlp.onnx"), "mlp", "1", ["CPUExecutionProvider"], 1, "")
+    x = np.random.default_rng(4).standard_normal((1, 1000)).astype(np.float32)
+    expected = model.run({"input": x}, model.output_names)
+
+    async def scenario() -> tuple[int, int, int]:
+        batcher = Batcher(model, 1, 1, 0.0, inline_max_s=1.0)
+        loop = asyncio.get_running_loop()
+
+        def submit_many(n: int) -> list[asyncio.Future[list[np.ndarray]]]:
+            futures: list[asyncio.Future[list[np.ndarray]]] = []
+            for _ in range(n):
+                fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
+                batcher.submit({"input": x}, model.output_names, 1,
+                               lambda r, e, f=fut: f.set_exception(e) if e else f.set_result(r))
+                futures.append(fut)
+            return futures
+
+        for out in await asyncio.gather(*submit_many(1)):  # unmeasured model: the thread, never inline
+            np.testing.assert_allclose(out[0], expected[0], rtol=1e-6)
+        first = batcher.inline
+        for out in await asyncio.gather(*submit_many(1)):  # measured and alone: inline
+            np.testing.assert_allclose(out[0], expected[0], rtol=1e-6)
+        second = batcher.inline
+        for out in await asyncio.gather(*submit_many(5)):  # five in one iteration: one hand-off to the thread
+            np.testing.assert_allclose(out[0], expected[0], rtol=1e-6)
+        third = batcher.inline
+        assert batcher.inflight == 0
+        batcher.close()
+        return first, second, third
+
+    assert asyncio.run(scenario()) == (0, 1, 1)

@@ -207,24 +207,24 @@ def test_warmup_zero_and_default(mlp_server: Server, slow: tuple[Path, int, floa
 
 
 @pytest.fixture(scope="module")
-def inline_server(model_dir: Path, server_tmp: Path) -> Iterator[Server]:
-    s = start_server(model_dir / "mlp.onnx", "mlp", server_tmp, "--inline-max-us", "250")
+def no_inline_server(model_dir: Path, server_tmp: Path) -> Iterator[Server]:
+    s = start_server(model_dir / "mlp.onnx", "mlp", server_tmp, "--inline-max-us", "0")
     yield s
     s.stop()
 
 
 def test_fast_model_runs_inline_and_a_slow_one_never_blocks_liveness(
-    mlp_server: Server, inline_server: Server, queue_server: Server, slow: tuple[Path, int, float]
+    mlp_server: Server, no_inline_server: Server, queue_server: Server, slow: tuple[Path, int, float]
 ) -> None:
-    """With --inline-max-us, short calls run on the event loop (no thread hand-off); a slow model's stay in the thread."""
+    """By default a lone short call runs on the event loop (no thread hand-off); a slow model's stay in the thread."""
     doc = {"inputs": [{"name": "input", "shape": [1, 1000], "datatype": "FP32", "data": [0.5] * 1000}]}
-    for server in (inline_server, mlp_server):
+    for server in (mlp_server, no_inline_server):
         for _ in range(20):
             assert server.infer(doc).status_code == 200
     # Inline at all (how many depends on the CPU: a call slowed by a busy, shared machine sends the
     # next few to the thread, since the estimate is wall time, which is what would stall the loop).
-    assert _counter(inline_server.metrics(), "kiln_inline_inferences_total") >= 1
-    assert _counter(mlp_server.metrics(), "kiln_inline_inferences_total") == 0  # off by default
+    assert _counter(mlp_server.metrics(), "kiln_inline_inferences_total") >= 1  # on by default
+    assert _counter(no_inline_server.metrics(), "kiln_inline_inferences_total") == 0  # --inline-max-us 0
     _, rows, t = slow
     body, headers = _request(rows * 20)  # about 20 T of compute in one call
     url = queue_server.url + "/v2/models/slow/infer"

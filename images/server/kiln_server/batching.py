@@ -7,12 +7,14 @@ outputs are sliced back per request. A partial batch waits at most `max_latency_
 (counted from its oldest request). With `max_batch_size == 1` the same queue simply feeds the pool
 one request at a time.
 
-Inline calls (`inline_max_s` > 0, off by default): without merging, and when nothing is queued
-or running, a request whose estimated call time (the recent calls' seconds per input element,
-times its elements) is under `inline_max_s` runs on the event loop itself, skipping the hand-off
-to an inference thread and back; a slow model, or a large request, still goes to the thread, so
-the loop never stalls for much longer than that bound. Off by default: on the shared 2-CPU bench
-machine it measured slower than the thread (docs/benchmarks.md, "Per-request cost").
+Inline calls (`inline_max_s` > 0; the server's default is 250 us): without merging, when the
+loop iteration's dispatch finds exactly one request queued and nothing running, and its estimated
+call time (the recent calls' seconds per input element, times its elements) is under
+`inline_max_s`, it runs on the event loop itself, skipping the hand-off to an inference thread and
+back (two thread wake-ups, the larger part of a lone request's cost). Several requests parsed in the
+same iteration go to the thread together in one hand-off, which measured cheaper per request than
+running each inline (docs/benchmarks.md, "Per-request cost"). A slow model, or a large request,
+still goes to the thread, so the loop never stalls for much longer than that bound.
 
 If a merged batch fails, each of its requests is retried alone so one bad request cannot fail
 its neighbours.
@@ -144,35 +146,44 @@ class Batcher:
             if parts:
                 parts.sort()
                 key = (tuple(parts), tuple(outputs))
-        if self.inline_max_s and not self.running and not self.pending:
-            elements = 0
-            for arr in feeds.values():
-                elements += arr.size
-            if elements * self.per_element_s < self.inline_max_s:
-                self._run_inline(feeds, outputs, rows, elements, callback)
-                return
         self.pending.append(_Item(feeds, outputs, rows, key, callback, deadline))
         self.inflight += 1
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
 
-    def _run_inline(
-        self, feeds: dict[str, np.ndarray], outputs: list[str], rows: int, elements: int, callback: Callback
-    ) -> None:
-        """Run a short call on the loop and answer at once (no queue, so no deadline can pass)."""
+    def _run_inline(self, item: _Item) -> None:
+        """Run a lone short call on the loop and answer it at once (its deadline was checked just before)."""
         self.inline += 1
+        self.inflight -= 1
+        elements = 0
+        for arr in item.feeds.values():
+            elements += arr.size
         t0 = time.perf_counter()
         try:
-            result = self.model.run(feeds, outputs)
+            result = self.model.run(item.feeds, item.outputs)
         except Exception as exc:
-            callback(None, exc)
-            return
-        finally:
             self._measured(time.perf_counter() - t0, elements)
+            item.callback(None, exc)
+            return
+        self._measured(time.perf_counter() - t0, elements)
         if self.observe_batch is not None:
-            self.observe_batch(rows, 1)
-        callback(result, None)
+            self.observe_batch(item.rows, 1)
+        try:
+            item.callback(result, None)
+        except Exception:
+            log.exception("inference callback failed")
+
+    def _inline_candidate(self) -> _Item | None:
+        """The one queued request, when it may run on the loop: alone (nothing else queued or running),
+        batching off, and estimated under `inline_max_s` from the recent calls."""
+        if not self.inline_max_s or self.running or len(self.pending) != 1:
+            return None
+        item = self.pending[0]
+        elements = 0
+        for arr in item.feeds.values():
+            elements += arr.size
+        return item if elements * self.per_element_s < self.inline_max_s else None
 
     def _measured(self, seconds: float, elements: int) -> None:
         """Fold one call's time into the seconds-per-element estimate (any thread: one float store).
@@ -198,6 +209,11 @@ class Batcher:
     def _dispatch(self, max_latency: float) -> None:
         """Form batches from the queue while threads are free; a partial batch may wait up to `max_latency`."""
         pending = self.pending
+        lone = self._inline_candidate()
+        if lone is not None and not (lone.deadline and _expired(lone, time.monotonic())):
+            pending.popleft()
+            self._run_inline(lone)
+            return
         jobs: list[list[_Item]] = []
         late: list[_Item] = []
         while pending and self.running + len(jobs) < self.max_running:

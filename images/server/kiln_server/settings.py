@@ -124,10 +124,13 @@ class Settings:
     (`--request-deadline-ms`, `KILN_REQUEST_DEADLINE_MS`); 0 = none. Clients may ask for less with
     the `X-Request-Deadline-Ms` header."""
 
-    inline_max_us: float = field(default=0.0, metadata=
-        option("--inline-max-us", env="KILN_INLINE_MAX_US", help="run shorter ORT calls on the loop (0 = never)"))
-    """Batching off: run an ONNX Runtime call estimated under this many microseconds on the event
-    loop instead of the inference thread (`--inline-max-us`, `KILN_INLINE_MAX_US`); 0 = never."""
+    inline_max_us: float = field(default=250.0, metadata=
+        option("--inline-max-us", env="KILN_INLINE_MAX_US",
+               help="batching off: run a lone ORT call estimated shorter than this on the loop (0 = never)"))
+    """Batching off: a request that is alone (nothing else queued or running) and whose ONNX Runtime
+    call is estimated under this many microseconds runs on the event loop instead of the inference
+    thread (`--inline-max-us`, `KILN_INLINE_MAX_US`); 0 = never. Several requests at once still go to
+    the thread in one hand-off (measured cheaper per request under concurrency: docs/benchmarks.md)."""
 
     log_level: str = field(default="INFO", metadata=option("--log-level", env="KILN_LOG_LEVEL", help="DEBUG, INFO, WARNING, ERROR"))
     """Log level (`--log-level`, `KILN_LOG_LEVEL`)."""
