@@ -199,8 +199,7 @@ class HttpProtocol(asyncio.Protocol):
         """Refuse an announced body over the limit before reading it; answer `Expect: 100-continue`."""
         self._in_trailers = True
         parser = self.parser
-        http11 = parser is not None and parser.get_http_version() == "1.1"
-        if http11 and not self._host_seen:
+        if not self._host_seen and parser is not None and parser.get_http_version() == "1.1":
             raise self._rejecting(400, "HTTP/1.1 request has no Host header")
         limit = self.server.max_body_bytes
         cl = self._headers.get(b"content-length")
@@ -214,7 +213,8 @@ class HttpProtocol(asyncio.Protocol):
                     413, f"request body of {announced} bytes is larger than the limit of {limit} bytes"
                 )
         expect = self._headers.get(b"expect")
-        if expect is not None and http11 and expect.lower() == b"100-continue":
+        if (expect is not None and expect.lower() == b"100-continue" and parser is not None
+                and parser.get_http_version() == "1.1"):
             # HTTP/1.0 clients must have the expectation ignored (RFC 9110 10.1.1). The interim answer
             # may not overtake earlier pipelined answers: it waits in `_drain` until they are written.
             self._expect_continue = True

@@ -280,6 +280,20 @@ def _check_shape(name: str, shape: list[int], spec: TensorSpec) -> None:
         )
 
 
+def _checked_shape(name: str, raw: Any, spec: TensorSpec) -> tuple[list[int], int]:
+    """`_shape_of` + `_check_shape` + the element count in one pass (every request runs it)."""
+    if type(raw) is not list or len(raw) != len(spec.shape):
+        _check_shape(name, _shape_of(name, raw), spec)
+    count = 1
+    for d, e in zip(raw, spec.shape, strict=True):  # the lengths are equal here
+        if type(d) is not int or d < 0:
+            _shape_of(name, raw)  # raises with the whole shape in the message
+        if e != d and e != -1:
+            _check_shape(name, _shape_of(name, raw), spec)
+        count *= d
+    return raw, count
+
+
 def _elements(shape: list[int]) -> int:
     n = 1
     for d in shape:
@@ -465,9 +479,7 @@ def _decode_inputs(
             if type(datatype) is not str or datatype not in DATATYPE_TO_NUMPY:
                 raise ProtocolError(400, f"input '{name}': unsupported datatype {datatype!r}")
             raise ProtocolError(400, f"input '{name}': datatype {datatype} does not match the model's {spec.datatype}")
-        shape = _shape_of(name, item.get("shape"))
-        _check_shape(name, shape, spec)
-        count = _elements(shape)
+        shape, count = _checked_shape(name, item.get("shape"), spec)
         total += count
         if total > max_elements:
             raise ProtocolError(413, f"request has more than {max_elements} tensor elements (the server's --max-elements)")
