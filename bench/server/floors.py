@@ -13,7 +13,8 @@ share of the `infer` floor's in the same run.
     .venv/bin/python bench/server/floors.py [--seconds 5] [--rounds 3]
 
 Raw numbers: bench/results/server_floors.json (one entry per --label); the table is printed (copy it
-to docs/benchmarks.md).
+to docs/benchmarks.md). The same floors are also rows of the peers run (`run.py --headline`), next
+to MLServer, KServe, Triton, BentoML and LitServe; this script is for Kiln-vs-floor A/Bs (--kiln-args).
 """
 
 from __future__ import annotations
@@ -33,18 +34,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (model builder, wrk driver, process helpers of the main server bench)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 LEVELS = ("http", "parse", "infer")
-
-
-def start_floor(level: str, model: Path, work: Path, cpus: str | None) -> run.Server:
-    """One floor server on a free port."""
-    port = run.free_port()
-    cmd = [sys.executable, str(HERE / "floor_server.py"), "--level", level, "--model", str(model), "--port", str(port)]
-    log = work / f"floor-{level}.log"
-    server = run.Server(f"floor-{level}", run._popen(cmd, log, cpus), port, "/v2/models/mlp/infer", log)
-    run.wait_http(server.url + "/v2/health/ready")
-    return server
 
 
 def main() -> int:
@@ -73,18 +65,17 @@ def main() -> int:
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     servers: dict[str, run.Server] = {}
-    points: list[run.Point] = []
+    points: list[wrk.Point] = []
     try:
         for level in LEVELS:
-            servers[f"floor-{level}"] = start_floor(level, model, work, srv_cpus)
+            servers[f"floor-{level}"] = run.start_floor(level, model, work, srv_cpus)
         servers["kiln"] = run.start_kiln(model, work, srv_cpus, *args.kiln_args.split())
         for name in ("floor-infer", "kiln"):
             run.check_answer(servers[name], body, expected)
         for rnd in range(args.rounds):
             print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
-            for name in order:
-                p = run.run_wrk(servers[name], body, {"Content-Type": "application/json"}, args.connections, args.seconds,
+            for name in wrk.round_order(list(servers), rnd):
+                p = wrk.run_wrk(servers[name], body, {"Content-Type": "application/json"}, args.connections, args.seconds,
                                 wrk_cpus, "json-b1", 1, work)
                 p.extra["round"] = rnd + 1
                 points.append(p)
@@ -93,10 +84,7 @@ def main() -> int:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    med: dict[str, run.Point] = {}
-    for name in servers:
-        group = sorted((p for p in points if p.server == name), key=lambda p: p.rps)
-        med[name] = group[len(group) // 2]
+    med = {p.server: p for p in wrk.median_points(run.copy_points(points))}
     floor = med["floor-infer"].rps
     lines = [
         f"Measured {meta['date']} on {meta['cpus']} CPUs, loopback, wrk 1 thread, c={args.connections}, "
