@@ -218,57 +218,20 @@ def _popen(
         )
 
 
-def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp") -> Server:
-    port = free_port()
-    log = work / f"{label}.log"
-    cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", name, "--port", str(port), *extra]
-    proc = _popen(cmd, log, cpus)
-    s = Server(label, proc, port, f"/v2/models/{name}/infer", log, " ".join(extra))
-    wait_http(s.url + "/v2/health/ready")
-    return s
-
-
-def start_mlserver(model: Path, work: Path, cpus: str | None) -> Server:
-    py = ENVS / "mlserver" / "bin" / "mlserver"
-    if not py.exists():
-        raise FileNotFoundError(f"{py} missing: run bench/server/setup_envs.sh")
-    d = work / "mlserver"
-    (d / "mlp").mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    settings = {
-        "http_port": port,
-        "grpc_port": free_port(),
-        "metrics_port": free_port(),
-        "parallel_workers": 0,
-        "debug": False,
-    }
-    (d / "settings.json").write_text(json.dumps(settings))
-    (d / "mlp" / "model-settings.json").write_text(
-        json.dumps({"name": "mlp", "implementation": "mlserver_runtime.OnnxRuntimeModel", "parameters": {"uri": str(model)}})
-    )
-    shutil.copy(HERE / "mlserver_runtime.py", d / "mlserver_runtime.py")
-    log = work / "mlserver.log"
-    env = {"PYTHONPATH": str(d), "KILN_BENCH_THREADS": str(intra_op_threads(cpus))}
-    proc = _popen([str(py), "start", str(d)], log, cpus, env=env, cwd=d)
-    s = Server("mlserver", proc, port, "/v2/models/mlp/infer", log, "1.7.1, parallel_workers=0")
-    wait_http(s.url + "/v2/models/mlp/ready")
-    return s
-
-
-def start_kserve(model: Path, work: Path, cpus: str | None) -> Server:
-    py = ENVS / "kserve" / "bin" / "python"
-    if not py.exists():
-        raise FileNotFoundError(f"{py} missing: run bench/server/setup_envs.sh")
-    port = free_port()
-    log = work / "kserve.log"
-    cmd = [
-        str(py), str(HERE / "kserve_model.py"), "--model_name", "mlp", "--model_path", str(model),
-        "--http_port", str(port), "--grpc_port", str(free_port()), "--enable_grpc", "false", "--workers", "1",
-    ]
-    proc = _popen(cmd, log, cpus, env={"KILN_BENCH_THREADS": str(intra_op_threads(cpus))})
-    s = Server("kserve", proc, port, "/v2/models/mlp/infer", log, "0.21, 1 worker")
-    wait_http(s.url + "/v2/models/mlp/ready")
-    return s
+def _launch(
+    name: str, cmd: list[str], port: int, work: Path, cpus: str | None, ready: str, infer: str = "/v2/models/mlp/infer",
+    *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120.0, **fields: Any,
+) -> Server:
+    """Start `cmd` (own session, pinned to `cpus`, output in work/NAME.log) and wait until `ready` answers 200;
+    a server that does not get ready is stopped, not left running."""
+    log = work / f"{name}.log"
+    server = Server(name, _popen(cmd, log, cpus, env=env, cwd=cwd), port, infer, log, **fields)
+    try:
+        wait_http(server.url + ready, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
 
 
 def intra_op_threads(cpus: str | None) -> int:
@@ -290,30 +253,56 @@ def _env_python(env: str, exe: str = "python") -> Path:
     return path
 
 
+def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp") -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", name, "--port", str(port), *extra]
+    return _launch(label, cmd, port, work, cpus, "/v2/health/ready", f"/v2/models/{name}/infer", notes=" ".join(extra))
+
+
+def start_mlserver(model: Path, work: Path, cpus: str | None) -> Server:
+    py = _env_python("mlserver", "mlserver")
+    d = work / "mlserver"
+    (d / "mlp").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    settings = {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0, "debug": False}
+    (d / "settings.json").write_text(json.dumps(settings))
+    (d / "mlp" / "model-settings.json").write_text(
+        json.dumps({"name": "mlp", "implementation": "mlserver_runtime.OnnxRuntimeModel", "parameters": {"uri": str(model)}})
+    )
+    shutil.copy(HERE / "mlserver_runtime.py", d / "mlserver_runtime.py")
+    env = {"PYTHONPATH": str(d), "KILN_BENCH_THREADS": str(intra_op_threads(cpus))}
+    return _launch("mlserver", [str(py), "start", str(d)], port, work, cpus, "/v2/models/mlp/ready", env=env, cwd=d,
+                   notes="1.7.1, parallel_workers=0")
+
+
+def start_kserve(model: Path, work: Path, cpus: str | None) -> Server:
+    port = free_port()
+    cmd = [
+        str(_env_python("kserve")), str(HERE / "kserve_model.py"), "--model_name", "mlp", "--model_path", str(model),
+        "--http_port", str(port), "--grpc_port", str(free_port()), "--enable_grpc", "false", "--workers", "1",
+    ]
+    return _launch("kserve", cmd, port, work, cpus, "/v2/models/mlp/ready", env={"KILN_BENCH_THREADS": str(intra_op_threads(cpus))},
+                   notes="0.21, 1 worker")
+
+
 def start_floor(level: str, model: Path, work: Path, cpus: str | None) -> Server:
     """One floor server of Kiln's stack (floor_server.py: HTTP only, + parse, + inline ONNX Runtime)."""
     port = free_port()
     cmd = [sys.executable, str(HERE / "floor_server.py"), "--level", level, "--model", str(model), "--port", str(port)]
-    log = work / f"floor-{level}.log"
-    server = Server(f"floor-{level}", _popen(cmd, log, cpus), port, "/v2/models/mlp/infer", log, computes=level == "infer")
-    wait_http(server.url + "/v2/health/ready")
-    return server
+    return _launch(f"floor-{level}", cmd, port, work, cpus, "/v2/health/ready", computes=level == "infer")
 
 
 def start_triton(model: Path, work: Path, cpus: str | None) -> Server:
-    """NVIDIA Triton through PyTriton (pytriton_server.py), dynamic batching up to 64 rows, no queue delay."""
-    py = _env_python("pytriton")
-    port = free_port()
-    log = work / "triton.log"
-    metrics = free_port()
-    cmd = [str(py), str(HERE / "pytriton_server.py"), "--model", str(model), "--http-port", str(port),
+    """NVIDIA Triton through PyTriton (pytriton_server.py), dynamic batching up to 64 rows, no queue delay.
+
+    Ready means `/v2/models/mlp/ready`: the server's own `/v2/health/ready` answers before the model is loaded.
+    """
+    port, metrics = free_port(), free_port()
+    cmd = [str(_env_python("pytriton")), str(HERE / "pytriton_server.py"), "--model", str(model), "--http-port", str(port),
            "--grpc-port", str(free_port()), "--metrics-port", str(metrics), "--threads", str(intra_op_threads(cpus))]
-    s = Server("triton", _popen(cmd, log, cpus, cwd=work), port, "/v2/models/mlp/infer", log,
-               "nvidia-pytriton 0.7.0, Python backend, dynamic batching (max 64, delay 0)",
-               metrics_url=f"http://127.0.0.1:{metrics}/metrics")
-    # the server's /v2/health/ready answers before the model is loaded: wait for the model's own
-    wait_http(s.url + "/v2/models/mlp/ready", timeout=300)
-    return s
+    return _launch("triton", cmd, port, work, cpus, "/v2/models/mlp/ready", cwd=work, timeout=300,
+                   notes="nvidia-pytriton 0.7.0, Python backend, dynamic batching (max 64, delay 0)",
+                   metrics_url=f"http://127.0.0.1:{metrics}/metrics")
 
 
 def triton_mean_batch(server: Server) -> float:
@@ -331,27 +320,22 @@ def triton_mean_batch(server: Server) -> float:
 
 def start_bentoml(model: Path, work: Path, cpus: str | None) -> Server:
     """BentoML 1.4 (bentoml_service.py), one worker, its own request shape (list_body)."""
-    exe = _env_python("bentoml", "bentoml")
     port = free_port()
-    log = work / "bentoml.log"
-    cmd = [str(exe), "serve", "bentoml_service:Mlp", "--working-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [str(_env_python("bentoml", "bentoml")), "serve", "bentoml_service:Mlp", "--working-dir", str(HERE),
+           "--host", "127.0.0.1", "--port", str(port)]
     env = {"KILN_BENCH_MODEL": str(model), "KILN_BENCH_THREADS": str(intra_op_threads(cpus)),
            "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(work / "bentoml-home")}
-    s = Server("bentoml", _popen(cmd, log, cpus, env=env, cwd=work), port, "/predict", log, "1.4.40, 1 worker", "list")
-    wait_http(s.url + "/readyz", timeout=180)
-    return s
+    return _launch("bentoml", cmd, port, work, cpus, "/readyz", "/predict", env=env, cwd=work, timeout=180,
+                   notes="1.4.40, 1 worker", request="list")
 
 
 def start_litserve(model: Path, work: Path, cpus: str | None) -> Server:
     """LitServe 0.2 (litserve_api.py), one CPU worker, batching off, its own request shape (list_body)."""
-    py = _env_python("litserve")
     port = free_port()
-    log = work / "litserve.log"
-    cmd = [str(py), str(HERE / "litserve_api.py"), "--model", str(model), "--port", str(port),
+    cmd = [str(_env_python("litserve")), str(HERE / "litserve_api.py"), "--model", str(model), "--port", str(port),
            "--threads", str(intra_op_threads(cpus))]
-    s = Server("litserve", _popen(cmd, log, cpus, cwd=work), port, "/predict", log, "0.2.19, 1 worker", "list")
-    wait_http(s.url + "/health", timeout=180)
-    return s
+    return _launch("litserve", cmd, port, work, cpus, "/health", "/predict", cwd=work, timeout=180,
+                   notes="0.2.19, 1 worker", request="list")
 
 
 # --- load --------------------------------------------------------------------------------------
