@@ -4,7 +4,7 @@ PyTriton's bundled tritonserver has only the Python backend: the model is a Pyth
 runs ONNX Runtime, Triton does HTTP, the V2 protocol and the dynamic batching in front of it.
 Run in its own venv made from Debian's /usr/bin/python3.11 (bench/server/setup_envs.sh):
 
-    python pytriton_server.py --model m.onnx --http-port P --grpc-port G --metrics-port M [--threads 1]
+    python pytriton_server.py --model m.onnx --http-port P --grpc-port G --metrics-port M --workspace DIR [--threads 1]
 
 V2 HTTP on 127.0.0.1:P, model `mlp`, input `input` FP32 [-1, 1000], output `probabilities` FP32
 [-1, 10]. Ready only once `/v2/models/mlp/ready` answers 200 (the server's `/v2/health/ready`
@@ -14,6 +14,9 @@ answers before the model is loaded).
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--max-queue-delay-us", type=int, default=0, help="Triton's dynamic batcher delay")
+    ap.add_argument("--workspace", required=True, help="PyTriton's model store and sockets (the bench's work dir)")
     a = ap.parse_args()
+    # SIGTERM (run.py's stop) leaves through `with Triton(...)`, which stops tritonserver and cleans up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sess = session(a.model, a.threads)
 
     @batch
@@ -48,7 +54,7 @@ def main() -> None:
 
     config = TritonConfig(http_address="127.0.0.1", http_port=a.http_port, grpc_address="127.0.0.1",
                           grpc_port=a.grpc_port, metrics_port=a.metrics_port, log_verbose=0)
-    with Triton(config=config) as triton:
+    with Triton(config=config, workspace=Path(a.workspace)) as triton:
         triton.bind(
             model_name="mlp",
             infer_func=infer,

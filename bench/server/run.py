@@ -299,7 +299,8 @@ def start_triton(model: Path, work: Path, cpus: str | None) -> Server:
     """
     port, metrics = free_port(), free_port()
     cmd = [str(_env_python("pytriton")), str(HERE / "pytriton_server.py"), "--model", str(model), "--http-port", str(port),
-           "--grpc-port", str(free_port()), "--metrics-port", str(metrics), "--threads", str(intra_op_threads(cpus))]
+           "--grpc-port", str(free_port()), "--metrics-port", str(metrics), "--threads", str(intra_op_threads(cpus)),
+           "--workspace", str(work / "triton-workspace")]
     return _launch("triton", cmd, port, work, cpus, "/v2/models/mlp/ready", cwd=work, timeout=300,
                    notes="nvidia-pytriton 0.7.0, Python backend, dynamic batching (max 64, delay 0)",
                    metrics_url=f"http://127.0.0.1:{metrics}/metrics")
@@ -604,6 +605,7 @@ def render_peers(points: list[Point], raw: list[Point], meta: dict[str, Any], co
     if meta.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()) + "."]
     lines += ["", "Notes:", ""] + [f"- {note}" for note in PEER_NOTES]
+    lines += [f"- {remark}" for remark in meta.get("remarks", [])]  # hand-written, kept in the results file
     if meta.get("triton_mean_batch"):
         lines.append(f"- Triton's dynamic batcher merged {meta['triton_mean_batch']:.2f} requests per model execution on "
                      "average over the run (its metrics: nv_inference_count / nv_inference_exec_count; with 8 connections "
