@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (model builder, wrk driver, process helpers of the main server bench)
@@ -54,10 +52,7 @@ def main() -> int:
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-floors-"))
     model = run.build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected = run.reference_request(model)
     body = run.json_body(x1)
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
@@ -72,13 +67,8 @@ def main() -> int:
         servers["kiln"] = run.start_kiln(model, work, srv_cpus, *args.kiln_args.split())
         for name in ("floor-infer", "kiln"):
             run.check_answer(servers[name], body, expected)
-        for rnd in range(args.rounds):
-            print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            for name in wrk.round_order(list(servers), rnd):
-                p = wrk.run_wrk(servers[name], body, {"Content-Type": "application/json"}, args.connections, args.seconds,
-                                wrk_cpus, "json-b1", 1, work)
-                p.extra["round"] = rnd + 1
-                points.append(p)
+        plan: wrk.Plan = {name: [("json-b1", body, {"Content-Type": "application/json"}, args.connections, 1)] for name in servers}
+        points = wrk.rounds(servers, plan, args.rounds, args.seconds, wrk_cpus, work)
     finally:
         for server in servers.values():
             server.stop()

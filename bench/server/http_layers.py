@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -78,10 +76,7 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-http-"))
     model = run.build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected = run.reference_request(model)
     body = run.json_body(x1)
     versions = {"uvicorn": _version("uvicorn"), "granian": _version("granian")}
     meta: dict[str, Any] = {
@@ -103,14 +98,8 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
                 meta["skipped"][kind] = str(exc)
         for server in servers.values():
             run.check_answer(server, body, expected)
-        for rnd in range(rounds):
-            print(f"round {rnd + 1}/{rounds}", flush=True)
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
-            for name in order:
-                for c in conns:
-                    point = wrk.run_wrk(servers[name], body, {"Content-Type": "application/json"}, c, seconds, wrk_cpus, "json-b1", 1, work)
-                    point.extra["round"] = rnd + 1
-                    points.append(point)
+        plan: wrk.Plan = {name: [("json-b1", body, {"Content-Type": "application/json"}, c, 1) for c in conns] for name in servers}
+        points = wrk.rounds(servers, plan, rounds, seconds, wrk_cpus, work)
     finally:
         for server in servers.values():
             server.stop()

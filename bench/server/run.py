@@ -45,7 +45,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from wrk import Point, median_points, round_order, run_wrk  # noqa: E402  (the one wrk driver of the benches)
+from wrk import Plan, Point, median_points, run_wrk  # noqa: E402  (the one wrk driver of the benches)
+from wrk import rounds as wrk_rounds  # noqa: E402
 
 ROOT = HERE.parents[1]
 ENVS = Path(os.environ.get("KILN_BENCH_ENVS", "~/.cache/kiln/bench")).expanduser()
@@ -340,6 +341,15 @@ def start_litserve(model: Path, work: Path, cpus: str | None) -> Server:
 
 
 # --- load --------------------------------------------------------------------------------------
+
+def reference_request(model: Path, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """The benches' one-row request (random, fixed seed) and ONNX Runtime's answer to it in this process:
+    what every server must answer before it is timed."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(seed).standard_normal((1, 1000)).astype(np.float32)
+    return x, ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
 
 def json_body(x: np.ndarray) -> bytes:
     doc = {"id": "bench", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
@@ -642,10 +652,7 @@ def quick(seconds: float, rounds: int, pin: bool) -> int:
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     model = build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected1 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected1 = reference_request(model)
     body1 = json_body(x1)
     jh = {"Content-Type": "application/json"}
     print(f"quick: Kiln alone, V2 JSON batch 1; pinned={pin}; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
@@ -692,8 +699,6 @@ def copy_points(points: list[Point]) -> list[Point]:
     return out
 
 
-# (scenario, body, headers, connections, rows per request) per server label
-Plan = dict[str, list[tuple[str, bytes, dict[str, str], int, int]]]
 SERVERS = "kiln,floor,mlserver,kserve,triton,bentoml,litserve"
 
 
@@ -757,13 +762,7 @@ def measure(plan: Plan, start: dict[str, Any], checks: dict[str, tuple[bytes, np
             body, expected = checks["wide" if "wide" in name else servers[name].request]
             check_answer(servers[name], body, expected)
             print(f"  {name}: answer checked", flush=True)
-        for rnd in range(rounds):
-            print(f"round {rnd + 1}/{rounds}", flush=True)
-            for name in round_order(list(servers), rnd):
-                for scenario, body, headers, conns, rows in plan[name]:
-                    point = run_wrk(servers[name], body, headers, conns, seconds, wrk_cpus, scenario, rows, work)
-                    point.extra["round"] = rnd + 1
-                    points.append(point)
+        points = wrk_rounds(servers, plan, rounds, seconds, wrk_cpus, work)
         if "triton" in servers:
             meta["triton_mean_batch"] = round(triton_mean_batch(servers["triton"]), 2)
     finally:
@@ -814,12 +813,9 @@ def bench(args: argparse.Namespace, out: Path) -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     model = build_mlp(work / "mlp.onnx")
     wide = build_mlp(work / "wide.onnx", seed=1, hidden=WIDE)
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
+    x1, expected1 = reference_request(model)
+    _, wide_expected1 = reference_request(wide)
     x64 = np.random.default_rng(8).standard_normal((64, 1000)).astype(np.float32)
-    expected1 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
-    wide_expected1 = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
     checks = {"v2": (json_body(x1), expected1), "list": (list_body(x1), expected1), "wide": (json_body(x1), wide_expected1)}
     cpu_model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),

@@ -160,6 +160,24 @@ def run_wrk(
     return point
 
 
+Plan = dict[str, list[tuple[str, bytes, dict[str, str], int, int]]]
+"""Per server label: (scenario, body, headers, connections, rows per request) of each point."""
+
+
+def rounds(servers: dict[str, Any], plan: Plan, n: int, seconds: float, cpus: str | None, work: Path) -> list[Point]:
+    """`n` rounds over every server's planned points, the servers' order reversed every other round;
+    each point carries its round in extra['round']."""
+    points = []
+    for rnd in range(n):
+        print(f"round {rnd + 1}/{n}", flush=True)
+        for name in round_order(list(servers), rnd):
+            for scenario, body, headers, conns, rows in plan[name]:
+                point = run_wrk(servers[name], body, headers, conns, seconds, cpus, scenario, rows, work)
+                point.extra["round"] = rnd + 1
+                points.append(point)
+    return points
+
+
 def round_order(names: list[str], rnd: int) -> list[str]:
     """The servers' order in round `rnd` (0-based): as given in even rounds, reversed in odd ones, so
     drift in the other processes' load hits the first and the last server alike."""
