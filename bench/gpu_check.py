@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "server"))
 
 import run  # noqa: E402  (model builder, server launcher, wrk driver)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 
 def served(server: run.Server, x: np.ndarray) -> np.ndarray:
@@ -65,10 +66,10 @@ def main() -> int:
                 print(f"{label}: providers {providers}; 64 rows match the CPU provider (max abs diff {np.abs(got - reference).max():.2e})")
                 one, hdr = run.json_body(x64[:1]), {"Content-Type": "application/json"}
                 if label == "unbatched":
-                    p1 = run.run_wrk(server, one, hdr, 8, args.seconds, None, "b1", 1, work)
-                    p64 = run.run_wrk(server, run.json_body(x64), hdr, 8, args.seconds, None, "b64", 64, work)
+                    p1 = wrk.run_wrk(server, one, hdr, 8, args.seconds, None, "b1", 1, work)
+                    p64 = wrk.run_wrk(server, run.json_body(x64), hdr, 8, args.seconds, None, "b64", 64, work)
                     rps["b1"], rps["b64"] = p1.rps, p64.rps
-                point = run.run_wrk(server, one, hdr, 64, args.seconds, None, f"c64-{label}", 1, work)
+                point = wrk.run_wrk(server, one, hdr, 64, args.seconds, None, f"c64-{label}", 1, work)
                 rps[label] = point.rps
             finally:
                 server.stop()

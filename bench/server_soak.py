@@ -8,8 +8,6 @@ Loopback only; wrk from Debian's package. Run: .venv/bin/python bench/server_soa
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -20,7 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "server"))
 
-from run import LUA, _children, build_mlp, json_body, start_kiln
+import wrk
+from run import _children, build_mlp, json_body, start_kiln
 
 
 def rss_mb(pid: int) -> float:
@@ -35,18 +34,6 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def wrk(url: str, script: Path, seconds: int, conns: int) -> tuple[int, int, str]:
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(g) for g in m.groups())
-    return total, errors, out
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=200_000)
@@ -56,13 +43,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-soak-"))
     model = build_mlp(work / "mlp.onnx")
     server = start_kiln(model, work, None, "--max-batch-size", "32", "--max-latency-ms", "1")
-    body = work / "body.json"
-    body.write_bytes(json_body(np.random.default_rng(1).standard_normal((1, 1000)).astype("float32")))
-    script = work / "post.lua"
-    script.write_text(LUA.format(body=body, headers='wrk.headers["Content-Type"] = "application/json"'))
+    body = json_body(np.random.default_rng(1).standard_normal((1, 1000)).astype("float32"))
+    script = wrk.post_script(work, "soak", body, {"Content-Type": "application/json"})
     url = server.url + server.infer_path
     try:
-        wrk(url, script, 3, args.connections)  # warm-up: allocator pools, ORT arenas, connection buffers
+        wrk.once(url, script, args.connections, 3, latency=False)  # warm-up: allocator pools, ORT arenas, connection buffers
         start = rss_mb(server.proc.pid)
         samples = [start]
         total = errors = 0
@@ -75,9 +60,9 @@ def main() -> int:
 
         threading.Thread(target=sample, daemon=True).start()
         while total < args.requests:
-            n, e, _ = wrk(url, script, args.chunk_seconds, args.connections)
-            total += n
-            errors += e
+            res = wrk.once(url, script, args.connections, args.chunk_seconds, latency=False)
+            total += res.requests
+            errors += res.errors
         stop.set()
         elapsed = time.monotonic() - t0
         end = rss_mb(server.proc.pid)

@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (the server bench's model builder, server launcher and wrk driver)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 SECTION = "## Dynamic batching and model size"
 BATCHING = ("--max-batch-size", "64", "--max-latency-ms", "2")
@@ -60,7 +61,7 @@ def measure(width: int, work: Path, seconds: float, pin: bool) -> dict[str, Any]
     for label, extra in (("unbatched", ()), ("batched", BATCHING)):
         server = run.start_kiln(model, work, srv_cpus, *extra, label=f"kiln-{width}-{label}")
         try:
-            p = run.run_wrk(server, body, {"Content-Type": "application/json"}, 64, seconds, wrk_cpus,
+            p = wrk.run_wrk(server, body, {"Content-Type": "application/json"}, 64, seconds, wrk_cpus,
                             f"w{width}-{label}", 1, work)
         finally:
             server.stop()

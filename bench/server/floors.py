@@ -13,7 +13,8 @@ share of the `infer` floor's in the same run.
     .venv/bin/python bench/server/floors.py [--seconds 5] [--rounds 3]
 
 Raw numbers: bench/results/server_floors.json (one entry per --label); the table is printed (copy it
-to docs/benchmarks.md).
+to docs/benchmarks.md). The same floors are also rows of the peers run (`run.py --headline`), next
+to MLServer, KServe, Triton, BentoML and LitServe; this script is for Kiln-vs-floor A/Bs (--kiln-args).
 """
 
 from __future__ import annotations
@@ -28,23 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run  # noqa: E402  (model builder, wrk driver, process helpers of the main server bench)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 LEVELS = ("http", "parse", "infer")
-
-
-def start_floor(level: str, model: Path, work: Path, cpus: str | None) -> run.Server:
-    """One floor server on a free port."""
-    port = run.free_port()
-    cmd = [sys.executable, str(HERE / "floor_server.py"), "--level", level, "--model", str(model), "--port", str(port)]
-    log = work / f"floor-{level}.log"
-    server = run.Server(f"floor-{level}", run._popen(cmd, log, cpus), port, "/v2/models/mlp/infer", log)
-    run.wait_http(server.url + "/v2/health/ready")
-    return server
 
 
 def main() -> int:
@@ -72,10 +62,7 @@ def main() -> int:
     srv_cpus, wrk_cpus = (args.server_cpus, args.wrk_cpus) if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-floors-"))
     model = run.build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected = run.reference_request(model)
     body = run.json_body(x1)
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
@@ -83,34 +70,25 @@ def main() -> int:
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     servers: dict[str, run.Server] = {}
-    points: list[run.Point] = []
+    points: list[wrk.Point] = []
     try:
         for level in levels:
-            servers[f"floor-{level}"] = start_floor(level, model, work, srv_cpus)
-        for i, extra in enumerate(variants):
-            name = "kiln" if i == 0 else f"kiln-{i + 1}"
+            servers[f"floor-{level}"] = run.start_floor(level, model, work, srv_cpus)
+        for k, extra in enumerate(variants):
+            name = "kiln" if k == 0 else f"kiln-{k + 1}"
             servers[name] = run.start_kiln(model, work, srv_cpus, *extra.split(), label=name)
             labels[name] = "**Kiln** (`kiln serve`" + (f" {extra}" if extra else "") + ")"
         for name in servers:
             if name == "floor-infer" or name.startswith("kiln"):
                 run.check_answer(servers[name], body, expected)
-        for rnd in range(args.rounds):
-            print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
-            for name in order:
-                p = run.run_wrk(servers[name], body, {"Content-Type": "application/json"}, args.connections, args.seconds,
-                                wrk_cpus, "json-b1", 1, work)
-                p.extra["round"] = rnd + 1
-                points.append(p)
+        plan: wrk.Plan = {name: [("json-b1", body, {"Content-Type": "application/json"}, args.connections, 1)] for name in servers}
+        points = wrk.rounds(servers, plan, args.rounds, args.seconds, wrk_cpus, work)
     finally:
         for server in servers.values():
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    med: dict[str, run.Point] = {}
-    for name in servers:
-        group = sorted((p for p in points if p.server == name), key=lambda p: p.rps)
-        med[name] = group[len(group) // 2]
+    med = {p.server: p for p in wrk.median_points(run.copy_points(points))}
     floor = med["floor-infer"].rps
     lines = [
         f"Measured {meta['date']} on {meta['cpus']} CPUs, loopback, wrk 1 thread, c={args.connections}, "

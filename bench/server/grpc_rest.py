@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (the server bench's model builder, server launcher, wrk driver and report helpers)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 SECTION = "## gRPC and REST"
 H2LOAD_ROOT = run.ENVS / "h2load" / "root"
@@ -87,7 +88,7 @@ def grpc_ok_count(server: run.Server) -> float:
 
 def run_h2load(
     server: run.Server, gport: int, body: bytes, seconds: float, cpus: str | None, scenario: str, work: Path, check: bool = True
-) -> run.Point:
+) -> wrk.Point:
     """One gRPC point: h2load for `seconds` after a 2 s warm-up; server CPU measured as wrk's points are."""
     body_file = work / f"{scenario}.bin"
     body_file.write_bytes(body)
@@ -109,13 +110,13 @@ def run_h2load(
     ok = grpc_ok_count(server) - before if check else float(done.group(2))
     # the warm-up's calls count on the server too: the server must have answered at least h2load's measured ones with OK
     assert ok >= int(done.group(2)) and int(done.group(3)) == 0 and int(done.group(4)) == 0, out
-    point = run.Point("kiln", scenario, CONNS, 1, rps, run._ms(mean.group(1)) if mean else float("nan"), float("nan"),
+    point = wrk.Point("kiln", scenario, CONNS, 1, rps, wrk.ms(mean.group(1)) if mean else float("nan"), float("nan"),
                       0, srv_cpu / elapsed, 0.0)
     print(f"  {scenario:14s} {rps:9.0f} req/s mean {point.p50_ms:6.2f} ms server {point.server_cpu_cores:.2f} cores", flush=True)
     return point
 
 
-def floor_points(x: np.ndarray, seconds: float, rounds: int, work: Path) -> list[run.Point]:
+def floor_points(x: np.ndarray, seconds: float, rounds: int, work: Path) -> list[wrk.Point]:
     """The grpc.aio floor (grpc_floor.py: a fixed answer, no decoding, no inference), pinned like the server."""
     port = run.free_port()
     proc = run._popen([sys.executable, str(HERE / "grpc_floor.py"), str(port)], work / "grpc-floor.log", "0")
@@ -139,7 +140,7 @@ def floor_points(x: np.ndarray, seconds: float, rounds: int, work: Path) -> list
     return points
 
 
-def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], dict[str, Any]]:
+def measure(seconds: float, rounds: int, work: Path) -> tuple[list[wrk.Point], dict[str, Any]]:
     """All four forms, `rounds` times, alternating; the server on CPU 0, the load on CPU 1."""
     model = run.build_mlp(work / "mlp.onnx")
     x = np.random.default_rng(1).standard_normal((1, 1000)).astype(np.float32)
@@ -148,7 +149,7 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], d
     expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     gport = run.free_port()
     server = run.start_kiln(model, work, "0", "--grpc-port", str(gport), "--intra-op-threads", "1")
-    points: list[run.Point] = []
+    points: list[wrk.Point] = []
     try:
         json_body = run.json_body(x)
         run.check_answer(server, json_body, expected)
@@ -157,8 +158,8 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], d
         bodies = {"grpc-raw": grpc_body(x, True), "grpc-typed": grpc_body(x, False)}
         for r in range(rounds):
             print(f"round {r + 1}/{rounds}", flush=True)
-            points.append(run.run_wrk(server, json_body, {"Content-Type": "application/json"}, CONNS, seconds, "1", "rest-json", 1, work))
-            points.append(run.run_wrk(server, binary, {"Content-Type": "application/octet-stream",
+            points.append(wrk.run_wrk(server, json_body, {"Content-Type": "application/json"}, CONNS, seconds, "1", "rest-json", 1, work))
+            points.append(wrk.run_wrk(server, binary, {"Content-Type": "application/octet-stream",
                                                        "Inference-Header-Content-Length": str(head_len)},
                                       CONNS, seconds, "1", "rest-binary", 1, work))
             for scenario, body in bodies.items():
@@ -168,10 +169,10 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[run.Point], d
     points += floor_points(x, seconds, rounds, work)
     meta = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "seconds": seconds, "rounds": rounds,
             "load": " ".join(f"{v:.2f}" for v in os.getloadavg())}
-    return run.median_points(points), meta
+    return wrk.median_points(points), meta
 
 
-def render(points: list[run.Point], meta: dict[str, Any], command: str) -> str:
+def render(points: list[wrk.Point], meta: dict[str, Any], command: str) -> str:
     by = {p.scenario: p for p in points}
     json_rps = by["rest-json"].rps
     lines = [SECTION, "", (

@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (model builder, wrk driver, process helpers of the main server bench)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 SECTION = "## Why the server has its own HTTP layer"
 LABELS = {
@@ -77,10 +76,7 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-http-"))
     model = run.build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected = run.reference_request(model)
     body = run.json_body(x1)
     versions = {"uvicorn": _version("uvicorn"), "granian": _version("granian")}
     meta: dict[str, Any] = {
@@ -89,7 +85,7 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     servers: dict[str, run.Server] = {}
-    points: list[run.Point] = []
+    points: list[wrk.Point] = []
     try:
         servers["kiln"] = run.start_kiln(model, work, srv_cpus)
         for kind in ("uvicorn", "granian"):
@@ -102,14 +98,8 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
                 meta["skipped"][kind] = str(exc)
         for server in servers.values():
             run.check_answer(server, body, expected)
-        for rnd in range(rounds):
-            print(f"round {rnd + 1}/{rounds}", flush=True)
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
-            for name in order:
-                for c in conns:
-                    point = run.run_wrk(servers[name], body, {"Content-Type": "application/json"}, c, seconds, wrk_cpus, "json-b1", 1, work)
-                    point.extra["round"] = rnd + 1
-                    points.append(point)
+        plan: wrk.Plan = {name: [("json-b1", body, {"Content-Type": "application/json"}, c, 1) for c in conns] for name in servers}
+        points = wrk.rounds(servers, plan, rounds, seconds, wrk_cpus, work)
     finally:
         for server in servers.values():
             server.stop()
@@ -118,18 +108,18 @@ def measure(seconds: float, rounds: int, conns: list[int], pin: bool) -> dict[st
     return {"meta": meta, "points": [p.__dict__ for p in points]}
 
 
-def _median(points: list[run.Point]) -> run.Point:
+def _median(points: list[wrk.Point]) -> wrk.Point:
     ranked = sorted(points, key=lambda p: p.rps)
     return ranked[len(ranked) // 2]
 
 
-def _median_cpu(points: list[run.Point]) -> float:
+def _median_cpu(points: list[wrk.Point]) -> float:
     """Median server CPU microseconds per request over the rounds."""
     values = sorted(1e6 * p.server_cpu_cores / p.rps for p in points if p.rps)
     return values[len(values) // 2] if values else 0.0
 
 
-def _verdict(kiln: run.Point | None, medians: dict[str, tuple[run.Point, float]], c: int) -> list[str]:
+def _verdict(kiln: wrk.Point | None, medians: dict[str, tuple[wrk.Point, float]], c: int) -> list[str]:
     """What the figures say about keeping the hand-written layer (written from the numbers, either way)."""
     if kiln is None or "kiln" not in medians or len(medians) < 2:
         return []
@@ -165,14 +155,14 @@ def _verdict(kiln: run.Point | None, medians: dict[str, tuple[run.Point, float]]
 def render(result: dict[str, Any], command: str) -> str:
     """The docs section: per-server medians, Kiln's ratios, and every round."""
     meta = result["meta"]
-    points = [run.Point(**p) for p in result["points"]]
+    points = [wrk.Point(**p) for p in result["points"]]
     names = list(dict.fromkeys(p.server for p in points))
     conns = sorted({p.connections for p in points}, reverse=True)
 
-    def at(name: str, c: int) -> list[run.Point]:
+    def at(name: str, c: int) -> list[wrk.Point]:
         return [p for p in points if p.server == name and p.connections == c]
 
-    def cpu_us(p: run.Point) -> float:
+    def cpu_us(p: wrk.Point) -> float:
         return 1e6 * p.server_cpu_cores / p.rps if p.rps else 0.0
 
     lines = [SECTION, ""]

@@ -6,6 +6,7 @@ Run in its own virtual environment: `python kserve_model.py --model_name mlp --m
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 
 import numpy as np
@@ -22,7 +23,9 @@ class OnnxModel(Model):
         self.load()
 
     def load(self) -> bool:
-        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(os.environ.get("KILN_BENCH_THREADS", "0"))  # run.py: the same as Kiln's
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.ready = True

@@ -6,6 +6,8 @@ model file comes from the model settings' `parameters.uri`.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 from mlserver import MLModel
@@ -17,7 +19,9 @@ class OnnxRuntimeModel(MLModel):
     """V2 in, ONNX Runtime, V2 out: the smallest honest MLServer runtime."""
 
     async def load(self) -> bool:
-        self._session = ort.InferenceSession(self.settings.parameters.uri, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(os.environ.get("KILN_BENCH_THREADS", "0"))  # run.py: the same as Kiln's
+        self._session = ort.InferenceSession(self.settings.parameters.uri, opts, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
         self._outputs = [o.name for o in self._session.get_outputs()]
         return True

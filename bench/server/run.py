@@ -1,18 +1,25 @@
 #!/usr/bin/env python
-"""Model server benchmark: Kiln vs MLServer 1.7.1 vs KServe 0.21 vs raw ONNX Runtime, one run, one machine.
+"""Model server benchmark: Kiln, the floors of its stack and the servers a user would pick instead, one run, one machine.
 
 Every server serves the same ONNX file (the reference MLP 1000 -> 64 -> 64 -> 10, onnx.helper,
-random weights from seed 0) through ONNX Runtime on CPU. Load comes from `wrk` (one thread, Lua
-script for the POST body) over loopback for a fixed duration per point. With `--pin` (default when
-the machine has 2+ CPUs) the server and everything it starts run on CPU 0 and wrk on CPU 1 via
-`taskset`, so the load generator does not steal the server's core.
+random weights from seed 0) through ONNX Runtime on CPU with the same intra-op threads (Kiln's
+default: the CPUs it may use). Rows: Kiln (batching off and on); the floors (floor_server.py: HTTP
+only, + parse, + inline inference); MLServer 1.7.1, KServe 0.21, NVIDIA Triton through
+nvidia-pytriton 0.7.0 (dynamic batching), all V2 JSON; BentoML 1.4.40 and LitServe 0.2.19, which
+speak no V2 and get the same floats as a plain JSON list. Load comes from `wrk` (one thread, Lua
+script for the POST body, bench/server/wrk.py) over loopback for a fixed duration per point; rounds
+reverse the servers' order every other round. With `--pin` (default when the machine has 2+ CPUs)
+the server and everything it starts run on CPU 0 and wrk on CPU 1 via `taskset`, so the load
+generator does not steal the server's core. One answer of every server is checked before timing.
 
-    bash bench/server/setup_envs.sh                  # once: MLServer and KServe venvs
-    .venv/bin/python bench/server/run.py             # ~3 minutes; updates docs/benchmarks.md
-    .venv/bin/python bench/server/run.py --quick     # Kiln alone, V2 JSON batch 1, c=8 and c=1; ~1 minute, writes nothing
+    bash bench/server/setup_envs.sh                  # once: the peers' venvs (not part of CI or make test)
+    .venv/bin/python bench/server/run.py             # every point; updates the "## Model server" section
+    .venv/bin/python bench/server/run.py --headline  # batch 1 at c=8, every server: the peers section
+    .venv/bin/python bench/server/run.py --quick     # Kiln alone, V2 JSON batch 1, c=8 and c=1; writes nothing
 
-Results: a table in the "## Model server" section of docs/benchmarks.md (only that section is
-rewritten) and the raw numbers in bench/results/server.json.
+Results: the "## Model server" section of docs/benchmarks.md and bench/results/server.json (full
+run), or the "## Model server: floors and peers, one run" section and bench/results/server_peers.json
+(--headline); only that section is rewritten. A server whose venv is missing is skipped and said so.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -31,19 +37,54 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from wrk import Plan, Point, median_points, run_wrk  # noqa: E402  (the one wrk driver of the benches)
+from wrk import rounds as wrk_rounds  # noqa: E402
+
 ROOT = HERE.parents[1]
 ENVS = Path(os.environ.get("KILN_BENCH_ENVS", "~/.cache/kiln/bench")).expanduser()
 DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "bench" / "results"
 """Every bench's raw numbers, committed next to each other."""
 SECTION = "## Model server"
+SECTION_PEERS = "## Model server: floors and peers, one run"
+LIST_REQUEST = '`{"inputs": [1000 floats]}` (plain JSON list, not V2)'
+PEER_NOTES = [
+    "The floors (bench/server/floor_server.py) are Kiln's own stack with parts removed: they bound what a server on "
+    "httptools + uvloop + simdjson + ONNX Runtime can do per request; the HTTP-only and parse floors answer a fixed "
+    "body (only their status was checked).",
+    "Every server runs the same ONNX file through ONNX Runtime on CPU with the same intra-op threads, each in its "
+    "documented custom-model path (bench/server/mlserver_runtime.py, kserve_model.py, pytriton_server.py, "
+    "bentoml_service.py, litserve_api.py), one worker/process, otherwise with its defaults; access logs off where the "
+    "server logs every request (BentoML, LitServe).",
+    "NVIDIA Triton is the tritonserver that `nvidia-pytriton` bundles: it has only the Python backend, so the model is "
+    "a Python callable in a separate process fed by Triton through ZeroMQ and shared memory (PyTriton's design), not Triton's C++ "
+    "ONNX Runtime backend; Triton's HTTP front end, V2 protocol and dynamic batcher are its own C++. A Triton built "
+    "with the onnxruntime backend would skip the Python hop.",
+    "BentoML and LitServe speak no V2: they get the same 1000 floats as a plain JSON list (`{\"inputs\": [...]}`, "
+    "about the same bytes as the V2 body without its envelope) on their own `/predict` route and answer "
+    "`{\"probabilities\": [...]}`. LitServe runs inference in a separate worker process fed through queues.",
+    "Kiln / server: Kiln's median over the server's in this run; for the floors it is Kiln's share of the floor.",
+]
+LABELS = {
+    "floor-http": "floor: HTTP only (floor_server.py, httptools + uvloop, fixed answer)",
+    "floor-parse": "floor: + simdjson parse of the body into FP32",
+    "floor-infer": "floor: + inline ONNX Runtime and V2 reply (the minimal inline server)",
+    "kiln": "**Kiln** (`kiln serve`, batching off)",
+    "kiln-batching": "**Kiln** (`--max-batch-size 64 --max-latency-ms 2`)",
+    "mlserver": "MLServer 1.7.1, custom ORT runtime, parallel_workers=0",
+    "triton": "NVIDIA Triton (nvidia-pytriton 0.7.0: Python backend), dynamic batching (max 64, no queue delay)",
+    "kserve": "KServe 0.21 Python server, custom ORT model",
+    "bentoml": "BentoML 1.4.40, 1 worker, sync API",
+    "litserve": "LitServe 0.2.19, 1 worker, batching off",
+}
 WIDE = 2048  # hidden width of the "wide" MLP used to show batching where compute dominates
 
 
@@ -122,6 +163,12 @@ class Server:
     infer_path: str
     log: Path
     notes: str = ""
+    request: str = "v2"
+    """'v2': V2 JSON bodies (json_body); 'list': `{"inputs": [floats]}` (list_body), for BentoML and LitServe."""
+    metrics_url: str = ""
+    """Triton's Prometheus endpoint: the mean batch its dynamic batcher formed (triton_mean_batch)."""
+    computes: bool = True
+    """False for the HTTP-only and parse floors: they answer a fixed body, so only their 200 is checked."""
 
     @property
     def url(self) -> str:
@@ -172,149 +219,136 @@ def _popen(
         )
 
 
+def _launch(
+    name: str, cmd: list[str], port: int, work: Path, cpus: str | None, ready: str, infer: str = "/v2/models/mlp/infer",
+    *, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120.0, **fields: Any,
+) -> Server:
+    """Start `cmd` (own session, pinned to `cpus`, output in work/NAME.log) and wait until `ready` answers 200;
+    a server that does not get ready is stopped, not left running."""
+    log = work / f"{name}.log"
+    server = Server(name, _popen(cmd, log, cpus, env=env, cwd=cwd), port, infer, log, **fields)
+    try:
+        wait_http(server.url + ready, timeout)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def intra_op_threads(cpus: str | None) -> int:
+    """ONNX Runtime intra-op threads as Kiln sets them by default: the CPUs the server may use
+    (1 when pinned to CPU 0). Every peer server gets the same number."""
+    if not cpus:
+        return len(os.sched_getaffinity(0))
+    n = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def _env_python(env: str, exe: str = "python") -> Path:
+    path = ENVS / env / "bin" / exe
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run bench/server/setup_envs.sh {env}")
+    return path
+
+
 def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp") -> Server:
     port = free_port()
-    log = work / f"{label}.log"
     cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", name, "--port", str(port), *extra]
-    proc = _popen(cmd, log, cpus)
-    s = Server(label, proc, port, f"/v2/models/{name}/infer", log, " ".join(extra))
-    wait_http(s.url + "/v2/health/ready")
-    return s
+    return _launch(label, cmd, port, work, cpus, "/v2/health/ready", f"/v2/models/{name}/infer", notes=" ".join(extra))
 
 
 def start_mlserver(model: Path, work: Path, cpus: str | None) -> Server:
-    py = ENVS / "mlserver" / "bin" / "mlserver"
-    if not py.exists():
-        raise FileNotFoundError(f"{py} missing: run bench/server/setup_envs.sh")
+    py = _env_python("mlserver", "mlserver")
     d = work / "mlserver"
     (d / "mlp").mkdir(parents=True, exist_ok=True)
     port = free_port()
-    settings = {
-        "http_port": port,
-        "grpc_port": free_port(),
-        "metrics_port": free_port(),
-        "parallel_workers": 0,
-        "debug": False,
-    }
+    settings = {"http_port": port, "grpc_port": free_port(), "metrics_port": free_port(), "parallel_workers": 0, "debug": False}
     (d / "settings.json").write_text(json.dumps(settings))
     (d / "mlp" / "model-settings.json").write_text(
         json.dumps({"name": "mlp", "implementation": "mlserver_runtime.OnnxRuntimeModel", "parameters": {"uri": str(model)}})
     )
     shutil.copy(HERE / "mlserver_runtime.py", d / "mlserver_runtime.py")
-    log = work / "mlserver.log"
-    proc = _popen([str(py), "start", str(d)], log, cpus, env={"PYTHONPATH": str(d)}, cwd=d)
-    s = Server("mlserver", proc, port, "/v2/models/mlp/infer", log, "1.7.1, parallel_workers=0")
-    wait_http(s.url + "/v2/models/mlp/ready")
-    return s
+    env = {"PYTHONPATH": str(d), "KILN_BENCH_THREADS": str(intra_op_threads(cpus))}
+    return _launch("mlserver", [str(py), "start", str(d)], port, work, cpus, "/v2/models/mlp/ready", env=env, cwd=d,
+                   notes="1.7.1, parallel_workers=0")
 
 
 def start_kserve(model: Path, work: Path, cpus: str | None) -> Server:
-    py = ENVS / "kserve" / "bin" / "python"
-    if not py.exists():
-        raise FileNotFoundError(f"{py} missing: run bench/server/setup_envs.sh")
     port = free_port()
-    log = work / "kserve.log"
     cmd = [
-        str(py), str(HERE / "kserve_model.py"), "--model_name", "mlp", "--model_path", str(model),
+        str(_env_python("kserve")), str(HERE / "kserve_model.py"), "--model_name", "mlp", "--model_path", str(model),
         "--http_port", str(port), "--grpc_port", str(free_port()), "--enable_grpc", "false", "--workers", "1",
     ]
-    proc = _popen(cmd, log, cpus)
-    s = Server("kserve", proc, port, "/v2/models/mlp/infer", log, "0.21, 1 worker")
-    wait_http(s.url + "/v2/models/mlp/ready")
-    return s
+    return _launch("kserve", cmd, port, work, cpus, "/v2/models/mlp/ready", env={"KILN_BENCH_THREADS": str(intra_op_threads(cpus))},
+                   notes="0.21, 1 worker")
+
+
+def start_floor(level: str, model: Path, work: Path, cpus: str | None) -> Server:
+    """One floor server of Kiln's stack (floor_server.py: HTTP only, + parse, + inline ONNX Runtime)."""
+    port = free_port()
+    cmd = [sys.executable, str(HERE / "floor_server.py"), "--level", level, "--model", str(model), "--port", str(port)]
+    return _launch(f"floor-{level}", cmd, port, work, cpus, "/v2/health/ready", computes=level == "infer")
+
+
+def start_triton(model: Path, work: Path, cpus: str | None) -> Server:
+    """NVIDIA Triton through PyTriton (pytriton_server.py), dynamic batching up to 64 rows, no queue delay.
+
+    Ready means `/v2/models/mlp/ready`: the server's own `/v2/health/ready` answers before the model is loaded.
+    """
+    port, metrics = free_port(), free_port()
+    cmd = [str(_env_python("pytriton")), str(HERE / "pytriton_server.py"), "--model", str(model), "--http-port", str(port),
+           "--grpc-port", str(free_port()), "--metrics-port", str(metrics), "--threads", str(intra_op_threads(cpus)),
+           "--workspace", str(work / "triton-workspace")]
+    return _launch("triton", cmd, port, work, cpus, "/v2/models/mlp/ready", cwd=work, timeout=300,
+                   notes="nvidia-pytriton 0.7.0, Python backend, dynamic batching (max 64, delay 0)",
+                   metrics_url=f"http://127.0.0.1:{metrics}/metrics")
+
+
+def triton_mean_batch(server: Server) -> float:
+    """Rows per model execution so far (nv_inference_count / nv_inference_exec_count): how much Triton's
+    dynamic batcher merged."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+
+    def total(metric: str) -> float:
+        return sum(float(v) for v in re.findall(rf'^{metric}{{[^}}]*model="mlp"[^}}]*}} (\S+)$', text, re.M))
+
+    execs = total("nv_inference_exec_count")
+    return total("nv_inference_count") / execs if execs else 0.0
+
+
+def start_bentoml(model: Path, work: Path, cpus: str | None) -> Server:
+    """BentoML 1.4 (bentoml_service.py), one worker, its own request shape (list_body)."""
+    port = free_port()
+    cmd = [str(_env_python("bentoml", "bentoml")), "serve", "bentoml_service:Mlp", "--working-dir", str(HERE),
+           "--host", "127.0.0.1", "--port", str(port)]
+    env = {"KILN_BENCH_MODEL": str(model), "KILN_BENCH_THREADS": str(intra_op_threads(cpus)),
+           "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(work / "bentoml-home")}
+    return _launch("bentoml", cmd, port, work, cpus, "/readyz", "/predict", env=env, cwd=work, timeout=180,
+                   notes="1.4.40, 1 worker", request="list")
+
+
+def start_litserve(model: Path, work: Path, cpus: str | None) -> Server:
+    """LitServe 0.2 (litserve_api.py), one CPU worker, batching off, its own request shape (list_body)."""
+    port = free_port()
+    cmd = [str(_env_python("litserve")), str(HERE / "litserve_api.py"), "--model", str(model), "--port", str(port),
+           "--threads", str(intra_op_threads(cpus))]
+    return _launch("litserve", cmd, port, work, cpus, "/health", "/predict", cwd=work, timeout=180,
+                   notes="0.2.19, 1 worker", request="list")
 
 
 # --- load --------------------------------------------------------------------------------------
 
-LUA = """
-local f = io.open("{body}", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
-{headers}
-"""
+def reference_request(model: Path, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """The benches' one-row request (random, fixed seed) and ONNX Runtime's answer to it in this process:
+    what every server must answer before it is timed."""
+    import onnxruntime as ort
 
-
-@dataclass
-class Point:
-    server: str
-    scenario: str
-    connections: int
-    rows_per_request: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    server_cpu_cores: float
-    other_cpu_cores: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.rps * self.rows_per_request
-
-    @property
-    def per_core(self) -> float:
-        """Requests per second per CPU-second the server used: comparable even when the server was
-        not given a whole core (shared machine)."""
-        return self.extra.get("median_per_core") or (self.rps / self.server_cpu_cores if self.server_cpu_cores else 0.0)
-
-
-def _ms(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
-    if not m:
-        return float("nan")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-
-def _proc_stat_busy() -> float:
-    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    vals = [int(v) for v in parts]
-    idle = vals[3] + vals[4]
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def run_wrk(
-    server: Server, body: bytes, headers: dict[str, str], conns: int, seconds: float, cpus: str | None,
-    scenario: str, rows: int, work: Path,
-) -> Point:
-    body_file = work / f"body-{scenario}.bin"
-    body_file.write_bytes(body)
-    hdr = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
-    script = work / f"post-{scenario}.lua"
-    script.write_text(LUA.format(body=body_file, headers=hdr))
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", "-s", str(script), server.url + server.infer_path]
-    if cpus and shutil.which("taskset"):
-        cmd = ["taskset", "-c", cpus, *cmd]
-    # warm-up (JIT-free, but fills caches, connection pools and ORT arenas)
-    subprocess.run([*cmd[: cmd.index("wrk") + 1], "-t1", f"-c{conns}", "-d2s", "-s", str(script), server.url + server.infer_path],
-                   capture_output=True, timeout=60)
-    busy0, srv0 = _proc_stat_busy(), server.cpu_seconds()
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
-    elapsed = time.monotonic() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy1, srv1 = _proc_stat_busy(), server.cpu_seconds()
-    wrk_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    srv_cpu = srv1 - srv0
-    other = max(0.0, (busy1 - busy0) - srv_cpu - wrk_cpu) / elapsed
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = int(m.group(1)) if m else 0
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        errors += sum(int(g) for g in m.groups())
-    point = Point(server.name, scenario, conns, rows, rps, p50, p99, errors, srv_cpu / elapsed, other)
-    print(
-        f"  {server.name:10s} {scenario:18s} c={conns:<3d} {rps:9.0f} req/s {point.rows_per_s:10.0f} rows/s "
-        f"p50 {p50:7.2f} ms p99 {p99:7.2f} ms errors {errors} server {point.server_cpu_cores:.2f} cores "
-        f"others {other:.2f} cores",
-        flush=True,
-    )
-    return point
+    x = np.random.default_rng(seed).standard_normal((1, 1000)).astype(np.float32)
+    return x, ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
 def json_body(x: np.ndarray) -> bytes:
@@ -332,13 +366,28 @@ def binary_body(x: np.ndarray) -> tuple[bytes, int]:
     return head + x.astype("<f4").tobytes(), len(head)
 
 
+def list_body(x: np.ndarray) -> bytes:
+    """The same rows as a plain JSON list, `{"inputs": [1000 floats]}` for one row: BentoML's and LitServe's
+    own API shape (they speak no V2)."""
+    data = x.ravel().tolist() if x.shape[0] == 1 else x.tolist()
+    return json.dumps({"inputs": data}).encode()
+
+
 def check_answer(server: Server, body: bytes, expected: np.ndarray) -> None:
-    """Every server must give the same probabilities before it is timed."""
+    """Every server must give the same probabilities (and so the same argmax) before it is timed.
+
+    V2 servers answer `outputs[0].data`; BentoML and LitServe `{"probabilities": [...]}`.
+    """
     req = urllib.request.Request(server.url + server.infer_path, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         doc = json.loads(r.read())
-    got = np.array(doc["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
+    if not server.computes:
+        return
+    data = doc["outputs"][0]["data"] if server.request == "v2" else doc["probabilities"]
+    got = np.array(data, dtype=np.float32).reshape(expected.shape)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if not np.array_equal(got.argmax(axis=-1), expected.argmax(axis=-1)):
+        raise AssertionError(f"{server.name}: argmax {got.argmax(axis=-1)} != {expected.argmax(axis=-1)}")
 
 
 def raw_ort_floor(model: Path, seconds: float = 3.0, rows: int = 1, intra_op_threads: int = 0) -> float:
@@ -393,15 +442,12 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
         "| req/s c=1 | p50 / p99 ms c=1 | others, max (cores) |"
     )
     lines.append("|---|---|---|---|---|---|---|---|")
-    for name, label in (
-        ("kiln", "Kiln (batching off)"),
-        ("kiln-batching", "Kiln (`--max-batch-size 64 --max-latency-ms 2`)"),
-        ("mlserver", "MLServer 1.7.1, custom ORT runtime, parallel_workers=0"),
-        ("kserve", "KServe 0.21 Python server, custom ORT model"),
-    ):
-        c8, c1 = get(name, "json-b1", 8), get(name, "json-b1", 1)
+    for name, label in LABELS.items():
+        scenario = "list-b1" if get(name, "list-b1", 8) else "json-b1"
+        c8, c1 = get(name, scenario, 8), get(name, scenario, 1)
         if c8 is None:
             continue
+        label += " (plain JSON list body, not V2)" if scenario == "list-b1" else ""
         c1s = f"{c1.rps:,.0f} | {c1.p50_ms:.2f} / {c1.p99_ms:.2f}" if c1 else "- | -"
         lines.append(
             f"| {label} | {c8.rps:,.0f} | {c8.p50_ms:.2f} / {c8.p99_ms:.2f} | {c8.server_cpu_cores:.2f} | "
@@ -528,12 +574,60 @@ def render(points: list[Point], floor: float, meta: dict[str, Any], command: str
     lines.append("")
     lines.append("```sh")
     lines.append("apt-get install -y wrk            # Debian package")
-    lines.append("bash bench/server/setup_envs.sh   # MLServer 1.7.1 (+uvloop<0.22) and KServe 0.21 venvs")
+    lines.append("bash bench/server/setup_envs.sh   # the peers' venvs: MLServer, KServe, PyTriton, BentoML, LitServe")
     lines.append(command)
     lines.append("```")
     lines.append("")
     lines.append("Raw numbers: `bench/results/server.json`.")
     lines.append("")
+    return "\n".join(lines)
+
+
+def render_peers(points: list[Point], raw: list[Point], meta: dict[str, Any], command: str) -> str:
+    """The headline run: every server's batch-1 req/s at c=8, floors first, then Kiln, then the peers by req/s."""
+    c8 = {p.server: p for p in points if p.connections == 8 and p.scenario in ("json-b1", "list-b1")}
+    kiln = c8.get("kiln")
+    order = [n for n in LABELS if n.startswith("floor-") or n.startswith("kiln")]
+    order += sorted((n for n in c8 if n not in order), key=lambda n: -c8[n].rps)
+    load = max(float(meta["load_before"].split()[0]), float(meta["load_after"].split()[0]))
+    lines = [SECTION_PEERS, "", (
+        f"Measured {meta['date']} on {meta['cpus']} CPUs ({meta['cpu_model']}), loopback, the reference MLP "
+        f"(1000 -> 64 -> 64 -> 10, seed 0) through ONNX Runtime on CPU in every server, with "
+        f"{meta['intra_op_threads']} intra-op thread(s) in each (Kiln's default on its CPUs). One request shape: one row "
+        f"per request, wrk 1 thread, 8 connections, {meta['seconds']:g} s per point after a 2 s warm-up, "
+        f"{meta['rounds']} rounds with the servers' order reversed every other round; each number is the server's median "
+        "round. " + ("Server and all its processes pinned to CPU 0, wrk to CPU 1 (taskset). " if meta["pinned"] else "No pinning. ")
+        + f"Load average before/after: {meta['load_before']} / {meta['load_after']}. One answer of every server was checked "
+        "against ONNX Runtime in-process (same probabilities within 1e-5, same argmax) before it was timed."), "",
+        "| server | request | req/s c=8 | rounds (req/s) | p50 / p99 ms | server CPU (cores) | req/s per server core "
+        "| Kiln / server (req/s) | Kiln / server (per core) |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        p = c8.get(name)
+        if p is None:
+            continue
+        rounds = ", ".join(f"{v:,}" for v in p.extra.get("rounds_rps", []))
+        ratio = f"{kiln.rps / p.rps:.2f}x | {kiln.per_core / p.per_core:.2f}x" if kiln and p.rps and p.per_core else "- | -"
+        lines.append(f"| {LABELS.get(name, name)} | {LIST_REQUEST if p.scenario == 'list-b1' else 'V2 JSON'} | {p.rps:,.0f} | "
+                     f"{rounds} | {p.p50_ms:.2f} / {p.p99_ms:.2f} | {p.server_cpu_cores:.2f} | {p.per_core:,.0f} | {ratio} |")
+    lines += ["", f"Errors (non-2xx or socket) over all points: {sum(p.errors for p in raw)}. Others' CPU during the points "
+              f"(processes other than the server and wrk): up to {max((p.other_cpu_cores for p in raw), default=0):.2f} cores."]
+    if meta.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()) + "."]
+    lines += ["", "Notes:", ""] + [f"- {note}" for note in PEER_NOTES]
+    lines += [f"- {remark}" for remark in meta.get("remarks", [])]  # hand-written, kept in the results file
+    if meta.get("triton_mean_batch"):
+        lines.append(f"- Triton's dynamic batcher merged {meta['triton_mean_batch']:.2f} requests per model execution on "
+                     "average over the run (its metrics: nv_inference_count / nv_inference_exec_count; with 8 connections "
+                     "at most 8 requests can wait at once).")
+    if load > (meta["cpus"] or 1):
+        lines += ["", (f"**Caveat: the machine was overloaded during this run** (load average up to {load:.1f} on {meta['cpus']} "
+                       "CPUs, from other work on it): each server got only part of CPU 0, so absolute req/s are below what "
+                       "these servers do on a quiet core and rounds vary; compare the ratios within this run and the per-core "
+                       "column.")]
+    lines += ["", "Reproduce:", "", "```sh", "apt-get install -y wrk", "bash bench/server/setup_envs.sh   # the peers' venvs under "
+              "~/.cache/kiln/bench (PyTriton's from Debian's /usr/bin/python3.11)", command, "```", "",
+              "Raw numbers: `bench/results/server_peers.json`.", ""]
     return "\n".join(lines)
 
 
@@ -549,24 +643,6 @@ def write_section(text: str, section: str = SECTION) -> None:
     DOC.write_text(updated.rstrip("\n") + "\n")
 
 
-def median_points(points: list[Point]) -> list[Point]:
-    """One point per (server, scenario, connections): the median round by req/s (latencies from that round)."""
-    groups: dict[tuple[str, str, int], list[Point]] = {}
-    for p in points:
-        groups.setdefault((p.server, p.scenario, p.connections), []).append(p)
-    out = []
-    for group in groups.values():
-        ranked = sorted(group, key=lambda p: p.rps)
-        mid = ranked[len(ranked) // 2]
-        mid.extra["rounds_rps"] = [round(p.rps) for p in group]
-        per_core = sorted(p.rps / p.server_cpu_cores for p in group if p.server_cpu_cores > 0)
-        if per_core:
-            mid.extra["median_per_core"] = per_core[len(per_core) // 2]
-        mid.other_cpu_cores = max(p.other_cpu_cores for p in group)
-        out.append(mid)
-    return out
-
-
 def quick(seconds: float, rounds: int, pin: bool) -> int:
     """Kiln alone, the headline request only: for before/after checks of a server change (no files written)."""
     if not shutil.which("wrk"):
@@ -576,10 +652,7 @@ def quick(seconds: float, rounds: int, pin: bool) -> int:
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     model = build_mlp(work / "mlp.onnx")
-    import onnxruntime as ort
-
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
-    expected1 = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
+    x1, expected1 = reference_request(model)
     body1 = json_body(x1)
     jh = {"Content-Type": "application/json"}
     print(f"quick: Kiln alone, V2 JSON batch 1; pinned={pin}; load {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
@@ -606,14 +679,108 @@ def quick(seconds: float, rounds: int, pin: bool) -> int:
     return 0
 
 
+def load_points(path: Path) -> tuple[dict[str, Any], list[Point], list[Point]]:
+    """A saved run: (the whole file, the median points, every round's points)."""
+    saved = json.loads(path.read_text())
+    names = set(Point.__dataclass_fields__)
+    pts = [Point(**{k: v for k, v in p.items() if k in names}) for p in saved["points"]]
+    per_round = len(pts) // max(1, int(saved["meta"].get("rounds", 1)))
+    for i, p in enumerate(pts):
+        p.extra.setdefault("round", i // per_round + 1)
+    raw = copy_points(pts)
+    return saved, median_points(pts), raw
+
+
+def copy_points(points: list[Point]) -> list[Point]:
+    """Copies that keep every round's own numbers (median_points annotates the median ones in place)."""
+    out = [Point(**dict(p.__dict__.items())) for p in points]
+    for a, b in zip(out, points, strict=True):
+        a.extra = dict(b.extra)
+    return out
+
+
+SERVERS = "kiln,floor,mlserver,kserve,triton,bentoml,litserve"
+
+
+def make_plan(x1: np.ndarray, x64: np.ndarray, headline: bool) -> Plan:
+    """What each server is loaded with; `headline`: V2 JSON (or the plain list) batch 1 at c=8 only."""
+    body1, body64, list1 = json_body(x1), json_body(x64), list_body(x1)
+    bin64, bin64_head = binary_body(x64)
+    jh = {"Content-Type": "application/json"}
+    bh = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(bin64_head)}
+    b1 = [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)]
+    lb1 = [("list-b1", list1, jh, 8, 1), ("list-b1", list1, jh, 1, 1)]
+    plan: Plan = {
+        "kiln": [*b1, ("json-b1", body1, jh, 64, 1), ("json-b64", body64, jh, 8, 64), ("binary-b64", bin64, bh, 8, 64)],
+        "kiln-batching": [("json-b1", body1, jh, 64, 1), ("json-b1", body1, jh, 8, 1)],
+        "kiln-wide": [("json-b1", body1, jh, 64, 1)],
+        "kiln-wide-batching": [("json-b1", body1, jh, 64, 1)],
+        **{f"floor-{level}": b1 for level in ("http", "parse", "infer")},
+        "mlserver": b1, "kserve": b1, "triton": b1, "bentoml": lb1, "litserve": lb1,
+    }
+    if headline:
+        plan = {name: [e for e in entries if e[3] == 8 and e[0] in ("json-b1", "list-b1")] for name, entries in plan.items()
+                if "wide" not in name}
+    return plan
+
+
+def starters(model: Path, wide: Path, work: Path, cpus: str | None) -> dict[str, Any]:
+    """Server label -> a function starting it (the order of the first round)."""
+    batching = ("--max-batch-size", "64", "--max-latency-ms", "2")
+    return {
+        "kiln": lambda: start_kiln(model, work, cpus),
+        "kiln-batching": lambda: start_kiln(model, work, cpus, *batching, label="kiln-batching"),
+        "kiln-wide": lambda: start_kiln(wide, work, cpus, label="kiln-wide", name="wide"),
+        "kiln-wide-batching": lambda: start_kiln(wide, work, cpus, *batching, label="kiln-wide-batching", name="wide"),
+        **{f"floor-{level}": (lambda level=level: start_floor(level, model, work, cpus)) for level in ("http", "parse", "infer")},
+        "mlserver": lambda: start_mlserver(model, work, cpus),
+        "kserve": lambda: start_kserve(model, work, cpus),
+        "triton": lambda: start_triton(model, work, cpus),
+        "bentoml": lambda: start_bentoml(model, work, cpus),
+        "litserve": lambda: start_litserve(model, work, cpus),
+    }
+
+
+def measure(plan: Plan, start: dict[str, Any], checks: dict[str, tuple[bytes, np.ndarray]], rounds: int, seconds: float,
+            wrk_cpus: str | None, work: Path, meta: dict[str, Any]) -> list[Point]:
+    """Start every planned server, check one answer of each, then `rounds` rounds in alternating order.
+
+    A server that cannot start (no venv, not ready in time) is skipped and said so in meta['skipped'];
+    one that answers wrongly stops the run.
+    """
+    servers: dict[str, Server] = {}
+    points: list[Point] = []
+    meta.setdefault("skipped", {})
+    try:
+        for name in plan:
+            try:
+                servers[name] = start[name]()
+            except (FileNotFoundError, RuntimeError) as exc:
+                meta["skipped"][name] = str(exc)
+                print(f"  {name}: skipped ({exc})", flush=True)
+                continue
+            body, expected = checks["wide" if "wide" in name else servers[name].request]
+            check_answer(servers[name], body, expected)
+            print(f"  {name}: answer checked", flush=True)
+        points = wrk_rounds(servers, plan, rounds, seconds, wrk_cpus, work)
+        if "triton" in servers:
+            meta["triton_mean_batch"] = round(triton_mean_batch(servers["triton"]), 2)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return points
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each measured point")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; servers alternate within each round")
-    ap.add_argument("--only", default="kiln,mlserver,kserve", help="servers to run, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; the servers' order alternates between rounds")
+    ap.add_argument("--only", default=SERVERS, help="servers to run, comma-separated (kiln also selects kiln-batching, ...)")
+    ap.add_argument("--headline", action="store_true",
+                    help=f"batch 1 at c=8 only, every server: writes the '{SECTION_PEERS}' section and server_peers.json")
     ap.add_argument("--no-pin", action="store_true", help="do not pin server and wrk to separate CPUs")
     ap.add_argument("--no-doc", action="store_true", help="print only; do not touch docs/benchmarks.md")
-    ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/results/server.json")
+    ap.add_argument("--render-only", action="store_true", help="re-render the section from the saved raw numbers")
     ap.add_argument(
         "--quick", action="store_true",
         help="Kiln alone (batching off), V2 JSON batch 1 at c=8 and c=1, --rounds rounds of --seconds; "
@@ -622,133 +789,66 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         return quick(args.seconds, args.rounds, not args.no_pin)
+    out = RESULTS / ("server_peers.json" if args.headline else "server.json")
     if args.render_only:
-        saved = json.loads((RESULTS / "server.json").read_text())
-        names = {f for f in Point.__dataclass_fields__}
-        pts = [Point(**{k: v for k, v in p.items() if k in names}) for p in saved["points"]]
+        saved, pts, raw = load_points(out)
         meta = saved["meta"]
         cmd = meta.get("command", ".venv/bin/python bench/server/run.py")
-        per_round = len(pts) // max(1, int(meta.get("rounds", 1)))
-        for i, p in enumerate(pts):
-            p.extra.setdefault("round", i // per_round + 1)
-        raw = [Point(**{k: v for k, v in p.__dict__.items()}) for p in pts]
-        for a, b in zip(raw, pts, strict=True):
-            a.extra = dict(b.extra)
-        text = render(median_points(pts), saved["raw_ort_runs_per_s"], meta, cmd, raw)
+        text = render_peers(pts, raw, meta, cmd) if args.headline else render(pts, saved["raw_ort_runs_per_s"], meta, cmd, raw)
         print(text)
         if not args.no_doc:
-            write_section(text)
+            write_section(text, SECTION_PEERS if args.headline else SECTION)
         return 0
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install -y wrk", file=sys.stderr)
         return 2
+    return bench(args, out)
+
+
+def bench(args: argparse.Namespace, out: Path) -> int:
+    """Measure, save the raw numbers to `out`, render and write the section."""
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
     only = set(args.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     model = build_mlp(work / "mlp.onnx")
     wide = build_mlp(work / "wide.onnx", seed=1, hidden=WIDE)
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    x1 = np.random.default_rng(7).standard_normal((1, 1000)).astype(np.float32)
+    x1, expected1 = reference_request(model)
+    _, wide_expected1 = reference_request(wide)
     x64 = np.random.default_rng(8).standard_normal((64, 1000)).astype(np.float32)
-    expected1 = sess.run(None, {"input": x1})[0]
-    wide_expected1 = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"]).run(None, {"input": x1})[0]
-    body1 = json_body(x1)
-    body64 = json_body(x64)
-    bin64, bin64_head = binary_body(x64)
-    jh = {"Content-Type": "application/json"}
-    bh = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(bin64_head)}
-
+    checks = {"v2": (json_body(x1), expected1), "list": (list_body(x1), expected1), "wide": (json_body(x1), wide_expected1)}
     cpu_model = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
         "unknown CPU",
     )
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "seconds": args.seconds,
-        "rounds": args.rounds,
-        "pinned": pin,
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "cpu_model": cpu_model,
+        "seconds": args.seconds, "rounds": args.rounds, "pinned": pin, "intra_op_threads": intra_op_threads(srv_cpus),
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     print(f"work dir {work}; pinned={pin}; load {meta['load_before']}", flush=True)
-    floor = raw_ort_floor(model)
+    floor = raw_ort_floor(model, intra_op_threads=intra_op_threads(srv_cpus))
     print(f"  raw ORT floor: {floor:,.0f} runs/s (batch 1, in-process)", flush=True)
-
-    # (server label, scenario, body, headers, connections, rows per request)
-    plan: dict[str, list[tuple[str, bytes, dict[str, str], int, int]]] = {
-        "kiln": [
-            ("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1), ("json-b1", body1, jh, 64, 1),
-            ("json-b64", body64, jh, 8, 64), ("binary-b64", bin64, bh, 8, 64),
-        ],
-        "kiln-batching": [("json-b1", body1, jh, 64, 1), ("json-b1", body1, jh, 8, 1)],
-        "kiln-wide": [("json-b1", body1, jh, 64, 1)],
-        "kiln-wide-batching": [("json-b1", body1, jh, 64, 1)],
-        "mlserver": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
-        "kserve": [("json-b1", body1, jh, 8, 1), ("json-b1", body1, jh, 1, 1)],
-    }
-    starters = {
-        "kiln": lambda: start_kiln(model, work, srv_cpus),
-        "kiln-batching": lambda: start_kiln(
-            model, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-batching"
-        ),
-        "kiln-wide": lambda: start_kiln(wide, work, srv_cpus, label="kiln-wide", name="wide"),
-        "kiln-wide-batching": lambda: start_kiln(
-            wide, work, srv_cpus, "--max-batch-size", "64", "--max-latency-ms", "2", label="kiln-wide-batching", name="wide"
-        ),
-        "mlserver": lambda: start_mlserver(model, work, srv_cpus),
-        "kserve": lambda: start_kserve(model, work, srv_cpus),
-    }
-    servers: dict[str, Server] = {}
-    points: list[Point] = []
-    try:
-        for name, start in starters.items():
-            if name.split("-")[0] not in only:
-                continue
-            try:
-                servers[name] = start()
-                check_answer(servers[name], body1, wide_expected1 if "wide" in name else expected1)
-            except (FileNotFoundError, RuntimeError) as exc:
-                print(f"  {name}: skipped ({exc})", flush=True)
-        for rnd in range(args.rounds):
-            print(f"round {rnd + 1}/{args.rounds}", flush=True)
-            for name, server in servers.items():
-                for scenario, body, headers, conns, rows in plan[name]:
-                    point = run_wrk(server, body, headers, conns, args.seconds, wrk_cpus, scenario, rows, work)
-                    point.extra["round"] = rnd + 1
-                    points.append(point)
-    finally:
-        for server in servers.values():
-            server.stop()
+    plan = {name: e for name, e in make_plan(x1, x64, args.headline).items() if name.split("-")[0] in only}
+    points = measure(plan, starters(model, wide, work, srv_cpus), checks, args.rounds, args.seconds, wrk_cpus, work, meta)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    command = ".venv/bin/python bench/server/run.py" + (f" --seconds {args.seconds:g}" if args.seconds != 10 else "")
+    command = ".venv/bin/python bench/server/run.py" + (" --headline" if args.headline else "")
+    command += f" --seconds {args.seconds:g}" if args.seconds != 10 else ""
     command += f" --rounds {args.rounds}" if args.rounds != 3 else ""
+    command += f" --only {args.only}" if args.only != SERVERS else ""
     meta["command"] = command
-    raw = [Point(**{k: v for k, v in p.__dict__.items()}) for p in points]
-    for a, b in zip(raw, points, strict=True):
-        a.extra = dict(b.extra)
+    raw = copy_points(points)
     summary = median_points(points)
-    text = render(summary, floor, meta, command, raw)
+    text = render_peers(summary, raw, meta, command) if args.headline else render(summary, floor, meta, command, raw)
     print()
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "server.json").write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "raw_ort_runs_per_s": floor,
-                "points": [p.__dict__ | {"rows_per_s": p.rows_per_s} for p in points],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    out.write_text(json.dumps({"meta": meta, "raw_ort_runs_per_s": floor,
+                               "points": [p.__dict__ | {"rows_per_s": p.rows_per_s} for p in raw]}, indent=2) + "\n")
     if not args.no_doc:
-        write_section(text)
-        print(f"updated {DOC.relative_to(ROOT)} section '{SECTION}'")
+        section = SECTION_PEERS if args.headline else SECTION
+        write_section(text, section)
+        print(f"updated {DOC.relative_to(ROOT)} section '{section}'")
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

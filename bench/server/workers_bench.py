@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (the server bench's model builder, server launcher, wrk driver and report helpers)
+import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 SECTION = "## Workers (all cores)"
 CONNS = 32
@@ -67,7 +68,7 @@ def measure(seconds: float, rounds: int, work: Path) -> tuple[list[dict[str, Any
                 if n > 1:
                     wait_workers(server, n)
                 run.check_answer(server, body, expected)
-                p = run.run_wrk(server, body, {"Content-Type": "application/json"}, CONNS, seconds, None, f"w{n}", 1, work)
+                p = wrk.run_wrk(server, body, {"Content-Type": "application/json"}, CONNS, seconds, None, f"w{n}", 1, work)
             finally:
                 server.stop()
             rows.append({"round": r + 1, "workers": n, "rps": p.rps, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms, "errors": p.errors,
