@@ -9,13 +9,22 @@ cd "$(dirname "$0")/.."
 VERSION=3.3.30
 CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
 VENV="$CACHE/checkov-venv"
-if [[ ! -x "$VENV/bin/checkov" || "$("$VENV/bin/checkov" --version 2>/dev/null)" != "$VERSION" ]]; then
-  "${PYTHON:-python3}" -m venv "$VENV"
-  log="$(mktemp)"
-  if ! "$VENV/bin/pip" install -q "checkov==$VERSION" > "$log" 2>&1; then
-    grep -v "^WARNING: Location" "$log" >&2; rm -f "$log"; exit 1
+installed() { [[ -x "$VENV/bin/checkov" && "$("$VENV/bin/checkov" --version 2>/dev/null)" == "$VERSION" ]]; }
+if ! installed; then
+  # One installer at a time (two worktrees or a CI clone may start together); the second finds it done.
+  mkdir -p "$CACHE"
+  exec 8>"$CACHE/.checkov.lock"
+  flock 8
+  if ! installed; then
+    rm -rf "$VENV"
+    "${PYTHON:-python3}" -m venv "$VENV"
+    log="$(mktemp)"
+    if ! "$VENV/bin/pip" install -q "checkov==$VERSION" > "$log" 2>&1; then
+      grep -v "^WARNING: Location" "$log" >&2; rm -f "$log"; exit 1
+    fi
+    rm -f "$log"
   fi
-  rm -f "$log"
+  flock -u 8
 fi
 [[ "${1:-}" == "--install" ]] && exit 0
 HELM="${HELM:-$CACHE/tools/helm}"
