@@ -51,12 +51,12 @@ def ort_costs(model: Path, seconds: float = 2.0) -> tuple[float, float]:
     return 1e6 / one, 1e6 / batch / 64
 
 
-def measure(width: int, work: Path, seconds: float, pin: bool) -> dict[str, Any]:
+def measure(width: int, work: Path, seconds: float, cpus: tuple[str | None, str | None]) -> dict[str, Any]:
     model = run.build_mlp(work / f"mlp-{width}.onnx", hidden=width)
     t1, t64_per_row = ort_costs(model)
     x = np.random.default_rng(2).standard_normal((1, 1000)).astype(np.float32)
     body = run.json_body(x)
-    srv_cpus, wrk_cpus = ("0", "1") if pin else (None, None)
+    srv_cpus, wrk_cpus = cpus
     row: dict[str, Any] = {"width": width, "ort_1row_us": t1, "ort_64row_us_per_row": t64_per_row}
     for label, extra in (("unbatched", ()), ("batched", BATCHING)):
         server = run.start_kiln(model, work, srv_cpus, *extra, label=f"kiln-{width}-{label}")
@@ -82,7 +82,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Measured {meta['when']} on {meta['cpus']} CPUs, loopback, wrk 1 thread, c=64, JSON batch-1 requests (1000 floats), "
         f"{meta['seconds']:g} s per point after a 2 s warm-up, {meta['rounds']} round(s) (median by batched/unbatched gain); "
-        "server pinned to CPU 0 and wrk to CPU 1. Model: 1000 -> W -> W -> 10 MLP (onnx.helper, seed 0), ONNX Runtime CPU, "
+        f"server pinned to CPU {meta.get('server_cpus', '0')} and wrk to CPU {meta.get('wrk_cpus', '1')}"
+        f"{meta.get('setup', '')}. Model: 1000 -> W -> W -> 10 MLP (onnx.helper, seed 0), ONNX Runtime CPU, "
         "one intra-op thread. Batching: `--max-batch-size 64 --max-latency-ms 2`.",
         "",
         "| hidden width W | ORT 1-row call (us) | ORT per row in a 64-row call (us) | unbatched rows/s "
@@ -126,6 +127,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--server-cpus", default="0", help="taskset CPU list of the server (2+ CPUs, unless --no-pin)")
+    ap.add_argument("--wrk-cpus", default="1", help="taskset CPU list of wrk (2+ CPUs, unless --no-pin)")
     ap.add_argument("--render-only", action="store_true", help="re-render the section from bench/results/batching_sweep.json")
     args = ap.parse_args()
     if args.render_only:
@@ -138,7 +141,7 @@ def main() -> int:
     rounds: dict[int, list[dict[str, Any]]] = {w: [] for w in widths}
     for r in range(args.rounds):
         for w in widths if r % 2 == 0 else reversed(widths):
-            row = measure(w, work, args.seconds, pin)
+            row = measure(w, work, args.seconds, (args.server_cpus, args.wrk_cpus) if pin else (None, None))
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             rounds[w].append(row)
     rows = []
@@ -148,7 +151,9 @@ def main() -> int:
         mid["rounds_gain"] = [round(x["gain"], 2) for x in rounds[w]]
         rows.append(mid)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
-            "rounds": args.rounds, "command": " ".join([".venv/bin/python bench/server/batching_sweep.py", *sys.argv[1:]])}
+            "rounds": args.rounds, "server_cpus": args.server_cpus, "wrk_cpus": args.wrk_cpus,
+            "setup": os.environ.get("KILN_BENCH_SETUP", ""),
+            "command": " ".join([".venv/bin/python bench/server/batching_sweep.py", *sys.argv[1:]])}
     run.RESULTS.mkdir(exist_ok=True)
     (run.RESULTS / "batching_sweep.json").write_text(json.dumps({"meta": meta, "rows": rows, "all": rounds}, indent=1))
     text = render(rows, meta)
