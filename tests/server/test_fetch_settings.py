@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,43 +13,33 @@ import pytest
 from kiln_server import settings as settings_mod
 from kiln_server.fetch import FetchError, fetch, resolve_local
 from kiln_server.settings import SettingsError
+from support.httpfiles import QuietHandler, serving
 
 pytestmark = [pytest.mark.server, pytest.mark.usefixtures("loopback_fetch")]
 
 PAYLOAD = b"onnx-bytes" * 5000
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     flaky_left = 0
 
     def do_GET(self) -> None:
         if self.path == "/model.onnx":
-            self._send(200, PAYLOAD)
+            self.send(200, PAYLOAD)
         elif self.path == "/flaky.onnx":
             if _Handler.flaky_left > 0:
                 _Handler.flaky_left -= 1
-                self._send(503, b"busy")
+                self.send(503, b"busy")
             else:
-                self._send(200, PAYLOAD)
+                self.send(200, PAYLOAD)
         else:
-            self._send(404, b"not found")
-
-    def _send(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+            self.send(404, b"not found")
 
 
 @pytest.fixture(scope="module")
 def http_base() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(_Handler) as url:
+        yield url
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,16 +4,15 @@ them (loopback, plain http, no sha256), and each rule relaxed on its own lets ex
 from __future__ import annotations
 
 import hashlib
-import http.server
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kiln_server.fetch import FetchError, fetch
 from kiln_server.fetchguard import FetchRefused, check_url
+from support.httpfiles import QuietHandler, serving
 
 from kiln.netguard import FetchPolicy
 
@@ -25,12 +24,12 @@ LOOPBACK = FetchPolicy(allow_http=True, allow_private=True)
 """The opt-in these tests need to reach their own server at all: plain http to a loopback address."""
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     other_port = 0
 
     def do_GET(self) -> None:
         if self.path == "/model.onnx":
-            self._send(200, PAYLOAD)
+            self.send(200, PAYLOAD)
         elif self.path == "/same-host-redirect":
             self._redirect("/model.onnx")
         elif self.path == "/other-host-redirect":
@@ -45,7 +44,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(10 << 30))
             self.end_headers()
         else:
-            self._send(404, b"no")
+            self.send(404, b"no")
 
     def _redirect(self, where: str) -> None:
         self.send_response(302)
@@ -53,22 +52,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def _send(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serving(_Handler) as url:
+        yield url
 
 
 def test_loopback_opt_in_fetches(base: str, tmp_path: Path) -> None:
