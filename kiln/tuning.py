@@ -58,8 +58,13 @@ def set_path(spec: dict[str, Any], path: str, value: Any) -> None:
 
 
 def plan(tuning: Tuning, seed: int) -> list[dict[str, Any]]:
-    """The trials' parameter sets: every combination (grid) or `trials` random draws (10 unless given)."""
-    params: dict[str, Any] = tuning.parameters
+    """The trials' parameter sets: every combination (grid) or `trials` random draws (10 unless given).
+
+    The paths are taken in sorted order, not as written: the API server stores object keys sorted, so
+    a manifest's order never reaches the pods, and the list (trial numbers included) is the same in
+    `kiln train`, in the operator and in every trial pod.
+    """
+    params: dict[str, Any] = dict(sorted(tuning.parameters.items()))
     if not params:
         raise TuningError("tuning needs at least one parameter", f"{WHERE}.parameters")
     if tuning.algorithm == "grid":

@@ -57,7 +57,9 @@ def test_every_pod_computes_the_same_trial_list() -> None:
     given, given_seed = trial_plan(tj(random_spec, training={"seed": 7}))
     assert given_seed == 7 and given == tuning.plan(Tuning.from_dict(random_spec), 7)
     grid, _ = trial_plan(tj())
-    assert grid == [{"training.optimizer.learningRate": lr, "model.layers[0].units": u} for lr in (0.001, 0.01) for u in (4, 16)]
+    # Paths in sorted order (the API server stores keys sorted): the written order does not matter.
+    assert grid == [{"model.layers[0].units": u, "training.optimizer.learningRate": lr} for u in (4, 16) for lr in (0.001, 0.01)]
+    assert [list(p) for p in grid] == [["model.layers[0].units", "training.optimizer.learningRate"]] * 4
 
 
 def test_a_trial_value_the_schema_rejects_fails_before_any_pod() -> None:
