@@ -162,3 +162,16 @@ def test_forced_indexed_trials(api: Any, solo_operator: Any) -> None:
     assert (st["phase"], st["tuning"]["mode"], st["tuning"]["best"], st["tuning"]["failed"]) == ("Pending", "IndexedJob", 2, 1)
     assert st["tuning"]["trials"][0]["reason"] == "TrialFailed"
     assert st["tuning"]["trials"][0]["message"] == "spec.training.optimizer: training diverged"
+
+
+def test_trial_pods_are_held_to_the_admins_policy(api: Any, solo_operator: Any) -> None:
+    """The trials run the TrainingJob's spec: the policy check that guards the training Job guards them too."""
+    from support.cluster import OPEN_POLICY
+
+    op, ns = solo_operator
+    op.policy = {**OPEN_POLICY, "images": {"allowedPrefixes": ["kiln-trainer:"]}}
+    op.start()
+    create(api, ns, manifest("sneaky", tuning=GRID, image="elsewhere.example/miner:1"))
+    failed = wait_phase(api, ns, "sneaky", "Failed", "PolicyViolation")
+    assert "elsewhere.example/miner:1" in failed["status"]["message"]
+    assert not jobs(api, ns) and api.get("v1", "ServiceAccount", ns, "sneaky-trainer") is None

@@ -17,6 +17,7 @@ the best score so far) and printed; with parallel trials the operator writes `st
 
 from __future__ import annotations
 
+import random
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -48,10 +49,16 @@ def plan(tuning: Tuning, seed: int) -> list[dict[str, Any]]:
         raise SpecError(exc.message, exc.where) from exc
 
 
-def search_seed(job: Job) -> int:
-    """The seed every trial shares: the spec's, else one derived from the TrainingJob's uid (same in every pod)."""
+def search_seed(job: Job, parallel: bool) -> int:
+    """The seed every trial shares: the spec's, else one derived from the TrainingJob's uid (the same in every
+    pod); a file without a uid gets one drawn here, unless it runs a parallel trial (then its name's)."""
     given = job.typed.training.seed
-    return given if given is not None else core.derived_seed(str(job.doc.get("metadata", {}).get("uid") or job.name))
+    uid = str(job.doc.get("metadata", {}).get("uid") or "")
+    if given is not None:
+        return given
+    if uid or parallel:
+        return core.derived_seed(uid or job.name)
+    return random.SystemRandom().randrange(2**31)
 
 
 def _trial_job(job: Job, params: dict[str, Any], seed: int) -> Job:
@@ -85,9 +92,9 @@ def run(job: Job, train: TrainFn, output: str | None, progress: Any, cluster: An
     assert tuning is not None  # train() checked
     if cluster.multi_worker:
         raise SpecError("tuning runs each trial in one pod: set workers: 1", WHERE)
-    seed = search_seed(job)
-    trials = plan(tuning, seed)
     settings = TrainerSettings.from_env()
+    seed = search_seed(job, bool(settings.trial_index or settings.tuning_best))
+    trials = plan(tuning, seed)
     trial = _index(settings.trial_index, "KILN_TRIAL_INDEX", len(trials))
     if trial is not None:
         return run_trial(job, train, trials, trial, seed, cluster, strategy)
@@ -148,7 +155,7 @@ def _sequential(job: Job, train: TrainFn, trials: list[dict[str, Any]], seed: in
             raise SpecError(f"tuning metric {metric!r} is not among the run's metrics ({', '.join(metrics)})",
                             f"{WHERE}.metric")
         done.append({"trial": i, "parameters": params, "metrics": metrics, "score": metrics[metric]})
-        summary = core.summarize(tuning, done)
+        summary = {**core.summarize(tuning, done), "mode": "Sequential", "seed": seed, "total": len(trials)}
         best_so_far = f"trial {summary['best'] + 1}" if "best" in summary else "none finite"
         print(f"trial {i + 1}/{len(trials)} {params} {metric}={metrics[metric]:.4f} (best so far: {best_so_far})",
               flush=True)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kiln.policy import REASON as POLICY_VIOLATION
+from kiln.policy import describe
 from kiln.spec import TrainingJobSpec
-from kiln_operator import names
+from kiln_operator import names, policycheck
 from kiln_operator.conditions import fmt_time, now_utc
 from kiln_operator.runtime import Key, log, owned_by, post_event
 from kiln_operator.templating import RenderError
@@ -91,7 +93,14 @@ class Tuner:
 
     async def _start(self, key: Key, tj: dict[str, Any], source: dict[str, Any], mode: str, indices: list[int],
                      support: bool, total: int) -> bool:
-        """Create the trial Jobs for `indices` (with the trainer's account first, the first time); False if that failed."""
+        """Create the trial Jobs for `indices` (with the trainer's account first, the first time); False if that failed.
+
+        The first time, the admin's policy is checked as for the training Job: trial pods run the same spec."""
+        if support:
+            violations = await policycheck.check("TrainingJob", tj, self.c.settings.tenant_policy())
+            if violations:
+                await self.c.fail(key, tj, POLICY_VIOLATION, describe(violations))
+                return False
         try:
             children = build_trial_jobs(source, self.c.settings, mode, indices, support)
         except RenderError as exc:
