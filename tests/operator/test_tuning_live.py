@@ -175,3 +175,38 @@ def test_trial_pods_are_held_to_the_admins_policy(api: Any, solo_operator: Any) 
     failed = wait_phase(api, ns, "sneaky", "Failed", "PolicyViolation")
     assert "elsewhere.example/miner:1" in failed["status"]["message"]
     assert not jobs(api, ns) and api.get("v1", "ServiceAccount", ns, "sneaky-trainer") is None
+
+
+def test_a_killed_operator_resumes_the_search_without_a_second_job(api: Any, solo_operator: Any) -> None:
+    """SIGKILL between trials: the restarted operator rebuilds the search from the Jobs and pods, starts the next
+    trial, records every one once, and makes one training Job."""
+    op, ns = solo_operator
+    op.start()
+    spec = {**GRID, "parameters": {"model.layers[0].units": [4, 8, 16]}}  # 3 trials, 2 at once
+    create(api, ns, manifest("resume", tuning=spec, training={"seed": 5}))
+    plan = tuning.plan(Tuning.from_dict(spec), 5)
+
+    def trial_pod(index: int) -> dict[str, Any]:
+        return kubelet.wait_pods(ns, f"kiln.dev/trainingjob=resume,{TRIAL}={index}")[0]
+
+    def finish(pod: dict[str, Any], index: int) -> None:
+        kubelet.run(pod)
+        kubelet.succeed(pod, report(index, plan[index], "val_loss", [0.4, 0.3, 0.5][index]))
+
+    first, second = trial_pod(0), trial_pod(1)
+    finish(first, 0)
+    third = trial_pod(2)  # started as trial 0 finished
+    op.kill()  # trials 1 and 2 finish while no operator runs
+    finish(second, 1)
+    finish(third, 2)
+    op.start()
+    job = final_job(api, ns, "resume")
+    assert env_of(job)["KILN_TUNING_BEST"] == "1"
+    made = trial_jobs(api, ns)
+    assert sorted(j["metadata"]["name"] for j in made) == ["resume-trial-0", "resume-trial-1", "resume-trial-2"]
+    assert len(kubelet.pods(ns, f"kiln.dev/trainingjob=resume,{TRIAL}")) == 3, "one pod per trial: nothing re-run"
+    st = wait_phase(api, ns, "resume", "Pending")["status"]["tuning"]
+    assert [t["trial"] for t in st["trials"]] == [0, 1, 2] and st["best"] == 1
+    assert len([j for j in jobs(api, ns) if j["metadata"]["name"] == "resume-train"]) == 1
+    said = [e["message"].split()[1] for e in events(api, ns, "resume") if e["reason"] == "TrialSucceeded"]
+    assert len(said) == len(set(said)) and {"1", "2"} <= set(said), f"each trial's event at most once: {said}"

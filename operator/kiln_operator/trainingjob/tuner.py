@@ -60,9 +60,9 @@ class Tuner:
         mode = _mode_of(jobs) or trials.mode(c.settings)
         state = trials.progress(plan, spec.tuning.metric, spec, jobs, await self._pods(key, jobs))
         summary = trials.status(spec.tuning, mode, seed, state)
-        await self._announce(tj, summary)
+        news = _news(tj, summary)  # posted once status.tuning has them: a crash before the write re-posts none twice
         if state.done:
-            await self._finish(key, tj, source, summary)
+            await self._finish(key, tj, source, summary, news)
             return
         held = TrainingJobSpec.from_dict(tj.get("spec")).run_policy.suspend
         if held and not jobs:
@@ -80,6 +80,7 @@ class Tuner:
         if mode == JOB_PER_TRIAL:
             summary["running"] += len(start)
         await self._write(key, tj, summary, spec.tuning.parallelism, held)
+        await _announce(tj, news)
 
     async def _pods(self, key: Key, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The trial pods; listed from the API when a finished Job's pods are not in the cache yet (a restart)."""
@@ -121,19 +122,6 @@ class Tuner:
                              f"as {form} ({mode}: {trials.mode_reason(mode, self.c.settings)})")
         return True
 
-    async def _announce(self, tj: dict[str, Any], summary: dict[str, Any]) -> None:
-        """An event per trial that finished since the last status write."""
-        before = {t.get("trial") for t in ((tj["status"].get("tuning") or {}).get("trials") or [])}
-        for entry in summary["trials"]:
-            if entry["trial"] in before:
-                continue
-            if entry.get("phase") == "Failed":
-                await post_event(tj, "Warning", "TrialFailed",
-                                 f"trial {entry['trial']} {entry['parameters']}: {entry.get('reason')}: {entry.get('message')}")
-            else:
-                await post_event(tj, "Normal", "TrialSucceeded",
-                                 f"trial {entry['trial']} {entry['parameters']}: {summary['metric']}={entry['score']:.4g}")
-
     async def _write(self, key: Key, tj: dict[str, Any], summary: dict[str, Any], parallelism: int, held: bool) -> None:
         message = trials.message(summary, parallelism) + ("; spec.runPolicy.suspend: no new trials start" if held else "")
         now, generation = now_utc(), tj["metadata"].get("generation")
@@ -145,14 +133,15 @@ class Tuner:
             update["startTime"] = fmt_time(now)
         await self.c.writer.patch(key, {k: v for k, v in update.items() if tj["status"].get(k) != v}, tj)
 
-    async def _finish(self, key: Key, tj: dict[str, Any], source: dict[str, Any], summary: dict[str, Any]) -> None:
+    async def _finish(self, key: Key, tj: dict[str, Any], source: dict[str, Any], summary: dict[str, Any],
+                      news: list[tuple[str, str, str]]) -> None:
         """Every trial is done: fail if none succeeded, else create the training Job of the best one."""
         summary = {**summary, "running": 0}
+        await self.c.writer.patch(key, {"tuning": summary})
+        await _announce(tj, news)
         if "best" not in summary:
-            await self.c.writer.patch(key, {"tuning": summary})
             await self.c.fail(key, tj, "TuningFailed", trials.failure(summary))
             return
-        await self.c.writer.patch(key, {"tuning": summary})
         await post_event(tj, "Normal", "TuningFinished",
                          f"best trial {summary['best']} {summary['bestParameters']} {summary['metric']}={summary['bestScore']:.4g} "
                          f"of {summary['total']} ({summary['failed']} failed); training it for export")
@@ -170,6 +159,27 @@ class Tuner:
         await self.c.writer.patch(key, {"phase": "Suspended", "reason": "Suspended", "message": message,
                                         "conditions": conditions, "observedGeneration": generation}, tj)
         await post_event(tj, "Normal", "Suspended", "the trials are held back while spec.runPolicy.suspend is true")
+
+
+def _news(tj: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """An event (type, reason, message) per trial that finished since the last status write."""
+    before = {t.get("trial") for t in ((tj["status"].get("tuning") or {}).get("trials") or [])}
+    out: list[tuple[str, str, str]] = []
+    for entry in summary["trials"]:
+        if entry["trial"] in before:
+            continue
+        if entry.get("phase") == "Failed":
+            out.append(("Warning", "TrialFailed",
+                        f"trial {entry['trial']} {entry['parameters']}: {entry.get('reason')}: {entry.get('message')}"))
+        else:
+            out.append(("Normal", "TrialSucceeded",
+                        f"trial {entry['trial']} {entry['parameters']}: {summary['metric']}={entry['score']:.4g}"))
+    return out
+
+
+async def _announce(tj: dict[str, Any], news: list[tuple[str, str, str]]) -> None:
+    for event in news:
+        await post_event(tj, *event)
 
 
 def _recorded(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
