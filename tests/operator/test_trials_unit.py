@@ -177,6 +177,19 @@ def test_job_per_trial_outcomes_best_and_next() -> None:
     assert "2/4 trials finished (1 failed), 1 running, at most 2 at once" in text and "best so far: trial 0" in text
 
 
+def test_a_finished_trial_whose_job_is_gone_stays_finished() -> None:
+    """ttlSecondsAfterFinished (or a hand) removed trial 0's Job: status.tuning remembers it, it never runs again."""
+    doc = tj()
+    spec = TrainingJobSpec.from_dict(doc["spec"])
+    plan, _ = trial_plan(doc)
+    before = [{**report(0, plan, 0.4), "phase": "Succeeded"}]
+    jobs = [job("demo-trial-1", "j1", "1")]
+    state = trials.progress(plan, "val_loss", spec, jobs, [pod("p1", "j1", "Running", label="1")], before)
+    assert state.finished[0] == before[0] and state.started == {0, 1}
+    assert trials.to_start(state, len(plan), 2) == [2]
+    assert trials.progress(plan, "val_loss", spec, jobs, []).finished[0] is None, "without the record: not started"
+
+
 def test_the_metric_decides_and_failed_reports_never_win() -> None:
     plan = [{"x": i} for i in range(4)]
     entries = [{**report(0, plan, 0.5), "phase": "Succeeded"}, {**report(1, plan, 0.2), "phase": "Succeeded"},

@@ -136,9 +136,13 @@ def _failed_entry(index: int, params: dict[str, Any], pods: list[dict[str, Any]]
 
 
 def progress(plan: list[dict[str, Any]], metric: str, spec: TrainingJobSpec, jobs: list[dict[str, Any]],
-             pods: list[dict[str, Any]]) -> Progress:
+             pods: list[dict[str, Any]], recorded: list[dict[str, Any]] | None = None) -> Progress:
     """Each trial's outcome from its Job(s) and pods (caches); a trial is finished once a pod of it
-    succeeded, or its Job failed for good (the Indexed Job: every trial without a success)."""
+    succeeded, or its Job failed for good (the Indexed Job: every trial without a success).
+
+    `recorded` (status.tuning.trials as written before) keeps a finished trial finished once its Job is
+    gone (spec.runPolicy.ttlSecondsAfterFinished, or deleted by hand): it is never run again."""
+    known = {int(t["trial"]): t for t in recorded or [] if isinstance(t.get("trial"), int) and 0 <= t["trial"] < len(plan)}
     by_trial: dict[int, list[dict[str, Any]]] = {}
     for pod in pods:
         index = pod_trial(pod)
@@ -157,12 +161,14 @@ def progress(plan: list[dict[str, Any]], metric: str, spec: TrainingJobSpec, job
         trial_job = job_of.get(i)
         if ok is not None:
             finished.append(_entry(i, params, metric, ok))
+        elif i in known and (trial_job is None or not _label(trial_job).isdigit()):
+            finished.append(known[i])  # its Job (or, Indexed, its pods) went after it finished
         elif trial_job is not None and job_finished(trial_job) and _job_failed(trial_job):
             finished.append(_failed_entry(i, params, mine, spec, trial_job))
         else:
             finished.append(None)
             running += trial_job is not None and (str(i) == _label(trial_job) or any(_live(p) for p in mine))
-    return Progress(finished, running, set(job_of))
+    return Progress(finished, running, set(job_of) | set(known))
 
 
 def _label(obj: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ class Tuner:
             await c.fail(key, tj, "InvalidSpec", str(exc))
             return
         mode = _mode_of(jobs) or trials.mode(c.settings)
-        state = trials.progress(plan, spec.tuning.metric, spec, jobs, await self._pods(key, jobs))
+        before = (tj["status"].get("tuning") or {}).get("trials")
+        state = trials.progress(plan, spec.tuning.metric, spec, jobs, await self._pods(key, jobs), before)
         summary = trials.status(spec.tuning, mode, seed, state)
         news = _news(tj, summary)  # posted once status.tuning has them: a crash before the write re-posts none twice
         if state.done:
