@@ -39,7 +39,7 @@ from kiln.serverargs import serve_args
 from kiln.spec import ModelDeploymentSpec, ServingSpec, TrainingJobSpec
 
 LOCAL_FIELDS = {
-    "TrainingJob": {"dataset", "model", "training", "output", "deploy", "command", "storage"},
+    "TrainingJob": {"dataset", "model", "training", "tuning", "output", "deploy", "command", "storage"},
     "ModelDeployment": {"model", "modelName", "batching", "limits", "startupTimeoutSeconds", "workers", "storage"},
 }
 """The spec fields `kiln run` acts on (TrainingJob `command` is refused); any other field the user set is named."""
@@ -145,6 +145,8 @@ def cluster_only(manifests: list[Manifest], outputs: dict[str, Path | str]) -> l
             uri = (spec.get("output") or {}).get("uri")
             if uri and not _is_local(uri) and m.name in outputs and outputs[m.name] != uri:
                 fields.append(f"spec.output.uri (written to {outputs[m.name]})")
+            if int((spec.get("tuning") or {}).get("parallelism") or 1) > 1:
+                fields.append("spec.tuning.parallelism (the trials run one after another)")
         if (spec.get("storage") or {}).get("secretName"):
             fields.append("spec.storage.secretName (this shell's AWS_* variables are used)")
         if fields:

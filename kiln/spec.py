@@ -496,6 +496,7 @@ class Tuning(Model):
     """`spec.tuning`: `parameters` maps a spec path to a list of values or `{min, max, log}` (kiln_trainer.tuning)."""
 
     algorithm: str
+    parallelism: int
     trials: int | None
     metric: str
     parameters: dict[str, Any]

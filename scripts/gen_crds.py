@@ -388,9 +388,10 @@ TRAININGJOB_SPEC = obj(
             },
         ),
         "tuning": obj(
-            "Hyperparameter search: trials run one after another in the trainer pod (workers: 1), each recorded in status.tuning; the best is trained again and exported.",
+            "Hyperparameter search: trials run one after another in the trainer pod (workers: 1), or with parallelism > 1 as parallel pods; each is recorded in status.tuning; the best is trained again and exported.",
             {
                 "algorithm": s("string", "grid: every combination of the listed values; random: `trials` draws.", enum=["grid", "random"], default="grid"),
+                "parallelism": s("integer", "Trials run at once. 1: one after another in the trainer pod. More: one pod per trial, at most this many at a time (an Indexed Job where the cluster has them, else one Job per trial), then the best is trained in the training Job.", minimum=1, maximum=100, default=1),
                 "trials": s("integer", "random: number of trials (default 10); grid: an upper bound that must cover the grid.", minimum=1, maximum=1000),
                 "metric": s("string", "What picks the best trial: its last-epoch val_accuracy (highest) or val_loss (lowest).", enum=["val_accuracy", "val_loss"], default="val_loss"),
                 "parameters": {
@@ -493,15 +494,23 @@ TRAININGJOB_STATUS = obj(
         ),
         "deployment": s("string", "The ModelDeployment created from `spec.deploy`."),
         "tuning": obj(
-            "With spec.tuning: every finished trial and the best so far, patched by the trainer after each trial.",
+            "With spec.tuning: every finished trial and the best so far, patched after each trial (by the trainer, or by the operator for parallel trials).",
             {
                 "algorithm": s("string", "grid or random."),
                 "metric": s("string", "The metric that picks the best."),
+                "mode": s("string", "How the trials ran: Sequential (in the trainer pod), IndexedJob (one Indexed Job) or JobPerTrial (one Job per trial; API servers without Indexed Jobs).", enum=["Sequential", "IndexedJob", "JobPerTrial"]),
+                "seed": s("integer", "The seed every trial used."),
+                "total": s("integer", "Trials in the search."),
+                "running": s("integer", "Parallel trials: trials started and not finished."),
+                "failed": s("integer", "Parallel trials: trials that failed."),
                 "trials": arr("Finished trials in order.", obj("One trial.", {
                     "trial": s("integer", "Index, from 0."),
                     "parameters": {"type": "object", "description": "The values this trial used, by spec path.", "x-kubernetes-preserve-unknown-fields": True},
                     "metrics": number_map("Its last-epoch metrics, held-out ones included."),
                     "score": s("number", "Its value of the tuning metric."),
+                    "phase": s("string", "Parallel trials: Succeeded or Failed.", enum=["Succeeded", "Failed"]),
+                    "reason": s("string", "Why a trial failed, e.g. TrialFailed (its training failed for its values), OOMKilled, Error."),
+                    "message": s("string", "Detail for the reason."),
                 })),
                 "best": s("integer", "Index of the best trial so far."),
                 "bestScore": s("number", "Its score."),

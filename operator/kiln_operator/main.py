@@ -19,7 +19,7 @@ from kiln import GROUP, kube
 from kiln import settings as settings_reader
 from kiln.policy import PolicyError, load_policy_file
 from kiln_operator import metrics
-from kiln_operator.settings import Features, OperatorSettings, policy_from_env
+from kiln_operator.settings import TRIAL_MODES, Features, OperatorSettings, policy_from_env
 
 log = logging.getLogger("kiln.operator")
 
@@ -32,7 +32,8 @@ def detect_features(settings: OperatorSettings) -> Features:
     match = re.match(r"v?(\d+)\.(\d+)", git)
     minor = int(match.group(2)) if match and match.group(1) == "1" else 99
     groups = client.api_versions()
-    return Features(job_suspend=minor >= 21, indexed_jobs=minor >= 21, hpa_v2="autoscaling/v2" in groups, server_version=git)
+    return Features(job_suspend=minor >= 21, indexed_jobs=minor >= 21, indexed_trials=minor >= 22,
+                    hpa_v2="autoscaling/v2" in groups, server_version=git)
 
 
 def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> tuple[OperatorSettings, argparse.Namespace]:
@@ -49,6 +50,8 @@ def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> tup
     found["policy"] = load_policy_file(args.policy) if args.policy else policy_from_env(environ)
     if args.all_namespaces:
         found["namespaces"] = []
+    if found.get("trial_mode", "auto") not in TRIAL_MODES:
+        p.error(f"--trial-mode/KILN_TRIAL_MODE={found['trial_mode']!r}: use one of {', '.join(TRIAL_MODES)}")
     return OperatorSettings(**found), args
 
 

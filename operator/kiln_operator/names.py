@@ -17,6 +17,8 @@ ANNOTATION_TRAININGJOB = f"{GROUP}/trainingjob"
 ANNOTATION_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
 ANNOTATION_SPEC = f"{GROUP}/spec"
 """On the trainer's pod template: the TrainingJob as the trainer reads it (downward API file)."""
+LABEL_TRIAL = f"{GROUP}/trial"
+"""On a parallel trial's Job and pods: the trial's index, or `indexed` for the one Indexed Job of all trials."""
 LABEL_CREATED_BY = f"{GROUP}/created-by-trainingjob"
 MAX_NAME = 63
 
@@ -54,6 +56,16 @@ def job_name(tj: str) -> str:
     # Pods of an Indexed Job are named `<job>-<index>-<random>` and their hostname `<job>-<index>`
     # must stay a DNS label: keep room for the suffixes.
     return child(tj, "train", 52)
+
+
+def trials_job(tj: str) -> str:
+    """The Indexed Job of a TrainingJob's parallel trials (room for `-<index>-<random>` pod suffixes)."""
+    return child(tj, "trials", 52)
+
+
+def trial_job(tj: str, index: int) -> str:
+    """The Job of one parallel trial (API servers without Indexed Jobs)."""
+    return child(tj, f"trial-{index}", 57)
 
 
 def trainer_account(tj: str) -> str:

@@ -28,7 +28,7 @@ from kiln.schema import ManifestError
 from kiln_operator.modeldeployment.render import build_modeldeployment_preview
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError
-from kiln_operator.trainingjob.render import build_trainingjob
+from kiln_operator.trainingjob.trials import preview
 
 
 def policy_violations(kind: str, doc: dict[str, Any], policy: Policy, trainingjobs: dict[str, dict[str, Any]]) -> list[Violation]:
@@ -65,7 +65,7 @@ def render_documents(paths: list[str], settings: OperatorSettings, namespace: st
             raise ManifestError(f"{m.source}: {m.kind}/{m.name}: {REASON}: {describe(violations)}")
         try:
             if m.kind == "TrainingJob":
-                out += build_trainingjob(doc, settings)
+                out += preview(doc, settings)
             else:
                 out += build_modeldeployment_preview(doc, settings, trainingjobs)
         except RenderError as exc:

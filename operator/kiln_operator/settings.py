@@ -11,6 +11,9 @@ from kiln import settings as reader
 from kiln.policy import Policy, load_policy_env, load_policy_file
 from kiln.settings import option
 
+TRIAL_MODES = ("auto", "indexed", "jobs")
+"""The values of `trial_mode`."""
+
 
 @dataclass
 class Features:
@@ -20,6 +23,8 @@ class Features:
     """batch/v1 Job `spec.suspend` (Kubernetes 1.21+)."""
     indexed_jobs: bool = True
     """Job `completionMode: Indexed` (1.21+), needed for multi-worker training."""
+    indexed_trials: bool = True
+    """Indexed Jobs on by default (beta in 1.22): parallel trials (`spec.tuning.parallelism`) run as one Indexed Job."""
     hpa_v2: bool = True
     """`autoscaling/v2` HorizontalPodAutoscaler (1.23+)."""
     server_version: str = ""
@@ -79,6 +84,11 @@ class OperatorSettings:
     trainer_egress: list[str] = field(default_factory=list)
     """`CIDR:PORT` endpoints trainers may reach besides DNS (the API server, the S3 endpoint); when set (and
     network_policies), each TrainingJob gets an egress NetworkPolicy allowing only those."""
+    trial_mode: str = field(default="auto", metadata=option(
+        "--trial-mode", metavar="auto|indexed|jobs",
+        help="how parallel tuning trials run: auto (an Indexed Job on 1.22+, else one Job per trial), indexed, jobs"))
+    """How parallel trials (`spec.tuning.parallelism` > 1) run: `indexed` (one Indexed Job), `jobs` (one Job per
+    trial, at most `parallelism` at once) or `auto`: indexed where the API server has Indexed Jobs on by default (1.22+)."""
     max_workers: int = 50
     """Concurrent API connections of the handlers (aiohttp pool: this + 4), and threads for blocking calls."""
     features: Features = field(default_factory=Features)

@@ -122,7 +122,8 @@ def _doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
 def test_cluster_only_fields_are_named_and_defaults_are_not(tmp_path: Path) -> None:
     tj = {"dataset": {"uri": "pvc://data/d.csv"}, "model": {"inputShape": [4], "layers": [{"type": "Dense", "units": 3}]},
           "output": {"uri": "s3://bucket/out"}, "resources": {"cpu": "2"}, "workers": 2, "runPolicy": {"backoffLimit": 1},
-          "serviceAccountName": "sa", "deploy": {"replicas": 3, "batching": {"maxBatchSize": 4}, "service": {"port": 81}}}
+          "serviceAccountName": "sa", "deploy": {"replicas": 3, "batching": {"maxBatchSize": 4}, "service": {"port": 81}},
+          "tuning": {"parallelism": 3, "parameters": {"training.epochs": [1, 2]}}}
     md = {"model": {"trainingJob": "t"}, "autoscaling": {"maxReplicas": 3}, "scheduling": {"nodeSelector": {"a": "b"}},
           "limits": {"maxElements": 10}, "startupTimeoutSeconds": 30}
     quiet = {"model": {"uri": "m.onnx"}}  # replicas, progressDeadlineSeconds, ... only have their CRD defaults
@@ -137,7 +138,8 @@ def test_cluster_only_fields_are_named_and_defaults_are_not(tmp_path: Path) -> N
     named = local.cluster_only(manifests, {"t": tmp_path / "kiln-output" / "t"})
     assert named == [
         f"TrainingJob/t spec.resources, spec.workers, spec.runPolicy, spec.serviceAccountName, spec.deploy.replicas, "
-        f"spec.deploy.service, spec.output.uri (written to {tmp_path / 'kiln-output' / 't'})",
+        f"spec.deploy.service, spec.output.uri (written to {tmp_path / 'kiln-output' / 't'}), "
+        "spec.tuning.parallelism (the trials run one after another)",
         "ModelDeployment/m spec.autoscaling, spec.scheduling",
     ]
     with pytest.raises(ManifestError, match="unknown kind 'Notebook'"):

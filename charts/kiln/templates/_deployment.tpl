@@ -146,6 +146,8 @@ Environment of `kiln operator`: every setting as KILN_<FIELD> (operator/kiln_ope
   value: {{ $values.workloadImagePullPolicy | quote }}
 - name: KILN_RECONCILE_INTERVAL
   value: {{ $values.operator.reconcileInterval | toString | quote }}
+- name: KILN_TRIAL_MODE
+  value: {{ $values.operator.trialMode | quote }}
 - name: KILN_WATCH_SERVER_TIMEOUT
   value: {{ $values.operator.watchServerTimeout | int | toString | quote }}
 - name: KILN_WATCH_CLIENT_TIMEOUT

@@ -29,6 +29,8 @@ RESULT = "result.json"
 ARTIFACTS = (RESULT, "model.onnx", "model-int8.onnx", "model.tflite", "model-int8.tflite", "model.keras", "model.h5",
              "metrics.json", "history.json", "training-curves.png", "data-report.json", "labels.json",
              "explanations.json", "explanations.png", "tuning.json")
+TRIAL_KEYS = ("trial", "parameters", "metrics", "score", "error", "field")
+"""The termination message of one parallel trial's pod (kiln_trainer.tuning.run_trial)."""
 RESULT_KEYS = ("metrics", "modelUri", "onnxSha256", "parityMaxAbsDiff", "inputs", "outputs", "formats", "topFeatures")
 TERMINATION_LIMIT = 4096
 SCRATCH_PREFIX = "kiln-out-"
@@ -199,8 +201,8 @@ def termination_path(env: dict[str, str] | None = None) -> Path | None:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """The termination message: exactly the `status.result` keys, trimmed to stay under 4 KB."""
-    out = {k: result[k] for k in RESULT_KEYS if k in result}
+    """The termination message: exactly the `status.result` keys (a trial's report for a trial), under 4 KB."""
+    out = {k: result[k] for k in (TRIAL_KEYS if "trial" in result else RESULT_KEYS) if k in result}
     text = json.dumps(out, separators=(",", ":"))
     if len(text) >= TERMINATION_LIMIT:
         out["formats"] = [{k: f[k] for k in ("format", "file", "sha256") if k in f} for f in out.get("formats", [])]

@@ -147,11 +147,12 @@ def _check_finite(history: dict[str, list[float]]) -> None:
 
 def train(job: Job, output: str | None = None, progress: ProgressFn | None = None,
           cluster: distributed.Cluster | None = None, strategy: Any = None,
-          tuning_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+          tuning_summary: dict[str, Any] | None = None, patch_progress: bool = True) -> dict[str, Any]:
     """Train the built-in model of `job` and write its outputs; returns the result (as in result.json).
 
     With `spec.tuning` this runs the search (tuning.py), which calls back here once per trial and
-    once more for the best one (`tuning_summary` is then written next to the model as tuning.json).
+    once more for the best one (`tuning_summary` is then written next to the model as tuning.json);
+    a parallel trial's pod trains with `patch_progress=False` (the pods would overwrite each other's progress).
     """
     import keras
     import tensorflow as tf
@@ -192,7 +193,7 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
             storage.rmtree_quiet(out.logs)
         if resumed:
             print(f"resuming from checkpoint: {start} of {epochs} epochs done", flush=True)
-        reporter = ProgressReporter(epochs, StatusPatcher.from_env(), progress, cluster.chief,
+        reporter = ProgressReporter(epochs, StatusPatcher.from_env() if patch_progress else None, progress, cluster.chief,
                                     prefix="" if cluster.chief else f"[worker {cluster.index}] ")
         callbacks, ckpt = _callbacks(tr_spec, resumed, out, digest, seed, fitted, reporter)
         if start < epochs and not (resumed and resumed.stopped):

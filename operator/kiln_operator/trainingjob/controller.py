@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import kopf
-import yaml
 
 from kiln import API_VERSION, GROUP, VERSION, kube
 from kiln.kube import ApiError
@@ -35,8 +34,10 @@ from kiln_operator.podstatus import pod_phase
 from kiln_operator.runtime import Cache, Coalescer, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError
+from kiln_operator.trainingjob import trials
 from kiln_operator.trainingjob.render import build_deployment, build_trainingjob
-from kiln_operator.trainingjob.status import HELD_BACK_MESSAGE, TERMINAL, conditions_for, derive, job_finished
+from kiln_operator.trainingjob.status import HELD_BACK_MESSAGE, TERMINAL, conditions_for, derive, job_finished, recorded_spec
+from kiln_operator.trainingjob.tuner import Tuner
 
 PLURAL = "trainingjobs"
 Outcome = tuple[dict[str, Any], bool] | ApiError
@@ -49,9 +50,10 @@ def slim_job(body: Any) -> dict[str, Any]:
     template_annotations = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
     return {
         "metadata": {"name": meta.get("name"), "uid": meta.get("uid"),
+                     "labels": {k: v for k, v in (meta.get("labels") or {}).items() if k == names.LABEL_TRIAL},
                      "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or [])),
                      "deletionTimestamp": meta.get("deletionTimestamp")},
-        "spec": {k: spec.get(k) for k in ("suspend", "backoffLimit", "completions")},
+        "spec": {k: spec.get(k) for k in ("suspend", "backoffLimit", "completions", "parallelism", "completionMode")},
         "status": copy.deepcopy(dict(body.get("status") or {})),
         # The TrainingJob spec this Job was made from: what a later edit is compared with.
         "specDocument": template_annotations.get(names.ANNOTATION_SPEC),
@@ -68,23 +70,12 @@ def changed_fields(old: Any, new: Any, prefix: str = "spec") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def recorded_spec(job: dict[str, Any]) -> dict[str, Any] | None:
-    """The spec stored on the Job at creation (None for Jobs made without one)."""
-    document = job.get("specDocument")
-    if not document:
-        return None
-    try:
-        loaded = yaml.safe_load(document)
-    except yaml.YAMLError:
-        return None
-    return loaded.get("spec") if isinstance(loaded, dict) else None
-
-
 def slim_pod(body: Any) -> dict[str, Any]:
     meta = body.get("metadata") or {}
     return {
         "metadata": {"name": meta.get("name"), "uid": meta.get("uid"), "creationTimestamp": meta.get("creationTimestamp"),
                      "deletionTimestamp": meta.get("deletionTimestamp"),
+                     "labels": {k: v for k, v in (meta.get("labels") or {}).items() if k == names.LABEL_TRIAL},
                      "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("batch.kubernetes.io")},
                      "ownerReferences": copy.deepcopy(list(meta.get("ownerReferences") or []))},
         "status": copy.deepcopy(dict(body.get("status") or {})),
@@ -105,6 +96,7 @@ class TrainingJobController:
         """When this process created each TrainingJob's Job: until its watch event arrives, it is not 'missing'."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
         self.coalescer = Coalescer(self.reconcile_key)
+        self.tuner = Tuner(self)
 
     def wanted(self, namespace: str | None, **_: Any) -> bool:
         return self.settings.handles(namespace)
@@ -182,9 +174,12 @@ class TrainingJobController:
             tj = self.writer.view(key, body)
             uid = tj["metadata"].get("uid")
             status = tj["status"]
-            job = next((j for j in self.jobs.get(key) if owned_by(j, uid)), None)
+            job = next((j for j in self.jobs.get(key) if owned_by(j, uid) and not trials.is_trial(j)), None)
             job_name = status.get("jobName")
             if status.get("phase") not in TERMINAL and job is None:
+                if not job_name and trials.parallel(TrainingJobSpec.from_dict(tj.get("spec"))):
+                    await self.tuner.reconcile(key, tj)
+                    return
                 if not job_name:
                     await self.ensure_children(key, tj)
                     return
@@ -214,11 +209,15 @@ class TrainingJobController:
         if job and job_finished(job) and not any(pod_phase(p) in ("Succeeded", "Failed") for p in job_pods):
             # The Job says it finished but its finished pod has not reached the watch cache yet (an
             # operator restart refills caches stream by stream): read the pods, for the real reason.
-            listed = await kube.api().list_objects("v1", "Pod", key[0], f"{names.LABEL_TRAININGJOB}={names.label_value(key[1])}")
-            for pod in listed:
-                self.pods.update("ADDED", key, slim_pod(pod))
+            await self.refill_pods(key)
             job_pods = [p for p in self.pods.get(key) if owned_by(p, job_uid)]
         return job_pods
+
+    async def refill_pods(self, key: Key) -> None:
+        """List the TrainingJob's pods into the cache (a finished Job's pod missing there: an operator restart)."""
+        listed = await kube.api().list_objects("v1", "Pod", key[0], f"{names.LABEL_TRAININGJOB}={names.label_value(key[1])}")
+        for pod in listed:
+            self.pods.update("ADDED", key, slim_pod(pod))
 
     async def _follow(self, key: Key, body: dict[str, Any], tj: dict[str, Any], job: dict[str, Any] | None) -> None:
         """Derive the status from the Job and its pods, write it, and deploy the model once it succeeded."""
@@ -258,8 +257,12 @@ class TrainingJobController:
         await post_event(tj, "Warning", reason, message)
 
     # -------------------------------------------------------------------------------- children
-    async def ensure_children(self, key: Key, tj: dict[str, Any]) -> None:
-        """Create the ServiceAccount, Role, RoleBinding (and workers' Service) and the Job (caller holds the lock)."""
+    async def ensure_children(self, key: Key, tj: dict[str, Any], source: dict[str, Any] | None = None,
+                              tuning_best: int | None = None) -> None:
+        """Create the ServiceAccount, Role, RoleBinding (and workers' Service) and the Job (caller holds the lock).
+
+        After a parallel search, `source` is the TrainingJob as its trials ran (their recorded spec) and
+        `tuning_best` the trial the Job trains for export."""
         if TrainingJobSpec.from_dict(tj.get("spec")).run_policy.suspend and not self.features.job_suspend:
             # No Job suspend on this API server: hold the Job back until the user resumes.
             if tj["status"].get("phase") != "Suspended":
@@ -275,12 +278,28 @@ class TrainingJobController:
             await self.fail(key, tj, POLICY_VIOLATION, describe(violations))
             return
         try:
-            children = build_trainingjob(tj, self.settings)
+            children = build_trainingjob(source or tj, self.settings, tuning_best)
         except RenderError as exc:
             await self.fail(key, tj, "InvalidSpec", str(exc))
             return
-        outcomes = await create_in_stages(children, tj["metadata"].get("uid"))
+        created = await self.create_children(key, tj, children)
+        if created is None:
+            return
         job_name, job_created = "", False
+        for obj, made in created:
+            if obj["kind"] == "Job":
+                job_name, job_created = obj["metadata"]["name"], made
+                self.created[key] = time.monotonic()
+        await self.record_created(key, tj, job_name)
+        if job_created:
+            log.info("%s/%s: created Job %s", key[0], key[1], job_name)
+            await post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
+
+    async def create_children(self, key: Key, tj: dict[str, Any],
+                              children: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]] | None:
+        """Create `children` in stages; [(object, created now?)] once all are ours, else None (failed or retried)."""
+        outcomes = await create_in_stages(children, tj["metadata"].get("uid"))
+        out: list[tuple[dict[str, Any], bool]] = []
         for obj, outcome in zip(children, outcomes, strict=True):
             if isinstance(outcome, ApiError) and outcome.status == 0:
                 continue  # not attempted: an earlier stage failed and is reported below
@@ -288,7 +307,7 @@ class TrainingJobController:
                 message = f"could not create {obj['kind']} {obj['metadata']['name']}: {kube.error_message(outcome)}"
                 if outcome.status in (400, 422):
                     await self.fail(key, tj, "JobCreationFailed", message)
-                    return
+                    return None
                 await post_event(tj, "Warning", "CreateFailed", message)
                 raise kopf.TemporaryError(message, delay=5) from outcome
             existing, made = outcome
@@ -300,14 +319,9 @@ class TrainingJobController:
                 await self.fail(key, tj, "OwnershipConflict", f"{obj['kind']} {obj['metadata']['name']} already exists and "
                                 "is not owned by this TrainingJob; nothing else was created (rename the TrainingJob or "
                                 "delete that object)")
-                return
-            if obj["kind"] == "Job":
-                job_name, job_created = obj["metadata"]["name"], made
-                self.created[key] = time.monotonic()
-        await self.record_created(key, tj, job_name)
-        if job_created:
-            log.info("%s/%s: created Job %s", key[0], key[1], job_name)
-            await post_event(tj, "Normal", "JobCreated", f"created Job {job_name}")
+                return None
+            out.append((obj, made))
+        return out
 
     async def record_created(self, key: Key, tj: dict[str, Any], job_name: str) -> None:
         status, spec = tj["status"], TrainingJobSpec.from_dict(tj.get("spec"))
@@ -325,8 +339,11 @@ class TrainingJobController:
         await self.writer.patch(key, {k: v for k, v in update.items() if status.get(k) != v}, tj)
 
     # -------------------------------------------------------------------------------- spec edits
-    async def spec_changed(self, key: Key, tj: dict[str, Any], job: dict[str, Any] | None) -> None:
-        """A spec edit after the Job exists: suspend/resume is applied, anything else is flagged (caller holds the lock)."""
+    async def spec_changed(self, key: Key, tj: dict[str, Any], job: dict[str, Any] | None, apply_suspend: bool = True) -> None:
+        """A spec edit after the Job exists: suspend/resume is applied, anything else is flagged (caller holds the lock).
+
+        `apply_suspend=False` (trial Jobs): a suspend edit is accepted but not patched onto the Job; the
+        tuner reads it and starts no new trials."""
         spec, status = tj.get("spec") or {}, tj["status"]
         generation = tj["metadata"].get("generation")
         original = recorded_spec(job) if job else None
@@ -335,7 +352,8 @@ class TrainingJobController:
         conditions = stamp(status.get("conditions") or [], generation)
         update: dict[str, Any] = {"observedGeneration": generation, "conditions": conditions}
         if all(f.startswith("spec.runPolicy.suspend") for f in fields) and job is not None and status.get("phase") not in TERMINAL:
-            await self._apply_suspend(key, tj, job)
+            if apply_suspend:
+                await self._apply_suspend(key, tj, job)
             ignored = next((c for c in conditions if c.get("type") == "SpecChangeIgnored"), None)
             if ignored is not None and ignored.get("status") == "True":
                 update["conditions"] = set_condition(conditions, "SpecChangeIgnored", "False", "SpecMatchesJob",

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kiln import API_VERSION, DEFAULT_OUTPUT_DIR, GROUP
+from kiln import API_VERSION, DEFAULT_OUTPUT_DIR, GROUP, schema, tuning
 from kiln.spec import TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
@@ -69,12 +69,18 @@ def check_trainingjob(tj: dict[str, Any], features: Features) -> None:
             raise RenderError("spec.output.uri", "required in a cluster: pvc://CLAIM/PATH or s3://BUCKET/PREFIX")
     if output_uri and output_uri.split("://")[0] not in ("pvc", "s3") :
         raise RenderError("spec.output.uri", f"{output_uri!r}: a cluster needs pvc:// or s3:// (the pod's filesystem is temporary)")
+    if spec.tuning is not None and spec.tuning.parallelism > 1:
+        if spec.command:
+            raise RenderError("spec.tuning.parallelism", "parallel trials need the built-in trainer (spec.command is set)")
+        if spec.workers > 1:
+            raise RenderError("spec.tuning.parallelism", "each parallel trial runs in one pod: set spec.workers: 1")
     if spec.workers > 1 and not features.indexed_jobs:
         version = features.server_version or "older"
         raise RenderError("spec.workers", f"more than 1 worker needs Indexed Jobs (Kubernetes 1.21+); the API server is {version}")
 
 
-def _env(spec: TrainingJobSpec, name: str, namespace: str, output_dir: str) -> list[dict[str, Any]]:
+def _env(spec: TrainingJobSpec, name: str, namespace: str, output_dir: str,
+         tuning_best: int | None = None) -> list[dict[str, Any]]:
     """The trainer's environment: HOME/TMPDIR on the writable /tmp, the user's env, then Kiln's contract."""
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "TMPDIR", "value": "/tmp"}]
     env += storage_env(spec.storage)
@@ -88,6 +94,8 @@ def _env(spec: TrainingJobSpec, name: str, namespace: str, output_dir: str) -> l
         {"name": "KILN_PVC_ROOT", "value": PVC_ROOT},
         {"name": "KILN_TERMINATION_LOG", "value": "/dev/termination-log"},
     ]
+    if tuning_best is not None:  # the parallel search is over: train its best trial for export
+        env.append({"name": "KILN_TUNING_BEST", "value": str(tuning_best)})
     if spec.workers > 1:
         job, service = names.job_name(name), names.workers_service(name)
         hosts = ",".join(f"{job}-{i}.{service}.{namespace}.svc:{WORKER_PORT}" for i in range(spec.workers))
@@ -127,8 +135,8 @@ def egress_rules(entries: list[str], selector: dict[str, str], workers: int) -> 
     return rules
 
 
-def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    """Everything the TrainingJob templates need, computed once."""
+def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings, tuning_best: int | None = None) -> dict[str, Any]:
+    """Everything the TrainingJob templates need, computed once (`tuning_best`: the final run of a parallel search)."""
     raw = copy.deepcopy(tj.get("spec") or {})
     spec = TrainingJobSpec.from_dict(raw)
     name, namespace = tj["metadata"]["name"], tj["metadata"].get("namespace") or "default"
@@ -155,6 +163,10 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
         "restart_policy": spec.run_policy.restart_policy,
         "suspend": spec.run_policy.suspend or bool(queue),
         "workers": spec.workers,
+        "indexed": spec.workers > 1,
+        "completions": spec.workers,
+        "parallelism": spec.workers,
+        "backoff_limit": spec.run_policy.backoff_limit,
         "worker_port": WORKER_PORT,
         "scheduling": spec.scheduling,
         "tolerations": tolerations(spec),
@@ -163,7 +175,7 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
         "image_pull_secrets": [s.to_dict() for s in spec.image_pull_secrets or []],
         "command": BYO_COMMAND + spec.command if spec.command else list(TRAINER_COMMAND),
         "args": list(spec.args or []),
-        "env": _env(spec, name, namespace, output_dir),
+        "env": _env(spec, name, namespace, output_dir, tuning_best),
         "resources": resources(spec),
         "pod_security_context": POD_SECURITY_CONTEXT,
         "container_security_context": CONTAINER_SECURITY_CONTEXT,
@@ -180,10 +192,8 @@ def trainingjob_context(tj: dict[str, Any], settings: OperatorSettings) -> dict[
     }
 
 
-def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
-    """All children of a TrainingJob, in creation order (the Job last, once what it mounts exists)."""
-    check_trainingjob(tj, settings.features)
-    ctx = trainingjob_context(tj, settings)
+def _support(ctx: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """What the trainer's pods need before they start: their account and role, the workers' Service, egress."""
     out: list[dict[str, Any]] = []
     if ctx["create_account"]:
         out += render_template("trainingjob-rbac.json.j2", **ctx)
@@ -191,7 +201,74 @@ def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings) -> list[di
         out += render_template("trainingjob-service.yaml.j2", **ctx)
     if settings.network_policies and settings.trainer_egress:
         out += render_template("trainingjob-networkpolicy.yaml.j2", **ctx)
-    out += render_template("trainingjob-job.json.j2", **ctx)
+    return out
+
+
+def build_trainingjob(tj: dict[str, Any], settings: OperatorSettings, tuning_best: int | None = None) -> list[dict[str, Any]]:
+    """All children of a TrainingJob, in creation order (the Job last, once what it mounts exists).
+
+    `tuning_best`: after a parallel search, the training Job trains that trial (KILN_TUNING_BEST) for export.
+    """
+    check_trainingjob(tj, settings.features)
+    ctx = trainingjob_context(tj, settings, tuning_best)
+    return [*_support(ctx, settings), *render_template("trainingjob-job.json.j2", **ctx)]
+
+
+INDEXED_TRIALS, JOB_PER_TRIAL = "IndexedJob", "JobPerTrial"
+"""The two ways parallel trials run (`status.tuning.mode`; the sequential search is `Sequential`)."""
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
+
+def trial_plan(tj: dict[str, Any], validate: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """The trials' parameter sets and their shared seed, as every trial pod computes them; RenderError naming the field.
+
+    With `validate` (before the first trial starts) each trial's spec is checked against the CRD, so a
+    value the schema rejects fails the TrainingJob before any pod starts (not N pods later).
+    """
+    spec = TrainingJobSpec.from_dict(tj.get("spec"))
+    assert spec.tuning is not None
+    seed = spec.training.seed if spec.training.seed is not None else tuning.derived_seed(str(tj["metadata"].get("uid") or ""))
+    try:
+        trials = tuning.plan(spec.tuning, seed)
+        for params in trials if validate else []:
+            doc = {"apiVersion": API_VERSION, "kind": "TrainingJob", "metadata": {"name": tj["metadata"]["name"]},
+                   "spec": tuning.trial_spec(tj.get("spec") or {}, params, seed)}
+            problems = schema.errors(doc)
+            if problems:
+                raise RenderError(tuning.WHERE, f"trial {params}: {problems[0].path}: {problems[0].message}")
+    except tuning.TuningError as exc:
+        raise RenderError(exc.where, exc.message) from exc
+    return trials, seed
+
+
+def build_trial_jobs(tj: dict[str, Any], settings: OperatorSettings, mode: str, indices: list[int],
+                     support: bool) -> list[dict[str, Any]]:
+    """The Jobs of parallel trials: one Indexed Job of every trial (`indices` = all), or one Job per index.
+
+    Every pod gets the same spec document (with `spec.tuning`) and its trial number in KILN_TRIAL_INDEX:
+    a literal for a Job per trial, the completion index for the Indexed Job. `support` adds the
+    account, role and egress policy first (the trainer's, shared by every trial).
+    """
+    check_trainingjob(tj, settings.features)
+    ctx = trainingjob_context(tj, settings)
+    spec = TrainingJobSpec.from_dict(tj.get("spec"))
+    assert spec.tuning is not None
+    out = _support(ctx, settings) if support else []
+    base = {**ctx, "suspend": bool(spec.scheduling.queue_name)}  # spec.runPolicy.suspend holds trials back in the operator
+    if mode == INDEXED_TRIALS:
+        # Pre-1.28 Indexed Jobs share one backoffLimit across indexes: give every trial the spec's retries.
+        index_from: dict[str, Any] = {"valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}}
+        jobs = [(names.trials_job(ctx["trainingjob"]), "indexed", index_from,
+                 {"indexed": True, "completions": len(indices), "parallelism": spec.tuning.parallelism,
+                  "backoff_limit": (spec.run_policy.backoff_limit + 1) * len(indices) - 1})]
+    else:
+        jobs = [(names.trial_job(ctx["trainingjob"], i), str(i), {"value": str(i)},
+                 {"indexed": False, "completions": 1, "parallelism": 1}) for i in indices]
+    for job_name, label, index_env, shape in jobs:
+        labels = {**ctx["labels"], names.LABEL_TRIAL: label}
+        out += render_template("trainingjob-job.json.j2", **{
+            **base, **shape, "job": job_name, "job_labels": {**ctx["job_labels"], names.LABEL_TRIAL: label},
+            "pod_labels": labels, "env": [*ctx["env"], {"name": "KILN_TRIAL_INDEX", **index_env}]})
     return out
 
 

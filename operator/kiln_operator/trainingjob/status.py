@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import yaml
+
 from kiln.spec import TrainingJobSpec
 from kiln_operator.conditions import fmt_time, now_utc, parse_time, set_all
 from kiln_operator.podstatus import START_FAILURES, pod_phase, problems, statuses, termination_summary, waits_for_gpu
@@ -37,6 +39,18 @@ class Derived:
     """The Job must go (pod could not start within startTimeoutSeconds)."""
     event: tuple[str, str, str] | None = None
     """(type, reason, message) of the transition, when phase or reason changed."""
+
+
+def recorded_spec(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The spec stored on the (slim) Job at creation (None for Jobs made without one)."""
+    document = job.get("specDocument")
+    if not document:
+        return None
+    try:
+        loaded = yaml.safe_load(document)
+    except yaml.YAMLError:
+        return None
+    return loaded.get("spec") if isinstance(loaded, dict) else None
 
 
 def pod_failure(pod: dict[str, Any], spec: TrainingJobSpec) -> tuple[str, str] | None:
