@@ -121,24 +121,38 @@ def _median_phases(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {k: round(statistics.median(r[key].get(k, 0.0) for r in runs), 3) for k in names}
 
 
-def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    kiln, plain = [r["kiln"] for r in rounds], [r["plain"] for r in rounds]
-
+def _ratios(kiln: list[dict[str, Any]], plain: list[dict[str, Any]], key: str) -> dict[str, Any]:
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 3)
 
-    out: dict[str, Any] = {}
-    for key in ("wall", "cpu"):
-        ratio = [k[key] / p[key] for k, p in zip(kiln, plain, strict=True)]
-        ratio_a = [_scope_a(k, key) / p[key] for k, p in zip(kiln, plain, strict=True)]
-        export = [k[key] - _scope_a(k, key) for k in kiln]
-        out[key] = {
-            "kilnMedian": med([k[key] for k in kiln]), "plainMedian": med([p[key] for p in plain]),
-            "ratioWhole": med(ratio), "ratioTrainToSaved": med(ratio_a), "exportAndParitySeconds": med(export),
-            "ratioWholeRounds": [round(r, 3) for r in ratio], "ratioTrainToSavedRounds": [round(r, 3) for r in ratio_a],
-        }
-    out["kilnPhases"] = {"wall": _median_phases(kiln, "phases"), "cpu": _median_phases(kiln, "cpuPhases")}
-    out["plainPhases"] = {"wall": _median_phases(plain, "phases"), "cpu": _median_phases(plain, "cpuPhases")}
+    ratio = [k[key] / p[key] for k, p in zip(kiln, plain, strict=True)]
+    ratio_a = [_scope_a(k, key) / p[key] for k, p in zip(kiln, plain, strict=True)]
+    beyond_fit = [(k[key] - k[_PH[key]].get("fit", 0.0)) - (p[key] - p[_PH[key]].get("fit", 0.0))
+                  for k, p in zip(kiln, plain, strict=True)]
+    return {
+        "kilnMedian": med([k[key] for k in kiln]), "plainMedian": med([p[key] for p in plain]),
+        "ratioWhole": med(ratio), "ratioTrainToSaved": med(ratio_a),
+        "exportAndParitySeconds": med([k[key] - _scope_a(k, key) for k in kiln]),
+        "fitKilnMinusPlain": med([k[_PH[key]].get("fit", 0.0) - p[_PH[key]].get("fit", 0.0)
+                                  for k, p in zip(kiln, plain, strict=True)]),
+        "outsideFitKilnMinusPlain": med(beyond_fit),
+        "ratioWholeRounds": [round(r, 3) for r in ratio], "ratioTrainToSavedRounds": [round(r, 3) for r in ratio_a],
+    }
+
+
+_PH = {"wall": "phases", "cpu": "cpuPhases"}
+
+
+def _summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per side medians and paired (same round) ratios; `before` is the baseline checkout when given."""
+    sides = {name: [r[name] for r in rounds] for name in ("kiln", "plain", "before") if name in rounds[0]}
+    out: dict[str, Any] = {key: _ratios(sides["kiln"], sides["plain"], key) for key in ("wall", "cpu")}
+    if "before" in sides:
+        out["before"] = {key: _ratios(sides["before"], sides["plain"], key) for key in ("wall", "cpu")}
+        out["kilnOverBefore"] = {key: round(statistics.median(k[key] / b[key] for k, b in zip(
+            sides["kiln"], sides["before"], strict=True)), 3) for key in ("wall", "cpu")}
+    for name, runs in sides.items():
+        out[f"{name}Phases"] = {"wall": _median_phases(runs, "phases"), "cpu": _median_phases(runs, "cpuPhases")}
     return out
 
 
@@ -156,29 +170,34 @@ def _prepare(work: Path, rows: int, epochs: int) -> None:
     (work / "plain-out").mkdir()
 
 
-def _commands(work: Path, epochs: int, pin: list[str], variant: str) -> dict[str, list[str]]:
+def _commands(work: Path, epochs: int, pin: list[str], variant: str, baseline: bool) -> dict[str, list[str]]:
     """`kiln train` on the example manifest and the plain script; `seeded`: both fix seed 7 (kiln then turns
-    TensorFlow op determinism on, so the plain script does too), `unseeded`: neither does."""
+    TensorFlow op determinism on, so the plain script does too), `unseeded`: neither does. `before`: the
+    same `kiln train` with --baseline's sources first on PYTHONPATH (an earlier checkout)."""
     seed = ["7"] if variant == "seeded" else []
-    return {"kiln": [*pin, sys.executable, "-m", "kiln.cli", "train", str(work / f"{variant}.yaml"),
-                     "--output", str(work / "out")],
-            "plain": [*pin, sys.executable, str(work / "plain.py"), str(work / "data.npz"), str(epochs),
-                      str(work / "plain-out"), *seed]}
+    kiln = [*pin, sys.executable, "-m", "kiln.cli", "train", str(work / f"{variant}.yaml"), "--output", str(work / "out")]
+    cmds = {"kiln": kiln, "plain": [*pin, sys.executable, str(work / "plain.py"), str(work / "data.npz"), str(epochs),
+                                    str(work / "plain-out"), *seed]}
+    if baseline:
+        cmds["before"] = kiln
+    return cmds
 
 
-def _round(i: int, cmds: dict[str, dict[str, list[str]]], env: dict[str, str]) -> dict[str, Any]:
-    """One round: per variant a kiln/plain pair back to back; the order of sides and variants alternates."""
+def _round(i: int, cmds: dict[str, dict[str, list[str]]], envs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """One round: per variant the sides back to back; the order of sides rotates and of variants alternates."""
     one: dict[str, Any] = {"loadBefore": os.getloadavg()}
     variants = list(cmds) if i % 2 == 0 else list(cmds)[::-1]
     for variant in variants:
-        order = ["kiln", "plain"] if i % 2 == 0 else ["plain", "kiln"]
+        sides = list(cmds[variant])
+        shift = i % len(sides)
+        order = sides[shift:] + sides[:shift]
         pair: dict[str, Any] = {"order": order}
         for name in order:
-            pair[name] = _run(cmds[variant][name], env)
+            pair[name] = _run(cmds[variant][name], envs[name])
         one[variant] = pair
-        print(f"round {i + 1} {variant} ({' then '.join(order)}): kiln {pair['kiln']['wall']:.1f}s wall "
-              f"{pair['kiln']['cpu']:.1f}s cpu, plain {pair['plain']['wall']:.1f}s wall {pair['plain']['cpu']:.1f}s cpu, "
-              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        print(f"round {i + 1} {variant} ({' then '.join(order)}): " + ", ".join(
+            f"{n} {pair[n]['wall']:.1f}s wall {pair[n]['cpu']:.1f}s cpu" for n in sides)
+            + f", load {os.getloadavg()[0]:.2f}", flush=True)
     one["loadAfter"] = os.getloadavg()
     return one
 
@@ -190,6 +209,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cpu", default="1", help="taskset CPU list both sides run on ('' to not pin)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="seeded, unseeded or both (comma-separated)")
+    p.add_argument("--baseline", help="PYTHONPATH of an earlier checkout's kiln_trainer: adds side `before`")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "train_overhead.json"))
     a = p.parse_args()
 
@@ -200,13 +220,14 @@ def main() -> None:
     variants = [v for v in a.variants.split(",") if v]
     if not variants or any(v not in VARIANTS for v in variants):
         raise SystemExit(f"--variants: pick from {', '.join(VARIANTS)}")
-    cmds = {v: _commands(work, a.epochs, pin, v) for v in variants}
+    cmds = {v: _commands(work, a.epochs, pin, v, bool(a.baseline)) for v in variants}
+    envs = {"kiln": env, "plain": env, "before": {**env, "PYTHONPATH": a.baseline or ""}}
     rounds: list[dict[str, Any]] = []
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         _prepare(work, a.rows, a.epochs)
         for i in range(a.rounds):
-            rounds.append(_round(i, cmds, env))
+            rounds.append(_round(i, cmds, envs))
         result = json.loads((work / "out" / "result.json").read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -216,7 +237,7 @@ def main() -> None:
                  "cpus": os.cpu_count(), "budget": BUDGET, "loadFirst": rounds[0]["loadBefore"],
                  "loadLast": rounds[-1]["loadAfter"],
                  "command": f"bench/train_overhead.py --rows {a.rows} --epochs {a.epochs} --rounds {a.rounds} "
-                            f"--cpu '{a.cpu}' --variants {','.join(variants)}"},
+                            f"--cpu '{a.cpu}' --variants {','.join(variants)}" + (f" --baseline {a.baseline}" if a.baseline else "")},
         **{v: _summary([r[v] for r in rounds]) for v in variants},
         "heldoutAccuracy": result["metrics"].get("heldout_accuracy"), "parityMaxAbsDiff": result["parityMaxAbsDiff"],
         "rounds": rounds,
@@ -230,7 +251,12 @@ def main() -> None:
             print(f"{v} {key}: kiln {s['kilnMedian']:.2f}s, plain {s['plainMedian']:.2f}s; median round ratio whole run "
                   f"{s['ratioWhole']:.3f}, train-to-saved-model {s['ratioTrainToSaved']:.3f} "
                   f"({'OK' if s['ratioTrainToSaved'] <= BUDGET else 'OVER'} the {BUDGET:.2f} budget); "
-                  f"ONNX export + parity {s['exportAndParitySeconds']:.2f}s")
+                  f"ONNX export + parity {s['exportAndParitySeconds']:.2f}s; kiln-plain: fit {s['fitKilnMinusPlain']:+.2f}s, "
+                  f"outside fit {s['outsideFitKilnMinusPlain']:+.2f}s")
+            if "before" in report[v]:
+                b = report[v]["before"][key]
+                print(f"  before: kiln {b['kilnMedian']:.2f}s, ratio whole {b['ratioWhole']:.3f}, train-to-saved "
+                      f"{b['ratioTrainToSaved']:.3f}; now/before {report[v]['kilnOverBefore'][key]:.3f}")
 
 
 if __name__ == "__main__":

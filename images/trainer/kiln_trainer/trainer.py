@@ -42,6 +42,11 @@ from kiln_trainer.progress import EpochLogger, EpochSummaries, ProgressFn, Progr
 
 log = logging.getLogger("kiln_trainer")
 PARITY_ROWS = 1024
+# Training steps per call into TensorFlow: every callback here runs per epoch, so nothing needs Python
+# between batches, and 64 steps per call take 30 % less CPU than one on the reference MLP (batch 32)
+# with bit-identical weights (the same steps in the same order). Multi-worker runs keep 1 (the Keras
+# workarounds in distributed.py are made for it).
+STEPS_PER_EXECUTION = 64
 
 
 class Clock:
@@ -208,7 +213,8 @@ def train(job: Job, output: str | None = None, progress: ProgressFn | None = Non
         clock.lap("data")
         x_tr, y_tr_raw, x_val, y_val_raw = _split(ds, spec.dataset.validation_split, seed)
         fitted = _fit_preprocessing(spec, x_tr, ds.report.features, resumed)
-        models, y_tr, y_val = _compile(spec, strategy, fitted, y_tr_raw, y_val_raw, seed, metric_names, resumed)
+        models, y_tr, y_val = _compile(spec, strategy, fitted, (y_tr_raw, y_val_raw), seed, metric_names, resumed,
+                                       1 if cluster.multi_worker else STEPS_PER_EXECUTION)
         balanced = balance.apply(spec, x_tr, y_tr, loss, seed)
         if balanced.report:
             print(balanced.line(), flush=True)
@@ -258,10 +264,11 @@ def _load_dataset(job: Job) -> data.Dataset:
     return ds
 
 
-def _compile(spec: TrainingJobSpec, strategy: Any, fitted: Fitted, y_tr_raw: np.ndarray,
-             y_val_raw: np.ndarray, seed: int, metric_names: list[str], resumed: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+def _compile(spec: TrainingJobSpec, strategy: Any, fitted: Fitted, ys: tuple[np.ndarray, np.ndarray], seed: int,
+             metric_names: list[str], resumed: Any, steps_per_execution: int) -> tuple[Any, np.ndarray, np.ndarray]:
     """The training and inference models (preprocessing inside), compiled, restored from a checkpoint if resuming."""
     assert spec.model is not None and spec.dataset is not None  # train() checked
+    y_tr_raw, y_val_raw = ys
     model_spec, tr_spec = spec.model, spec.training
     loss = tr_spec.loss
     input_shape = [int(d) for d in model_spec.input_shape]
@@ -273,7 +280,7 @@ def _compile(spec: TrainingJobSpec, strategy: Any, fitted: Fitted, y_tr_raw: np.
         y_tr = _labels(y_tr_raw, loss, out_dim, last)
         y_val = _labels(y_val_raw, loss, out_dim, last)
         models.training.compile(optimizer=optimizers.build(tr_spec.optimizer), loss=loss,
-                                metrics=export.metric_objects(metric_names, loss))
+                                metrics=export.metric_objects(metric_names, loss), steps_per_execution=steps_per_execution)
         if resumed is not None:
             checkpoint.restore(models.training, resumed)
     return models, y_tr, y_val
