@@ -54,7 +54,8 @@ class Clock:
 
     Why both: on a shared machine wall time swings with other people's load, CPU time much less;
     bench/train_overhead.py compares each phase with a plain Keras script's. `startup` (CPU only) is
-    what the process spent before training began: interpreter, imports, reading the manifest.
+    what the process spent before this run began: interpreter, imports, reading the manifest (in a
+    tuning search also the trials before).
     """
 
     def __init__(self) -> None:
@@ -70,6 +71,7 @@ class Clock:
         self._wall, self._cpu = wall, cpu
 
     def lines(self) -> list[str]:
+        """The two log lines, in the order the phases ran (the format the bench parses: `name=1.23s`)."""
         return ["timings: " + " ".join(f"{k}={v:.2f}s" for k, v in self.wall.items()),
                 "cpu timings: " + " ".join(f"{k}={v:.2f}s" for k, v in self.cpu.items())]
 
