@@ -102,3 +102,21 @@ def test_errors_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         data.load(tmp_path / "empty.csv", "empty.csv", TrainingJobSpec.from_dict(spec()))
     assert e.value.field == "spec.dataset.labelColumn" and "no rows left" in e.value.message
+
+
+def test_duplicates_are_byte_equal_rows_nan_included() -> None:
+    """NaN rows with the same bits are duplicates; 0.0 and -0.0 (other bytes) are not; the label counts too."""
+    x = np.array([[1, 2], [1, 2], [np.nan, 3], [np.nan, 3], [0.0, 1], [-0.0, 1], [1, 2]], dtype="float32")
+    y = np.array([0, 0, 1, 1, 0, 0, 1])
+    assert data._duplicates(x, y).tolist() == [False, True, False, True, False, False, False]
+    labels = np.array(["a", "a", "b", "c", "a", "a", "b"], dtype=object)
+    assert data._duplicates(x.astype("float64"), labels).tolist() == [False, True, False, False, False, False, False]
+
+
+def test_duplicates_in_wide_rows() -> None:
+    x = np.random.default_rng(1).normal(size=(2000, 1000)).astype("float32")
+    x[5] = x[7]
+    x[100] = x[7]
+    x[9] = x[8]
+    x[9, 999] = np.nextafter(x[8, 999], np.float32(-np.inf))  # one ulp apart in the last column: not equal
+    assert np.flatnonzero(data._duplicates(x, np.zeros(len(x)))).tolist() == [7, 100]

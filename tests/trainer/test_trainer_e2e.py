@@ -34,6 +34,14 @@ def test_digits_example_reaches_95_percent_through_onnx(tmp_path: Path, kiln_tra
         events.Reload()
         assert len(events.Tensors(tag)) == run.result()["epochsRun"]
     assert not (out / "checkpoints").exists() and not (out / ".kiln-staging").exists()
+    phases = ["setup", "data", "prepare", "fit", "onnx", "parity", "formats", "save", "plot", "commit"]
+    timing_lines = {ln.split(":")[0]: ln for ln in run.out.splitlines() if ln.startswith(("timings:", "cpu timings:"))}
+    assert [kv.split("=")[0] for kv in timing_lines["timings"].split()[1:]] == phases
+    assert [kv.split("=")[0] for kv in timing_lines["cpu timings"].split()[2:]] == ["startup", *phases]
+    import zipfile
+
+    saved = json.loads(zipfile.ZipFile(out / "model.keras").read("config.json"))
+    assert saved["compile_config"]["steps_per_execution"] == 64
 
     # Held-out accuracy measured independently, through the exported ONNX model on raw pixels.
     import pandas as pd
@@ -165,6 +173,19 @@ def test_same_seed_same_metrics(tmp_path: Path, kiln_train) -> None:
     second = _history(tmp_path, kiln_train, "b")
     assert first == second
     assert len(first["loss"]) == 3
+
+
+def test_many_steps_per_execution_train_exactly_like_one(tmp_path: Path, kiln_train,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 batches per TensorFlow call (12 per epoch here: the call ends with the data) give the very
+    same per-epoch metrics, Dropout included, as one batch per call."""
+    from kiln_trainer import trainer
+
+    assert trainer.STEPS_PER_EXECUTION == 64
+    many = _history(tmp_path, kiln_train, "many")
+    monkeypatch.setattr(trainer, "STEPS_PER_EXECUTION", 1)
+    one = _history(tmp_path, kiln_train, "one")
+    assert many == one
 
 
 def test_class_weight_and_early_stopping(tmp_path: Path, kiln_train) -> None:

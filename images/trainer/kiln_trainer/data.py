@@ -156,20 +156,22 @@ def _label_missing(y: np.ndarray) -> np.ndarray:
 
 
 def _duplicates(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Rows equal (features and label) to an earlier row.
+    """Rows equal (features and label, byte for byte) to an earlier row.
 
-    A random projection finds candidate groups in one matrix product; only rows whose projections
-    collide are compared byte for byte, so wide data (images, 1000s of features) stays cheap.
+    A hash of each row's bytes finds candidate groups in one integer matrix product; only rows whose
+    hashes collide are compared byte for byte, so wide data (images, 1000s of features) stays cheap.
+    Why integers: the sum wraps exactly, so equal rows always get equal hashes (a float projection
+    could round two equal rows apart), and the product needs no float64 copy of the data (which cost
+    most of the data phase on the reference MLP's 30,000 x 1000 rows).
     """
     dup = np.zeros(len(x), dtype=bool)
     if not len(x):
         return dup
     ys = y.reshape(len(y), -1)
     numeric_y = ys.dtype.kind in "biuf"
-    rng = np.random.default_rng(0)
-    key = x @ rng.normal(size=x.shape[1])  # rows with NaN get key NaN: all compared exactly (np.unique groups NaN)
-    if numeric_y:
-        key = key + ys.astype("float64") @ rng.normal(size=ys.shape[1])
+    words = np.ascontiguousarray(x).view(f"u{x.dtype.itemsize}")  # the same bytes as unsigned integers
+    weights = np.random.default_rng(0).integers(1, 2**32, size=words.shape[1], dtype=np.uint64).astype(words.dtype)
+    key = words @ weights
     _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     candidates = np.flatnonzero(counts[inverse] > 1)
     seen: set[bytes] = set()
@@ -241,7 +243,8 @@ def load(path: Path, source: str, spec: TrainingJobSpec) -> Dataset:
     if pp.drop_duplicates:
         dup = np.zeros(len(x), dtype=bool)
         idx = np.flatnonzero(keep)
-        dup[idx] = _duplicates(flat[idx], y[idx])
+        every = len(idx) == len(x)  # the usual case: no copy of the features
+        dup[idx] = _duplicates(flat if every else flat[idx], y if every else y[idx])
         report.dropped["duplicates"] = int(dup.sum())
         keep &= ~dup
     missing_feat = np.isnan(flat).any(axis=1)

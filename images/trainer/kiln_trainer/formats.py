@@ -212,18 +212,21 @@ def _check(fmt: str, metric: str, value: float, base: float, tolerance: float) -
 
 
 def export_formats(model: keras.Model, spec: TrainingJobSpec, out: Path, x_train: np.ndarray, x_val: np.ndarray,
-                   y_val: np.ndarray, metric: str | None, loss: str) -> list[FormatResult]:
+                   y_val: np.ndarray, metric: str | None, loss: str,
+                   made: dict[str, np.ndarray] | None = None) -> list[FormatResult]:
     """Write each format of `spec.output.formats` (model.onnx is already in `out`) and score it.
 
+    `made`: held-out predictions the caller already has (`keras`, `onnx`), so they are not computed twice.
     Returns one entry per format, float onnx first. Raises SpecError when a derived format loses
     more than `spec.output.formatTolerance` of the held-out metric (unless the tolerance is negative).
     """
+    made = made or {}
     wanted = ["onnx", *[f for f in spec.output.formats if f != "onnx"]]
     tolerance = float(spec.output.format_tolerance)
     input_shape = [int(d) for d in spec.model.input_shape] if spec.model else []
     base = None
     if metric:
-        keras_pred = np.asarray(model(x_val.astype("float32"), training=False))
+        keras_pred = made["keras"] if "keras" in made else np.asarray(model(x_val.astype("float32"), training=False))
         base = export.evaluate(keras_pred, y_val, [metric], loss)[metric]
     rows = calibration_rows(model, x_train) if any(f.endswith("-int8") for f in wanted) else None
     results = []
@@ -241,7 +244,7 @@ def export_formats(model: keras.Model, spec: TrainingJobSpec, out: Path, x_train
                 tflite(model, input_shape, path, rows)
             elif fmt == "keras-h5":
                 keras_h5(model, path)
-            pred = predict(fmt, path, x_val)
+            pred = made[fmt] if fmt in made else predict(fmt, path, x_val)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise TrainerError(f"{fmt} export failed: {type(exc).__name__}: {first}", "spec.output.formats") from exc

@@ -184,7 +184,10 @@ def plot_curves(history: dict[str, list[float]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    # Fixed margins instead of fig.tight_layout(): that lays the figure out by drawing it once more, which
+    # cost 40 % of the plot (about 0.1 s per run); the tick labels here fit these margins.
+    width = 5 * max(panels, 1)
+    fig.subplots_adjust(left=0.65 / width, right=1 - 0.2 / width, bottom=0.15, top=0.9, wspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

@@ -1,7 +1,8 @@
 """Per-epoch progress: one log line, a PATCH of the TrainingJob's `status.progress`, and a Python callback.
 
 The PATCH goes through the shared core's one Kubernetes client (`kiln.kube`, its blocking shim) with the
-pod's service account. A failing PATCH logs a warning and never fails training: progress is a
+pod's service account; `kiln.kube` (and aiohttp under it) is imported only when there is a TrainingJob
+to patch, so `kiln train` on a laptop does not pay for loading it. A failing PATCH logs a warning and never fails training: progress is a
 convenience, the model is the product.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import keras
 
-from kiln import API_VERSION, kube
+from kiln import API_VERSION
 from kiln.settings import SettingsError
 from kiln_trainer.settings import TrainerSettings
 
@@ -68,6 +69,8 @@ class StatusPatcher:
 
     def __init__(self, base_url: str, namespace: str, name: str, token_file: Path | None,
                  ca_file: Path | None, insecure: bool, timeout: float = 5.0) -> None:
+        from kiln import kube
+
         self.namespace, self.name = namespace, name
         creds = kube.Credentials(base_url.rstrip("/"), kube.token_file(token_file),
                                  str(ca_file) if ca_file and ca_file.exists() else None, verify=not insecure)
@@ -87,6 +90,8 @@ class StatusPatcher:
             return None
         if not s.trainingjob or not s.namespace:
             return None
+        from kiln import kube
+
         base = s.api_server or kube.service_account_host(env)
         if not base:
             return None
@@ -102,6 +107,8 @@ class StatusPatcher:
 
     def patch_status(self, status: dict[str, Any]) -> bool:
         """Merge `status` into the TrainingJob's status (progress, tuning) through kiln.kube; never raises."""
+        from kiln import kube
+
         try:
             self.client.patch_status(API_VERSION, "TrainingJob", self.namespace, self.name, status)
             return True
