@@ -18,6 +18,8 @@ ANNOTATION_MODELDEPLOYMENT = f"{GROUP}/modeldeployment"
 ANNOTATION_SPEC = f"{GROUP}/spec"
 """On the trainer's pod template: the TrainingJob as the trainer reads it (downward API file)."""
 LABEL_CREATED_BY = f"{GROUP}/created-by-trainingjob"
+LABEL_TRACK = f"{GROUP}/track"
+"""On server pods: `stable` (spec.model) or `canary` (spec.canary.model); the main Service selects both."""
 MAX_NAME = 63
 
 
@@ -69,4 +71,18 @@ def server_deployment(md: str) -> str:
 
 
 def server_service(md: str) -> str:
+    return shorten(md)
+
+
+def canary_deployment(md: str) -> str:
+    """The canary's Deployment (`spec.canary`), next to `server_deployment`."""
+    return child(md, "canary")
+
+
+def track_service(md: str, track: str) -> str:
+    """A Service of one track (`stable` or `canary`), the HTTPRoute's backends."""
+    return child(md, track)
+
+
+def http_route(md: str) -> str:
     return shorten(md)

@@ -22,6 +22,8 @@ class Features:
     """Job `completionMode: Indexed` (1.21+), needed for multi-worker training."""
     hpa_v2: bool = True
     """`autoscaling/v2` HorizontalPodAutoscaler (1.23+)."""
+    http_route: str = "gateway.networking.k8s.io/v1"
+    """The Gateway API HTTPRoute version served (`gateway.networking.k8s.io/v1` or `/v1beta1`), "" when none."""
     server_version: str = ""
     """The API server's gitVersion, for messages."""
 
