@@ -12,7 +12,6 @@ from typing import Any
 import kubelet
 import pytest
 from kubelet import eventually
-from support.cluster import OperatorProcess
 from test_modeldeployment_live import md, ready_pods, wait_md
 from test_trainingjob_live import API
 
