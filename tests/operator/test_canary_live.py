@@ -64,7 +64,7 @@ def canary_is(api: Any, ns: str, name: str, status: str, reason: str | None = No
 
 def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, namespace: str) -> None:
     create_md(api, namespace, "split", canary={"model": CANARY, "trafficPercent": 25})
-    both = replicas(api, namespace, "split", 3, 1)
+    both = replicas(api, namespace, "split", 4, 1)  # the stable keeps every replica until the canary serves
     svc = eventually(lambda: api.get("v1", "Service", namespace, "split"), what="Service")
     assert TRACK not in svc["spec"]["selector"], "one Service in front of both tracks"
     canary_pod = both["canary"]["spec"]["template"]
@@ -76,6 +76,7 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
     assert st["phase"] == "Deploying" and conds(md(api, namespace, "split"))["Ready"]["status"] == "False"
     ready_pods(namespace, "split", V1)
     ready_pods(namespace, "split", V2)
+    both = replicas(api, namespace, "split", 3, 1)
     obj = canary_is(api, namespace, "split", "True", "CanaryAvailable", percent=25)
     st = wait_md(api, namespace, "split", "Ready")["status"]
     assert st["model"]["sha256"] == V1 and st["canary"]["model"] == {"uri": CANARY["uri"], "sha256": V2, "format": "onnx"}
@@ -104,9 +105,10 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
 
 def test_promotion_hands_off_without_restarting_the_canary_pods(api: Any, operator: Any, namespace: str) -> None:
     create_md(api, namespace, "promo", replicas=2, canary={"model": CANARY, "trafficPercent": 50})
-    replicas(api, namespace, "promo", 1, 1)
+    replicas(api, namespace, "promo", 2, 1)
     ready_pods(namespace, "promo", V1)
     ready_pods(namespace, "promo", V2)
+    replicas(api, namespace, "promo", 1, 1)
     canary_is(api, namespace, "promo", "True", percent=50)
     before = dep(api, namespace, "promo-canary")
     assert before is not None
@@ -140,6 +142,24 @@ def test_promotion_hands_off_without_restarting_the_canary_pods(api: Any, operat
     assert dep(api, namespace, "promo-canary") is None, "the canary Deployment goes once the stable one serves its model"
     assert conds(obj)["CanaryReady"]["reason"] == "NoCanary" and "canary" not in obj["status"]
     assert any(e.get("reason") == "Promoted" for e in api.list_objects("v1", "Event", namespace))
+
+
+def test_rolling_back_a_full_canary_waits_for_a_stable_pod(api: Any, operator: Any, namespace: str) -> None:
+    create_md(api, namespace, "full", replicas=2, canary={"model": CANARY, "trafficPercent": 100})
+    replicas(api, namespace, "full", 2, 2)
+    ready_pods(namespace, "full", V2)
+    replicas(api, namespace, "full", 0, 2)
+    obj = canary_is(api, namespace, "full", "True", percent=100)
+    assert obj["status"]["phase"] == "Ready" and conds(obj)["Available"]["status"] == "True"
+    api.patch(API, "ModelDeployment", namespace, "full", {"spec": {"canary": None}})
+    both = replicas(api, namespace, "full", 2, 2)
+    obj = canary_is(api, namespace, "full", "False", "RollingBack")
+    assert both["canary"] is not None, "no outage: the canary serves until a stable pod is ready"
+    ready_pods(namespace, "full", V1)
+    eventually(lambda: dep(api, namespace, "full-canary") is None, what="the canary deleted once a stable pod serves")
+    ready_pods(namespace, "full", V1)
+    st = wait_md(api, namespace, "full", "Ready")["status"]
+    assert st["model"]["sha256"] == V1 and "canary" not in st
 
 
 def test_canary_following_a_trainingjob_waits_for_it(api: Any, operator: Any, namespace: str) -> None:
@@ -214,9 +234,10 @@ def test_a_gateway_route_weighs_per_track_services(api: Any, gateway_api: str) -
     for track in ("stable", "canary"):
         svc = eventually(lambda t=track: api.get("v1", "Service", ns, f"gw-{t}"), what=f"{track} Service")
         assert svc["spec"]["selector"][TRACK] == track
-    replicas(api, ns, "gw", 3, 1)
+    replicas(api, ns, "gw", 4, 1)
     ready_pods(ns, "gw", V1)
     ready_pods(ns, "gw", V2)
+    replicas(api, ns, "gw", 3, 1)
     weights(api, ns, "gw", {"gw-stable": 70, "gw-canary": 30})
     obj = canary_is(api, ns, "gw", "True", percent=30)
     assert obj["status"]["canary"]["routing"] == "HTTPRoute"

@@ -112,10 +112,12 @@ def test_the_route_gives_the_canary_no_weight_before_it_serves_and_capacity_weig
     spec = {"replicas": 4, "service": {"gateway": {"name": "gw"}}}
     not_yet = kinds(build_modeldeployment(md(40, **spec), ROUTED, STABLE, canary=CANARY, canary_serving=False))
     assert [b["weight"] for b in not_yet[("HTTPRoute", "srv")]["spec"]["rules"][0]["backendRefs"]] == [100, 0]
+    assert not_yet[("Deployment", "srv-server")]["spec"]["replicas"] == 4, "the stable keeps every replica until the canary serves"
+    assert not_yet[("Deployment", "srv-canary")]["spec"]["replicas"] == 2
     assert not_yet[("HTTPRoute", "srv")]["spec"]["parentRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"}]
     promoted = md(40, **spec)
     del promoted["spec"]["canary"]
-    handoff = kinds(build_modeldeployment(promoted, ROUTED, CANARY, promoting=2))
+    handoff = kinds(build_modeldeployment(promoted, ROUTED, CANARY, handoff=(4, 2)))
     assert ("Deployment", "srv-canary") not in handoff, "a canary being handed off is left as it is"
     assert handoff[("HTTPRoute", "srv")]["spec"]["rules"][0]["backendRefs"] == [
         {"name": "srv-stable", "port": 80, "weight": 4}, {"name": "srv-canary", "port": 80, "weight": 2}]
@@ -200,7 +202,7 @@ def test_status_without_a_canary_and_while_promoting() -> None:
     doc["spec"].pop("canary")
     st = derive_md_status(doc, Resolution(STABLE), _dep("srv-server", 1, 1), [], NO_ROUTE, NOW, canary=CanaryState(None)).status
     assert _conds(st)["CanaryReady"] == ("False", "NoCanary") and "canary" not in st and st["phase"] == "Ready"
-    promoting = CanaryState(None, _dep("srv-canary", 1, 1), promoting=True)
+    promoting = CanaryState(None, _dep("srv-canary", 1, 1), handoff="Promoting")
     derived = derive_md_status(doc, Resolution(CANARY), _dep("srv-server", 1, 0, generation=2), [], NO_ROUTE, NOW, canary=promoting)
     assert _conds(derived.status)["CanaryReady"] == ("False", "Promoting") and not derived.stable_ready
     assert derived.status["phase"] == "Deploying"

@@ -106,26 +106,37 @@ class ModelDeploymentController:
         cview = canary_view(md)
         canary_res = resolve_followed(cview, namespace_tjs) if cview is not None else None
         canary_dep = self._owned(self.deployments, key, uid, names.canary_deployment(key[1]))
-        promoting = cview is None and canary_dep is not None and resolution.model is not None and serves(canary_dep, resolution.model)
-        render_error, render_reason = await self._render_and_apply(key, md, resolution, canary_res, canary_dep, promoting)
+        handoff = self._handoff(key, uid, resolution, canary_dep) if cview is None else ""
+        render_error, render_reason = await self._render_and_apply(key, md, resolution, canary_res, canary_dep, handoff)
         deployment = self._owned(self.deployments, key, uid, names.server_deployment(key[1]))
         canary_dep = self._owned(self.deployments, key, uid, names.canary_deployment(key[1]))
         live_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
         canary_pods = [p for p in live_pods if ((p.get("metadata") or {}).get("labels") or {}).get(names.LABEL_TRACK) == "canary"]
         server_pods = [p for p in live_pods if p not in canary_pods]
         spec = ModelDeploymentSpec.from_dict(md.get("spec"))
-        state = CanaryState(canary_res, canary_dep, canary_pods, promoting and canary_dep is not None, routed(spec, self.settings))
+        state = CanaryState(canary_res, canary_dep, canary_pods, handoff if canary_dep is not None else "", routed(spec, self.settings))
         derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
                                    render_reason=render_reason, canary=state)
-        if state.promoting and derived.stable_ready and canary_dep is not None and not render_error:
+        if state.handoff == "Promoting" and derived.stable_ready and canary_dep is not None and not render_error:
             served = resolution.model.uri if resolution.model else ""
             await self._delete(key, md, "Deployment", canary_dep, "Promoted",
                                f"{names.server_deployment(key[1])} serves the promoted model {served}: deleted the canary Deployment")
             return derived, True
         return derived, False
 
+    def _handoff(self, key: Key, uid: str | None, resolution: Resolution, canary_dep: dict[str, Any] | None) -> str:
+        """Without `spec.canary`, whether its Deployment still serves: `Promoting` when its model is `spec.model`'s
+        (no pod of it restarts), `RollingBack` while the stable Deployment has no ready pod (a canary at 100 %);
+        "" when it is to be deleted at once (or there is none)."""
+        if canary_dep is None:
+            return ""
+        if resolution.model is not None and serves(canary_dep, resolution.model):
+            return "Promoting"
+        stable = self._owned(self.deployments, key, uid, names.server_deployment(key[1]))
+        return "RollingBack" if _ready(stable) == 0 and _ready(canary_dep) > 0 else ""
+
     async def _render_and_apply(self, key: Key, md: dict[str, Any], resolution: Resolution, canary_res: Resolution | None,
-                                canary_dep: dict[str, Any] | None, promoting: bool) -> tuple[str, str]:
+                                canary_dep: dict[str, Any] | None, handoff: str) -> tuple[str, str]:
         """Apply what the ModelDeployment renders to and delete what it no longer does; (error, reason) when it cannot."""
         if resolution.model is None:
             return "", "InvalidSpec"
@@ -137,14 +148,16 @@ class ModelDeploymentController:
             violations = await policycheck.check("ModelDeployment", md, base, canary.uri, canary.sha256)
         if violations:
             return describe(violations), POLICY_VIOLATION
-        live_canary = int(((canary_dep or {}).get("status") or {}).get("readyReplicas") or 0)
+        live_canary = _ready(canary_dep)
+        stable_dep = self._owned(self.deployments, key, md["metadata"].get("uid"), names.server_deployment(key[1]))
         try:
             children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch, canary=canary,
-                                             promoting=live_canary if promoting else None, canary_serving=live_canary > 0)
+                                             handoff=(_ready(stable_dep), live_canary) if handoff else None,
+                                             canary_serving=live_canary > 0)
         except RenderError as exc:
             return str(exc), "InvalidSpec"
         await self.apply_children(key, md, children)
-        await self.prune(key, md, children, canary_dep if promoting else None)
+        await self.prune(key, md, children, keep_canary=bool(handoff))
         return "", "InvalidSpec"
 
     def _live(self, key: Key, child: dict[str, Any], uid: str | None) -> dict[str, Any] | None:
@@ -169,18 +182,18 @@ class ModelDeploymentController:
             await kube.api().delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
             self.hpas_applied.discard(key)
 
-    async def prune(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]], keep: dict[str, Any] | None) -> None:
-        """Delete the canary's children Kiln no longer renders: its Deployment (rollback: at once; `keep` is one
-        being handed off in a promotion), the per-track Services and the HTTPRoute (Gateway routing turned off)."""
+    async def prune(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]], keep_canary: bool) -> None:
+        """Delete the canary's children Kiln no longer renders: its Deployment (rollback: at once, unless it is being
+        handed off: `keep_canary`), the per-track Services and the HTTPRoute (Gateway routing turned off)."""
         uid, name = md["metadata"].get("uid"), key[1]
         rendered = {(c["kind"], c["metadata"]["name"]) for c in children}
         dep = self._owned(self.deployments, key, uid, names.canary_deployment(name))
-        if dep is not None and dep is not keep and ("Deployment", dep["metadata"]["name"]) not in rendered:
+        if dep is not None and not keep_canary and ("Deployment", dep["metadata"]["name"]) not in rendered:
             await self._delete(key, md, "Deployment", dep, "CanaryRemoved",
                                f"spec.canary was removed: deleted Deployment {dep['metadata']['name']}")
         for track in ("stable", "canary"):
             svc = self._owned(self.services, key, uid, names.track_service(name, track))
-            if svc is not None and ("Service", svc["metadata"]["name"]) not in rendered and not (keep and track == "canary"):
+            if svc is not None and ("Service", svc["metadata"]["name"]) not in rendered and not (keep_canary and track == "canary"):
                 await self._delete(key, md, "Service", svc)
         if key in self.routes_applied and not any(c["kind"] == "HTTPRoute" for c in children):
             if self.settings.features.http_route:
@@ -273,6 +286,10 @@ class ModelDeploymentController:
             view = self.writer.view(md_key, md) if md else None
             if md_key[0] == namespace and view and (follows(view, tj) or follows(canary_view(view) or {}, tj)):
                 await self.safe_reconcile(md_key)
+
+
+def _ready(deployment: dict[str, Any] | None) -> int:
+    return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> ModelDeploymentController:

@@ -356,15 +356,17 @@ def _route(ctx: dict[str, Any], spec: ServingSpec, settings: OperatorSettings,
 
 def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
                           fetch_policy: FetchPolicy | None = None, canary: ModelRef | None = None,
-                          promoting: int | None = None, canary_serving: bool = True) -> list[dict[str, Any]]:
+                          handoff: tuple[int, int] | None = None, canary_serving: bool = True) -> list[dict[str, Any]]:
     """Deployment, Service, (when asked and served by the API) HPA, (unless turned off) NetworkPolicy, the
     canary's Deployment for a resolved `canary` model, and with a routed Gateway the HTTPRoute and its Services.
 
     Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
-    model path shows as the TrainingJob's placeholder so the preview is still complete. `promoting` is
-    the replicas of a canary Deployment being handed off to the stable one (promotion): it is left as it
-    is (not rendered) and keeps its share of the route until the controller deletes it. The route gives the
-    canary its weight only once it is `canary_serving` (some pod ready): a backend without endpoints fails requests.
+    model path shows as the TrainingJob's placeholder so the preview is still complete. `handoff` is the
+    (stable, canary) ready replicas while a canary Deployment no longer in the spec is handed off (a
+    promotion, or a rollback waiting for a stable pod): it is left as it is (not rendered) and the route
+    weighs the two by those replicas until the controller deletes it. Until the canary is `canary_serving`
+    (some pod ready), the stable Deployment keeps all its replicas and the route gives the canary no weight
+    (a backend without endpoints fails requests).
     """
     spec = ModelDeploymentSpec.from_dict(md.get("spec"))
     fetch = fetch_policy or settings.policy.fetch
@@ -373,7 +375,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     total = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
     percent = spec.canary.traffic_percent if spec.canary and canary else 0
     stable_n, canary_n = split_replicas(total, percent)
-    ctx["replicas"] = None if hpa else stable_n
+    ctx["replicas"] = None if hpa else (stable_n if canary_serving else total)
     out = render_template("modeldeployment-deployment.yaml.j2", **ctx)
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
     if hpa:
@@ -389,8 +391,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     if routed(spec, settings):
         share = percent if canary_serving else 0
         weights = {"stable": 100 - share, "canary": share} if canary is not None else {"stable": 100}
-        if promoting is not None:
-            weights = {"stable": total, "canary": promoting}  # by capacity, as the Service spreads them
+        if handoff is not None:
+            weights = dict(zip(("stable", "canary"), handoff, strict=True))  # by capacity, as the Service spreads them
         out += _route(ctx, spec, settings, weights)
     return out
 

@@ -35,8 +35,9 @@ class CanaryState:
     """None: no `spec.canary` (a promotion may still be handing off)."""
     deployment: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
-    promoting: bool = False
-    """`spec.canary` is gone and its model is `spec.model` now: its Deployment serves until the stable one has rolled out."""
+    handoff: str = ""
+    """`spec.canary` is gone but its Deployment still serves: `Promoting` (its model is `spec.model` now, until the
+    stable Deployment has rolled it out) or `RollingBack` (until the stable Deployment has a ready pod)."""
     routed: bool = False
     """An HTTPRoute weighs the tracks (else the replica ratio does)."""
 
@@ -127,7 +128,7 @@ def _effective_percent(md: dict[str, Any], canary: CanaryState, stable: dict[str
     """The canary's share of the requests now: the route's weight, or its share of the ready pods."""
     c_ready, s_ready = _ready_count(canary.deployment), _ready_count(stable)
     spec = ModelDeploymentSpec.from_dict(md.get("spec"))
-    if canary.routed and not canary.promoting:
+    if canary.routed and not canary.handoff:
         return spec.canary.traffic_percent if spec.canary and c_ready else 0
     return round(100 * c_ready / (c_ready + s_ready)) if c_ready + s_ready else 0
 
@@ -136,15 +137,17 @@ def _canary(md: dict[str, Any], canary: CanaryState | None, stable: dict[str, An
             ) -> tuple[tuple[str, str, str], dict[str, Any] | None, Outcome | None]:
     """(CanaryReady (status, reason, message), `status.canary` (None removes it), the outcome it imposes on
     the whole resource while the canary is not rolled out (None: none))."""
-    if canary is None or (canary.resolution is None and not canary.promoting):
+    if canary is None or (canary.resolution is None and not canary.handoff):
         return ("False", "NoCanary", "spec.canary is not set"), None, None
     old = (md.get("status") or {}).get("canary") or {}
     dep_status = (canary.deployment or {}).get("status") or {}
     out = {"model": old.get("model"), "replicas": int(dep_status.get("replicas") or 0), "readyReplicas": _ready_count(canary.deployment),
            "trafficPercent": _effective_percent(md, canary, stable), "routing": "HTTPRoute" if canary.routed else "ReplicaRatio"}
-    if canary.promoting or canary.resolution is None:
-        return ("False", "Promoting", f"the canary's model is spec.model now: the canary serves until Deployment "
-                f"{names.server_deployment(md['metadata']['name'])} has rolled it out, then it is deleted"), out, None
+    if canary.handoff or canary.resolution is None:
+        name = names.server_deployment(md["metadata"]["name"])
+        why = (f"the canary's model is spec.model now: the canary serves until Deployment {name} has rolled it out"
+               if canary.handoff == "Promoting" else f"spec.canary was removed: the canary serves until Deployment {name} has a ready pod")
+        return ("False", canary.handoff or "Promoting", f"{why}, then it is deleted"), out, None
     res = canary.resolution
     if res.model is None:
         outcome = ("Failed" if res.failed else "Deploying", f"Canary{res.reason}", f"canary: {res.message}")
