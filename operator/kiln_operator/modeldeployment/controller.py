@@ -46,8 +46,9 @@ class ModelDeploymentController:
         self.hpas_applied: set[Key] = set()
         self.netpols_applied: set[Key] = set()
         """NetworkPolicies applied (not watched: applied once per operator run, like HPAs)."""
-        self.routes_applied: set[Key] = set()
-        """HTTPRoutes applied (`spec.service.gateway`; not watched either)."""
+        self.routes_applied: dict[Key, dict[str, Any]] = {}
+        """HTTPRoutes applied (`spec.service.gateway`), as the API server answered: not watched, but compared with
+        what is rendered, so a new weight is applied."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
 
     def wanted(self, namespace: str | None, **_: Any) -> bool:
@@ -168,7 +169,9 @@ class ModelDeploymentController:
             return self._owned(self.deployments, key, uid, name)
         if kind == "Service":
             return self._owned(self.services, key, uid, name)
-        applied = {"NetworkPolicy": self.netpols_applied, "HTTPRoute": self.routes_applied}.get(kind, self.hpas_applied)
+        if kind == "HTTPRoute":
+            return self.routes_applied.get(key)
+        applied = self.netpols_applied if kind == "NetworkPolicy" else self.hpas_applied
         return child if key in applied else None
 
     async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
@@ -198,7 +201,7 @@ class ModelDeploymentController:
         if key in self.routes_applied and not any(c["kind"] == "HTTPRoute" for c in children):
             if self.settings.features.http_route:
                 await kube.api().delete(self.settings.features.http_route, "HTTPRoute", key[0], names.http_route(name))
-            self.routes_applied.discard(key)
+            self.routes_applied.pop(key, None)
 
     async def _delete(self, key: Key, md: dict[str, Any], kind: str, child: dict[str, Any], reason: str = "", message: str = "") -> None:
         """Delete a watched child (Deployment or Service) and drop it from its cache; an Event with `reason`."""
@@ -229,7 +232,7 @@ class ModelDeploymentController:
         elif kind == "NetworkPolicy":
             self.netpols_applied.add(key)
         elif kind == "HTTPRoute":
-            self.routes_applied.add(key)
+            self.routes_applied[key] = result
         else:
             self.hpas_applied.add(key)
         if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy", "HTTPRoute"):
@@ -245,7 +248,7 @@ class ModelDeploymentController:
             self.writer.forget(key)
             self.hpas_applied.discard(key)
             self.netpols_applied.discard(key)
-            self.routes_applied.discard(key)
+            self.routes_applied.pop(key, None)
             return
         self.mds.items[key] = {"": snapshot(body)}
         await self.safe_reconcile(key)
