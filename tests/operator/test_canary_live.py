@@ -149,8 +149,9 @@ def test_rolling_back_a_full_canary_waits_for_a_stable_pod(api: Any, operator: A
     replicas(api, namespace, "full", 2, 2)
     ready_pods(namespace, "full", V2)
     replicas(api, namespace, "full", 0, 2)
-    obj = canary_is(api, namespace, "full", "True", percent=100)
-    assert obj["status"]["phase"] == "Ready" and conds(obj)["Available"]["status"] == "True"
+    canary_is(api, namespace, "full", "True", percent=100)
+    obj = wait_md(api, namespace, "full", "Ready")  # once the stable Deployment has scaled to 0
+    assert conds(obj)["Available"]["status"] == "True" and obj["status"]["readyReplicas"] == 0
     api.patch(API, "ModelDeployment", namespace, "full", {"spec": {"canary": None}})
     both = replicas(api, namespace, "full", 2, 2)
     obj = canary_is(api, namespace, "full", "False", "RollingBack")
