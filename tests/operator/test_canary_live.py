@@ -12,7 +12,7 @@ from typing import Any
 import kubelet
 import pytest
 from kubelet import eventually
-from test_modeldeployment_live import md, ready_pods, wait_md
+from test_modeldeployment_live import md, wait_md
 from test_trainingjob_live import API
 
 pytestmark = [pytest.mark.live]
@@ -41,6 +41,19 @@ def replicas(api: Any, ns: str, name: str, stable: int, canary: int | None) -> d
         return {"stable": s, "canary": c} if got == (stable, canary) else None
 
     return eventually(check, what=f"{name}: {stable} stable and {canary} canary replicas")
+
+
+def run_pods(ns: str, name: str, sha: str, count: int) -> None:
+    """Play the kubelet until `count` server pods of the model with digest `sha` run (the ReplicaSet makes them one by one)."""
+    def running() -> bool:
+        live = [p for p in kubelet.pods(ns, f"kiln.dev/modeldeployment={name}")
+                if p["metadata"]["annotations"].get("kiln.dev/model-sha256") == sha and not p["metadata"].get("deletionTimestamp")]
+        for pod in live:
+            if (pod.get("status") or {}).get("phase") != "Running":
+                kubelet.run(pod)
+        return len(live) >= count
+
+    eventually(running, what=f"{count} running pods of {name} for {sha[:8]}")
 
 
 def conds(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -74,8 +87,8 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
     assert all(both["canary"]["spec"]["template"]["metadata"]["labels"][k] == v for k, v in svc["spec"]["selector"].items())
     st = canary_is(api, namespace, "split", "False")["status"]
     assert st["phase"] == "Deploying" and conds(md(api, namespace, "split"))["Ready"]["status"] == "False"
-    ready_pods(namespace, "split", V1)
-    ready_pods(namespace, "split", V2)
+    run_pods(namespace, "split", V1, 4)
+    run_pods(namespace, "split", V2, 1)
     both = replicas(api, namespace, "split", 3, 1)
     obj = canary_is(api, namespace, "split", "True", "CanaryAvailable", percent=25)
     st = wait_md(api, namespace, "split", "Ready")["status"]
@@ -88,7 +101,7 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
     api.patch(API, "ModelDeployment", namespace, "split", {"spec": {"canary": {"trafficPercent": 50}}})
     both = replicas(api, namespace, "split", 2, 2)
     assert both["canary"]["spec"]["template"] == template
-    ready_pods(namespace, "split", V2)
+    run_pods(namespace, "split", V2, 2)
     canary_is(api, namespace, "split", "True", percent=50)
 
     # Rollback: spec.canary goes, spec.model stays: the canary Deployment is deleted at once.
@@ -96,7 +109,7 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
     replicas(api, namespace, "split", 4, None)
     obj = canary_is(api, namespace, "split", "False", "NoCanary")
     assert "canary" not in obj["status"]
-    ready_pods(namespace, "split", V1)
+    run_pods(namespace, "split", V1, 4)
     st = wait_md(api, namespace, "split", "Ready")["status"]
     assert st["model"]["sha256"] == V1
     events = api.list_objects("v1", "Event", namespace)
@@ -106,8 +119,8 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
 def test_promotion_hands_off_without_restarting_the_canary_pods(api: Any, operator: Any, namespace: str) -> None:
     create_md(api, namespace, "promo", replicas=2, canary={"model": CANARY, "trafficPercent": 50})
     replicas(api, namespace, "promo", 2, 1)
-    ready_pods(namespace, "promo", V1)
-    ready_pods(namespace, "promo", V2)
+    run_pods(namespace, "promo", V1, 2)
+    run_pods(namespace, "promo", V2, 1)
     replicas(api, namespace, "promo", 1, 1)
     canary_is(api, namespace, "promo", "True", percent=50)
     before = dep(api, namespace, "promo-canary")
@@ -147,7 +160,7 @@ def test_promotion_hands_off_without_restarting_the_canary_pods(api: Any, operat
 def test_rolling_back_a_full_canary_waits_for_a_stable_pod(api: Any, operator: Any, namespace: str) -> None:
     create_md(api, namespace, "full", replicas=2, canary={"model": CANARY, "trafficPercent": 100})
     replicas(api, namespace, "full", 2, 2)
-    ready_pods(namespace, "full", V2)
+    run_pods(namespace, "full", V2, 2)
     replicas(api, namespace, "full", 0, 2)
     canary_is(api, namespace, "full", "True", percent=100)
     obj = wait_md(api, namespace, "full", "Ready")  # once the stable Deployment has scaled to 0
@@ -156,9 +169,9 @@ def test_rolling_back_a_full_canary_waits_for_a_stable_pod(api: Any, operator: A
     both = replicas(api, namespace, "full", 2, 2)
     obj = canary_is(api, namespace, "full", "False", "RollingBack")
     assert both["canary"] is not None, "no outage: the canary serves until a stable pod is ready"
-    ready_pods(namespace, "full", V1)
+    run_pods(namespace, "full", V1, 1)
     eventually(lambda: dep(api, namespace, "full-canary") is None, what="the canary deleted once a stable pod serves")
-    ready_pods(namespace, "full", V1)
+    run_pods(namespace, "full", V1, 2)
     st = wait_md(api, namespace, "full", "Ready")["status"]
     assert st["model"]["sha256"] == V1 and "canary" not in st
 
@@ -168,7 +181,7 @@ def test_canary_following_a_trainingjob_waits_for_it(api: Any, operator: Any, na
     obj = canary_is(api, namespace, "wait", "False", "TrainingJobNotFound")
     assert obj["status"]["reason"] in ("Deploying", "CanaryTrainingJobNotFound")
     assert dep(api, namespace, "wait-canary") is None and replicas(api, namespace, "wait", 2, None)
-    ready_pods(namespace, "wait", V1)
+    run_pods(namespace, "wait", V1, 2)
     obj = eventually(lambda: (lambda o: o if o["status"].get("reason") == "CanaryTrainingJobNotFound" else None)(md(api, namespace, "wait")),
                      what="the canary's missing TrainingJob is the reason")
     assert obj["status"]["phase"] == "Deploying" and conds(obj)["Ready"]["status"] == "False"
@@ -240,8 +253,8 @@ def test_a_gateway_route_weighs_per_track_services(api: Any, gateway_api: str) -
         svc = eventually(lambda t=track: api.get("v1", "Service", ns, f"gw-{t}"), what=f"{track} Service")
         assert svc["spec"]["selector"][TRACK] == track
     replicas(api, ns, "gw", 4, 1)
-    ready_pods(ns, "gw", V1)
-    ready_pods(ns, "gw", V2)
+    run_pods(ns, "gw", V1, 4)
+    run_pods(ns, "gw", V2, 1)
     replicas(api, ns, "gw", 3, 1)
     weights(api, ns, "gw", {"gw-stable": 70, "gw-canary": 30})
     obj = canary_is(api, ns, "gw", "True", percent=30)

@@ -108,7 +108,7 @@ def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds:
 
 def _available(deployment: dict[str, Any] | None, canary: dict[str, Any] | None = None) -> tuple[str, str, str]:
     """(status, reason, message) of `Available`: some replica serves requests, whichever model (or track) it has."""
-    if canary is not None and _available(canary)[0] == "True" and _available(deployment)[0] == "False":
+    if _ready_count(canary) > 0 and _available(deployment)[0] == "False":
         return "True", "MinimumReplicasAvailable", f"{_ready_count(canary)} canary replica(s) serving"
     dep_status = (deployment or {}).get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
