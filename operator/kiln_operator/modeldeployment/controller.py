@@ -112,8 +112,11 @@ class ModelDeploymentController:
         deployment = self._owned(self.deployments, key, uid, names.server_deployment(key[1]))
         canary_dep = self._owned(self.deployments, key, uid, names.canary_deployment(key[1]))
         live_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
-        canary_pods = [p for p in live_pods if ((p.get("metadata") or {}).get("labels") or {}).get(names.LABEL_TRACK) == "canary"]
-        server_pods = [p for p in live_pods if p not in canary_pods]
+        canary_pods: list[dict[str, Any]] = []
+        server_pods: list[dict[str, Any]] = []
+        for pod in live_pods:
+            track = ((pod.get("metadata") or {}).get("labels") or {}).get(names.LABEL_TRACK)
+            (canary_pods if track == "canary" else server_pods).append(pod)
         spec = ModelDeploymentSpec.from_dict(md.get("spec"))
         state = CanaryState(canary_res, canary_dep, canary_pods, handoff if canary_dep is not None else "", routed(spec, self.settings))
         derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
