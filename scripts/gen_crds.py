@@ -624,6 +624,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
             {"name": "Available", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Available\")].status", "priority": 1, "description": "Whether some replica serves (also while a new model rolls out)."},
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.canary.trafficPercent", "priority": 1, "description": "With spec.canary: the canary's effective share of the requests, in percent."},
         ],
     )
     return {"trainingjobs.yaml": tj, "modeldeployments.yaml": md}
