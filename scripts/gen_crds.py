@@ -542,7 +542,7 @@ MODELDEPLOYMENT_STATUS = obj(
         "phase": s("string", "Lifecycle phase.", enum=["WaitingForModel", "Deploying", "Ready", "Failed"]),
         "reason": s("string", "Why, e.g. TrainingJobNotSucceeded, ProgressDeadlineExceeded."),
         "message": s("string", "Detail for the reason."),
-        "conditions": conditions("Conditions: Ready (the current model is rolled out and served), ModelResolved, Available (some replica serves), PredictorReady, Reconciling (waiting for a model or rolling out), Stalled (cannot go on without a change), AutoscalerReady, CanaryReady (the canary Deployment is rolled out and available; False with reason NoCanary without `spec.canary`, Promoting while a promoted canary hands off). Ready (the stable model and the canary rolled out) is present, False with a reason, from the first status write."),
+        "conditions": conditions("Conditions: Ready (the current model is rolled out and served), ModelResolved, Available (some replica serves), PredictorReady, Reconciling (waiting for a model or rolling out), Stalled (cannot go on without a change), AutoscalerReady, CanaryReady (the canary Deployment is rolled out and available; False with reason NoCanary without `spec.canary`, Promoting while a promoted canary hands off, RollingBack while a removed canary waits for a stable pod). Ready (the stable model and the canary rolled out) is present, False with a reason, from the first status write."),
         "replicas": s("integer", "Pods of the current Deployment."),
         "readyReplicas": s("integer", "Ready pods."),
         "url": s("string", "In-cluster URL of the model's V2 routes."),
