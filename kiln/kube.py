@@ -52,6 +52,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("autoscaling/v2beta2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
+    ("gateway.networking.k8s.io/v1beta1", "HTTPRoute"): "httproutes",
     (API_VERSION, "TrainingJob"): "trainingjobs",
     (API_VERSION, "ModelDeployment"): "modeldeployments",
 }

@@ -251,10 +251,21 @@ class Batching(Model):
 
 
 @dataclass(frozen=True)
+class Gateway(Model):
+    """`spec.service.gateway`: the Gateway API Gateway an HTTPRoute attaches the model to."""
+
+    name: str
+    namespace: str | None
+    section_name: str | None
+    hostnames: list[str] | None
+
+
+@dataclass(frozen=True)
 class Service(Model):
     type: str
     port: int
     grpc_port: int
+    gateway: Gateway | None
 
 
 @dataclass(frozen=True)
@@ -317,10 +328,19 @@ class ServingSpec(Model):
 
 
 @dataclass(frozen=True)
+class Canary(Model):
+    """`spec.canary`: a second model for `traffic_percent` of the requests (its own Deployment)."""
+
+    model: ModelSource
+    traffic_percent: int
+
+
+@dataclass(frozen=True)
 class ModelDeploymentSpec(ServingSpec):
     KIND: ClassVar[str] = "ModelDeployment"
 
     model: ModelSource
+    canary: Canary | None
 
 
 @dataclass(frozen=True)

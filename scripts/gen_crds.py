@@ -223,6 +223,16 @@ MD_SPEC_PROPS: dict[str, Any] = {
             "type": s("string", "Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
             "port": s("integer", "Service port.", minimum=1, maximum=65535, default=80),
             "grpcPort": s("integer", "Service port of the Open Inference Protocol's gRPC API (port name `grpc`, `appProtocol: grpc`); 0 turns gRPC off. Must differ from `port`.", minimum=0, maximum=65535, default=9000),
+            "gateway": obj(
+                "A Gateway API Gateway to route HTTP through: where the cluster serves `gateway.networking.k8s.io` HTTPRoutes, the operator renders an HTTPRoute `<name>` attached to it, backed by per-track Services `<name>-stable` and `<name>-canary`, and splits a canary's traffic by the route's weights (exact percent) instead of by replica ratio. Setting it rolls the stable pods once (they get the `kiln.dev/track: stable` label the stable Service selects). The gRPC port is not routed (no GRPCRoute).",
+                {
+                    "name": s("string", "Name of the Gateway (parentRef).", maxLength=253, pattern=DNS_LABEL),
+                    "namespace": s("string", "Its namespace; default: the ModelDeployment's.", maxLength=63, pattern=DNS_LABEL),
+                    "sectionName": s("string", "The Gateway listener to attach to; default: every listener that allows the route.", maxLength=253, pattern=DNS_LABEL),
+                    "hostnames": arr("Host names the route matches (HTTPRoute `hostnames`); default: those of the listener.", s("string", "A host name, optionally with a leading `*.`.", maxLength=253, pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"), maxItems=16),
+                },
+                required=["name"],
+            ),
         },
     ),
     "workers": s("integer", "Server processes per pod, sharing its ports (`kiln serve --workers`), each with its own model session. Default: the CPU request rounded down (at least 1); 1 without a CPU request or with GPUs (each worker would hold its own copy of the model on the GPU).", minimum=1, maximum=256),
@@ -261,6 +271,15 @@ MD_SPEC_PROPS: dict[str, Any] = {
     ),
 }
 
+MD_SPEC_PROPS["canary"] = obj(
+    "A second model served next to `model` for a share of the traffic: a Deployment `<name>-canary` behind the same Service. Without `spec.service.gateway` (or where the cluster has no HTTPRoute), traffic splits by ready-replica ratio: the canary gets round(R x trafficPercent / 100) of the R replicas (at least 1 while trafficPercent > 0, and the stable model keeps at least 1 below 100), so the split's granularity is 1/R. With autoscaling, R is `autoscaling.minReplicas` for the canary's fixed count while the stable HPA keeps its bounds. Promote by moving the canary's model into `spec.model` and removing `canary` (the canary pods serve until the stable Deployment has rolled to that model: none restarts); roll back by removing `canary` alone.",
+    {
+        "model": copy.deepcopy(MD_SPEC_PROPS["model"]) | {"description": "The canary's model, in the same forms as `spec.model`: exactly one of `trainingJob`, `trainingJobSelector` and `uri`."},
+        "trafficPercent": s("integer", "Share of the requests for the canary, in percent (0 keeps the canary Deployment at 0 replicas, 100 sends everything to it).", minimum=0, maximum=100),
+    },
+    required=["model", "trafficPercent"],
+)
+
 MODELDEPLOYMENT_SPEC = obj("What to serve and how.", MD_SPEC_PROPS, required=["model"])
 
 DEPLOY_SPEC = copy.deepcopy(MODELDEPLOYMENT_SPEC)
@@ -268,6 +287,7 @@ DEPLOY_SPEC["description"] = (
     "A ModelDeployment spec to create when training succeeds. `model` may be left out: it defaults to this TrainingJob."
 )
 DEPLOY_SPEC.pop("required")
+DEPLOY_SPEC["properties"].pop("canary")  # a canary is a change to a running ModelDeployment, not part of its creation
 DEPLOY_SPEC["properties"]["model"] = obj(
     "Optional: defaults to this TrainingJob's ONNX model.",
     {"format": MD_SPEC_PROPS["model"]["properties"]["format"]},
@@ -520,20 +540,32 @@ TRAININGJOB_STATUS = obj(
     },
 )
 
+SERVED_MODEL = obj(
+    "The model being served.",
+    {"uri": s("string", "Model location."), "sha256": s("string", "Its digest."), "trainingJob": s("string", "The TrainingJob it came from."), "format": s("string", "Its format.")},
+)
+
 MODELDEPLOYMENT_STATUS = obj(
     "Observed state, written by the operator.",
     {
         "phase": s("string", "Lifecycle phase.", enum=["WaitingForModel", "Deploying", "Ready", "Failed"]),
         "reason": s("string", "Why, e.g. TrainingJobNotSucceeded, ProgressDeadlineExceeded."),
         "message": s("string", "Detail for the reason."),
-        "conditions": conditions("Conditions: Ready (the current model is rolled out and served), ModelResolved, Available (some replica serves), PredictorReady, Reconciling (waiting for a model or rolling out), Stalled (cannot go on without a change), AutoscalerReady. Ready is present, False with a reason, from the first status write."),
+        "conditions": conditions("Conditions: Ready (the current model is rolled out and served), ModelResolved, Available (some replica serves), PredictorReady, Reconciling (waiting for a model or rolling out), Stalled (cannot go on without a change), AutoscalerReady, CanaryReady (the canary Deployment is rolled out and available; False with reason NoCanary without `spec.canary`, Promoting while a promoted canary hands off, RollingBack while a removed canary waits for a stable pod). Ready (the stable model and the canary rolled out) is present, False with a reason, from the first status write."),
         "replicas": s("integer", "Pods of the current Deployment."),
         "readyReplicas": s("integer", "Ready pods."),
         "url": s("string", "In-cluster URL of the model's V2 routes."),
         "grpcAddress": s("string", "In-cluster address (host:port) of the gRPC API (`inference.GRPCInferenceService`); absent when `spec.service.grpcPort` is 0."),
-        "model": obj(
-            "The model being served.",
-            {"uri": s("string", "Model location."), "sha256": s("string", "Its digest."), "trainingJob": s("string", "The TrainingJob it came from."), "format": s("string", "Its format.")},
+        "model": SERVED_MODEL,
+        "canary": obj(
+            "The canary (`spec.canary`), next to the stable model's fields; absent without one.",
+            {
+                "model": SERVED_MODEL | {"description": "The canary model being served (once its Deployment has rolled it out), with its digest."},
+                "replicas": s("integer", "Pods of the canary Deployment."),
+                "readyReplicas": s("integer", "Its ready pods."),
+                "trafficPercent": s("integer", "The canary's effective share of the requests now: the HTTPRoute's weight, or its share of the ready pods (replica ratio)."),
+                "routing": s("string", "How the traffic is split.", enum=["ReplicaRatio", "HTTPRoute"]),
+            },
         ),
         "observedGeneration": s("integer", "The metadata.generation this status was written for (on every write)."),
     },
@@ -601,6 +633,7 @@ def build() -> dict[str, dict[str, Any]]:
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
             {"name": "URL", "type": "string", "jsonPath": ".status.url", "priority": 1},
             {"name": "Available", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Available\")].status", "priority": 1, "description": "Whether some replica serves (also while a new model rolls out)."},
+            {"name": "Canary", "type": "integer", "jsonPath": ".status.canary.trafficPercent", "priority": 1, "description": "With spec.canary: the canary's effective share of the requests, in percent."},
         ],
     )
     return {"trainingjobs.yaml": tj, "modeldeployments.yaml": md}

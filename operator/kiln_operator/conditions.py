@@ -16,7 +16,7 @@ from typing import Any
 REASON_PATTERN = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 """metav1.Condition's reason pattern (the CRD schema enforces it; a bad one would fail the whole patch)."""
 ORDER = {t: i for i, t in enumerate(("Created", "Running", "Restarting", "Succeeded", "Failed", "ModelResolved",
-                                     "Available", "PredictorReady", "AutoscalerReady", "Ready", "Reconciling",
+                                     "Available", "PredictorReady", "CanaryReady", "AutoscalerReady", "Ready", "Reconciling",
                                      "Stalled"))}
 
 

@@ -22,6 +22,8 @@ from kiln_operator import metrics
 from kiln_operator.settings import TRIAL_MODES, Features, OperatorSettings, policy_from_env
 
 log = logging.getLogger("kiln.operator")
+ROUTE_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+"""HTTPRoute versions the operator renders, newest first (v1beta1: Gateway API before 1.0)."""
 
 
 def detect_features(settings: OperatorSettings) -> Features:
@@ -32,8 +34,9 @@ def detect_features(settings: OperatorSettings) -> Features:
     match = re.match(r"v?(\d+)\.(\d+)", git)
     minor = int(match.group(2)) if match and match.group(1) == "1" else 99
     groups = client.api_versions()
+    route = next((v for v in ROUTE_VERSIONS if v in groups), "")
     return Features(job_suspend=minor >= 21, indexed_jobs=minor >= 21, indexed_trials=minor >= 22,
-                    hpa_v2="autoscaling/v2" in groups, server_version=git)
+                    hpa_v2="autoscaling/v2" in groups, http_route=route, server_version=git)
 
 
 def parse_args(argv: list[str], environ: Mapping[str, str] | None = None) -> tuple[OperatorSettings, argparse.Namespace]:

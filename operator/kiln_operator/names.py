@@ -20,6 +20,8 @@ ANNOTATION_SPEC = f"{GROUP}/spec"
 LABEL_TRIAL = f"{GROUP}/trial"
 """On a parallel trial's Job and pods: the trial's index, or `indexed` for the one Indexed Job of all trials."""
 LABEL_CREATED_BY = f"{GROUP}/created-by-trainingjob"
+LABEL_TRACK = f"{GROUP}/track"
+"""On server pods: `stable` (spec.model) or `canary` (spec.canary.model); the main Service selects both."""
 MAX_NAME = 63
 
 
@@ -81,4 +83,18 @@ def server_deployment(md: str) -> str:
 
 
 def server_service(md: str) -> str:
+    return shorten(md)
+
+
+def canary_deployment(md: str) -> str:
+    """The canary's Deployment (`spec.canary`), next to `server_deployment`."""
+    return child(md, "canary")
+
+
+def track_service(md: str, track: str) -> str:
+    """A Service of one track (`stable` or `canary`), the HTTPRoute's backends."""
+    return child(md, track)
+
+
+def http_route(md: str) -> str:
     return shorten(md)

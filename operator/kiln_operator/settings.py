@@ -27,6 +27,8 @@ class Features:
     """Indexed Jobs on by default (beta in 1.22): parallel trials (`spec.tuning.parallelism`) run as one Indexed Job."""
     hpa_v2: bool = True
     """`autoscaling/v2` HorizontalPodAutoscaler (1.23+)."""
+    http_route: str = "gateway.networking.k8s.io/v1"
+    """The Gateway API HTTPRoute version served (`gateway.networking.k8s.io/v1` or `/v1beta1`), "" when none."""
     server_version: str = ""
     """The API server's gitVersion, for messages."""
 

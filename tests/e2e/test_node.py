@@ -274,6 +274,81 @@ def test_second_trainingjob_rolls_out_with_zero_failed_requests(kube: Kube, quic
     assert kube.status(MD, "digits", ns)["model"]["sha256"] == v2["result"]["onnxSha256"]
 
 
+def _infer_counts(pod_ip: str) -> dict[str, float]:
+    """A server pod's 200 answers to inference, by the `revision` label of its metrics (scraped by pod IP)."""
+    with urllib.request.urlopen(f"http://{pod_ip}:8080/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("kiln_requests_total{") and 'code="200"' in line and '/infer"' in line:
+            rev = line.split('revision="', 1)[1].split('"', 1)[0]
+            out[rev] = out.get(rev, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_canary_serves_two_models_behind_one_service_and_promotes_without_failures(kube: Kube, quickstart: Quickstart) -> None:
+    ns = quickstart.namespace
+    eventually(lambda: kube.status(MD, "digits", ns).get("phase") == "Ready", 300, "ModelDeployment digits Ready")
+    spec = json.loads(json.dumps(quickstart.tj["spec"]))
+    spec["training"].update(seed=3, epochs=10)
+    spec["output"]["uri"] = "pvc://kiln-models/digits-canary"
+    kube.apply(training(ns, "digits-canary", spec))
+    canary_tj = wait_finished(kube, ns, "digits-canary", 600)
+    assert canary_tj["phase"] == "Succeeded", canary_tj
+    stable_sha = kube.status(MD, "digits", ns)["model"]["sha256"]
+    canary_sha = canary_tj["result"]["onnxSha256"]
+    assert stable_sha != canary_sha
+    kube.run("patch", MD, "digits", "--type=merge", "-p", json.dumps(
+        {"spec": {"replicas": 2, "canary": {"model": {"trainingJob": "digits-canary"}, "trafficPercent": 50}}}), namespace=ns)
+
+    def canary_ready() -> dict[str, Any] | None:
+        s = kube.status(MD, "digits", ns)
+        cond = next((c for c in s.get("conditions") or [] if c["type"] == "CanaryReady"), {})
+        return s if cond.get("status") == "True" and s.get("phase") == "Ready" and s.get("readyReplicas") == 1 else None
+
+    st = eventually(canary_ready, 300, "the canary ready next to the stable model")
+    assert st["canary"]["model"]["sha256"] == canary_sha and st["canary"]["trafficPercent"] == 50 and st["model"]["sha256"] == stable_sha
+    pods = {p["metadata"]["labels"]["kiln.dev/track"]: p for p in kube.items("pods", ns, "kiln.dev/modeldeployment=digits")
+            if not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP")}
+    assert set(pods) == {"stable", "canary"}
+    before = {t: sum(_infer_counts(p["status"]["podIP"]).values()) for t, p in pods.items()}
+    svc = kube.get("service", "digits", ns)
+    assert svc is not None
+    url = f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}/v2/models/digits/infer"
+    x, _ = heldout(quickstart.tj)
+    for i in range(60):  # a new connection each: kube-proxy picks a pod per connection
+        req = urllib.request.Request(url, data=infer_body(x[i:i + 1]), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    counts = {t: _infer_counts(p["status"]["podIP"]) for t, p in pods.items()}
+    # Each track's metrics carry its own model's revision, and requests through the one Service reached both.
+    assert set(counts["stable"]) == {stable_sha[:12]} and set(counts["canary"]) == {canary_sha[:12]}, counts
+    reached = {t: sum(c.values()) - before[t] for t, c in counts.items()}
+    assert sum(reached.values()) == 60 and reached["stable"] >= 5 and reached["canary"] >= 5, reached
+
+    # Promotion under load: the canary pod keeps serving (never restarted) until the stable Deployment has its model.
+    canary_pod = pods["canary"]["metadata"]["uid"]
+    replaced: list[str] = []
+    with Load(url, infer_body(x[:8])) as load:
+        eventually(lambda: load.ok >= 5, 30, "the client to be sending")
+        kube.run("patch", MD, "digits", "--type=merge", "-p", json.dumps(
+            {"spec": {"model": {"trainingJob": "digits-canary"}, "canary": None}}), namespace=ns)
+
+        def promoted() -> bool:
+            s = kube.status(MD, "digits", ns)
+            for p in kube.items("pods", ns, "kiln.dev/modeldeployment=digits,kiln.dev/track=canary"):
+                if p["metadata"]["uid"] != canary_pod or any(c.get("restartCount") for c in p["status"].get("containerStatuses") or []):
+                    replaced.append(p["metadata"]["name"])
+            return (s.get("phase") == "Ready" and s.get("model", {}).get("sha256") == canary_sha and "canary" not in s
+                    and kube.get("deployment", "digits-canary", ns) is None)
+
+        eventually(promoted, 300, "the promotion to finish (canary Deployment gone)")
+        done = load.ok
+        eventually(lambda: load.ok >= done + 20, 30, "requests answered after the promotion")
+    assert load.failures == [], f"{len(load.failures)} failed of {load.ok + len(load.failures)}: {load.failures[:5]}"
+    assert replaced == [], f"canary pods replaced or restarted during the promotion: {replaced}"
+
+
 def wait_finished(kube: Kube, ns: str, name: str, timeout: float = 300) -> dict[str, Any]:
     return eventually(lambda: (s := kube.status(TJ, name, ns)).get("phase") in ("Succeeded", "Failed") and s, timeout,
                       f"TrainingJob {name} to finish")

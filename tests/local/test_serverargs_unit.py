@@ -87,8 +87,11 @@ def server_args_rendered(capsys: pytest.CaptureFixture[str], *files: Path) -> di
 def test_the_operator_renders_the_args_it_rendered_before(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     (tmp_path / "mds.yaml").write_text(MANIFESTS)
     rendered = server_args_rendered(capsys, ROOT / "examples" / "cluster" / "digits.yaml", tmp_path / "mds.yaml")
-    # the pods also serve gRPC on their own container port (an operator-only flag: `kiln run` serves REST)
-    assert rendered == {name: [*args, "--grpc-port", "9000"] for name, args in RENDERED_BEFORE.items()}
+    # the pods also serve gRPC on their own container port (an operator-only flag: `kiln run` serves REST),
+    # and name their model's revision for the metrics (the digest's first 12 hex digits, else the URI's)
+    assert all(args[-2] == "--revision" for args in rendered.values())
+    assert rendered["full-server"][-1] == SHA_A[:12] and rendered["plain-server"][-1].startswith("uri-")
+    assert {name: args[:-2] for name, args in rendered.items()} == {name: [*args, "--grpc-port", "9000"] for name, args in RENDERED_BEFORE.items()}
 
 
 def test_serve_args_is_the_operators_mapping(tmp_path: Path) -> None:

@@ -168,7 +168,8 @@ def test_one_event_lists_the_conditions_a_write_changes() -> None:
 def test_modeldeployment_is_not_ready_with_a_reason_from_the_start() -> None:
     md = {"metadata": {"name": "m", "namespace": "ns", "generation": 3}, "spec": {"model": {"trainingJob": "t"}}, "status": {}}
     st = derive_md_status(md, resolve_model(md, None), None, [], OperatorSettings(), NOW).status
-    assert conds(st) == {"ModelResolved": "False", "Available": "False", "Ready": "False", "Reconciling": "True", "Stalled": "False"}
+    assert conds(st) == {"ModelResolved": "False", "CanaryReady": "False", "Available": "False", "Ready": "False", "Reconciling": "True",
+                         "Stalled": "False"}
     assert next(c for c in st["conditions"] if c["type"] == "Ready")["reason"] == "TrainingJobNotFound"
     assert st["observedGeneration"] == 3
 

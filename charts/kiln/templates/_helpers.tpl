@@ -157,19 +157,24 @@ See docs/install.md for why each rule exists.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "create"]
-# Headless Service of multi-worker jobs (created once); model server Services (watched, server-side applied).
+# Headless Service of multi-worker jobs (created once); model server Services (watched, server-side applied;
+# a canary's per-track Services are deleted when spec.service.gateway or spec.canary goes).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # The trainer's per-job Role and RoleBinding (get+patch on its own TrainingJob's status only).
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create"]
 # Model server Deployments: watched, kept by server-side apply (an apply PATCH that creates the
-# object is authorized for both patch and create).
+# object is authorized for both patch and create); a canary's Deployment is deleted on rollback or promotion.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# spec.service.gateway: the model's Gateway API HTTPRoute (server-side applied, deleted when the field goes).
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["create", "patch", "delete"]
 {{- if .Values.networkPolicies.enabled }}
 # Who may reach each model server: a NetworkPolicy per ModelDeployment (server-side applied).
 - apiGroups: ["networking.k8s.io"]

@@ -89,7 +89,7 @@ class _Service:
         self.name = s.model_name
         self.handle = ModelHandle(self.name, s.version)
         self.state = ServingState(self.handle, s.max_body_bytes, s.max_elements, s.max_queue, s.request_deadline_ms)
-        self.metrics = Metrics(self.name, s.version)
+        self.metrics = Metrics(self.name, s.version, s.revision)
         app = App(V2Handler(self.state, _version()), V1Handler(self.state), self.metrics, self.name, s.version, s.access_log,
                   auth=auth_from_settings(s.auth_token_file, s.auth_open_routes))
         self.server = HttpServer(app, s.max_body_bytes, s.keep_alive_timeout_s, s.request_timeout_s)
@@ -168,7 +168,7 @@ class _Service:
 
         s, metrics = self.s, self.metrics
         warm_s, warm_calls, warm_error = warm
-        metrics.warmup_seconds.labels(self.name, s.version).set(warm_s)
+        metrics.warmup_seconds.labels(*metrics.model_values()).set(warm_s)
         may_grow = self.server.has_idle_connection
         if self.grpc is not None:
             http_may_grow, grpc_may_grow = may_grow, self.grpc_service.may_grow
@@ -184,7 +184,7 @@ class _Service:
         metrics.set_providers(model.providers)
         meta = model.metadata()
         fields = {
-            "event": "model_ready", "model_name": self.name, "model_version": s.version, "model": s.model,
+            "event": "model_ready", "model_name": self.name, "model_version": s.version, "model_revision": s.revision, "model": s.model,
             "path": model.path, "sha256": model.sha256, "inputs": meta["inputs"], "outputs": meta["outputs"],
             "providers": model.providers, "load_seconds": round(seconds, 4), "host": s.host, "port": self.server.port,
             "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms, "batching": batcher.enabled,

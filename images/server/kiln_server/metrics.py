@@ -57,44 +57,50 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         """The request, latency and batch families, from the counters as they are now."""
         m = self.m
+        extra, values = m.extra_labels, m.extra_values
         requests = CounterMetricFamily(
-            "kiln_requests", "HTTP requests by route template and status code.", labels=["route", "code"]
+            "kiln_requests", "HTTP requests by route template and status code.", labels=["route", "code", *extra]
         )
         for (route, code), n in sorted(m.request_counts.items()):
-            requests.add_metric([route, str(code)], n)
+            requests.add_metric([route, str(code), *values], n)
         yield requests
         latency = HistogramMetricFamily(
             "kiln_request_duration_seconds",
             "Time from a complete request to its response being written.",
-            labels=["route"],
+            labels=["route", *extra],
         )
         for route, h in sorted(m.latency.items()):
-            latency.add_metric([route], h.buckets(), h.total)
+            latency.add_metric([route, *values], h.buckets(), h.total)
         yield latency
         for name, doc, h in (
             ("kiln_batch_size", "Rows per ONNX Runtime call (dynamic batching merges requests).", m.batch_rows),
             ("kiln_batch_requests", "Requests merged per ONNX Runtime call.", m.batch_reqs),
         ):
-            fam = HistogramMetricFamily(name, doc, labels=["model"])
-            fam.add_metric([m.model], h.buckets(), h.total)
+            fam = HistogramMetricFamily(name, doc, labels=["model", *extra])
+            fam.add_metric([m.model, *values], h.buckets(), h.total)
             yield fam
         for name, doc, count in (
             ("kiln_requests_shed", "Inference requests refused with 503 because the queue was full (--max-queue).", m.shed),
             ("kiln_requests_expired", "Inference requests answered 504: their deadline passed while queued.", m.expired),
             ("kiln_inline_inferences", "ONNX Runtime calls run on the event loop (short calls, batching off).", m.inline),
         ):
-            fam_c = CounterMetricFamily(name, doc, labels=["model"])
-            fam_c.add_metric([m.model], count())
+            fam_c = CounterMetricFamily(name, doc, labels=["model", *extra])
+            fam_c.add_metric([m.model, *values], count())
             yield fam_c
 
 
 class Metrics:
     """The server's metric families, in a registry of their own, with cheap per-request updates."""
 
-    def __init__(self, model: str, version: str) -> None:
+    def __init__(self, model: str, version: str, revision: str = "") -> None:
         self.registry = CollectorRegistry()
         self.model = model
         self.version = version
+        # `--revision` (the operator passes the model's short digest): a `revision` label on the model and
+        # request families, so a canary's series and the stable model's can be told apart and compared.
+        self.extra_labels = ["revision"] if revision else []
+        self.extra_values = [revision] if revision else []
+        model_labels = ["model", "version", *self.extra_labels]
         self.request_counts: dict[tuple[str, int], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.batch_rows = _Histogram(BATCH_BUCKETS)
@@ -105,23 +111,27 @@ class Metrics:
         self.registry.register(_Collector(self))
         self.warmup_seconds = Gauge(
             "kiln_model_warmup_seconds", "Seconds the warmup inferences took before the model turned ready (--warmup).",
-            ["model", "version"], registry=self.registry,
+            model_labels, registry=self.registry,
         )
         # `--workers`: replaced by the pod-wide merge of every worker's samples (workers.SharedMetrics).
         self.render_hook: Callable[[], bytes] | None = None
         self.load_seconds = Gauge(
             "kiln_model_load_seconds", "Seconds the last model load took (file check + session).",
-            ["model", "version"], registry=self.registry,
+            model_labels, registry=self.registry,
         )
         self.ready = Gauge(
-            "kiln_model_ready", "1 when the model is loaded and serving, else 0.", ["model", "version"],
+            "kiln_model_ready", "1 when the model is loaded and serving, else 0.", model_labels,
             registry=self.registry,
         )
-        self.ready.labels(model, version).set(0)
+        self.ready.labels(*self.model_values()).set(0)
         self.inflight = Gauge(
             "kiln_inflight_requests", "Inference requests queued for or running in ONNX Runtime.",
             registry=self.registry,
         )
+
+    def model_values(self) -> list[str]:
+        """The label values of the model gauges: model, version (and revision)."""
+        return [self.model, self.version, *self.extra_values]
 
     def set_providers(self, providers: list[str]) -> None:
         """The ONNX Runtime execution providers the session uses, in priority order (1 each)."""
@@ -159,8 +169,8 @@ class Metrics:
 
     def set_loaded(self, seconds: float, ready: bool) -> None:
         """Record the outcome of a load."""
-        self.load_seconds.labels(self.model, self.version).set(seconds)
-        self.ready.labels(self.model, self.version).set(1 if ready else 0)
+        self.load_seconds.labels(*self.model_values()).set(seconds)
+        self.ready.labels(*self.model_values()).set(1 if ready else 0)
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -32,6 +32,12 @@ class Settings:
     version: str = field(default="1", metadata=option("--version", env="KILN_MODEL_VERSION", help="model version (default 1)"))
     """Model version (`--version`, `KILN_MODEL_VERSION`); `/versions/{v}` routes accept only this one."""
 
+    revision: str = field(default="", metadata=option(
+        "--revision", env="KILN_MODEL_REVISION", help="model identity for the metrics' revision label (default: none)"))
+    """Which build of the model this server runs (`--revision`, `KILN_MODEL_REVISION`), as the `revision`
+    label of the model and request metrics, so two models behind one Service (a canary) can be compared;
+    the operator passes the model's short digest. Empty (a hand-started server): no such label."""
+
     host: str = field(default="127.0.0.1", metadata=option("--host", env="KILN_HOST", help="listen address (default 127.0.0.1)"))
     """Address to listen on (`--host`, `KILN_HOST`); the container image sets 0.0.0.0."""
 

@@ -19,11 +19,12 @@ from kiln import API_VERSION, GROUP, VERSION, kube
 from kiln.kube import ApiError
 from kiln.policy import REASON as POLICY_VIOLATION
 from kiln.policy import describe
+from kiln.spec import ModelDeploymentSpec
 from kiln_operator import metrics, names, policycheck
 from kiln_operator.conditions import condition
-from kiln_operator.modeldeployment.follow import follows, resolve_followed
-from kiln_operator.modeldeployment.render import build_modeldeployment
-from kiln_operator.modeldeployment.status import derive_md_status
+from kiln_operator.modeldeployment.follow import canary_view, follows, resolve_followed
+from kiln_operator.modeldeployment.render import Resolution, build_modeldeployment, routed, serves
+from kiln_operator.modeldeployment.status import CanaryState, MDDerived, derive_md_status
 from kiln_operator.runtime import Cache, Key, StatusWriter, Ticker, log, owned_by, post_event, snapshot, subset
 from kiln_operator.settings import OperatorSettings
 from kiln_operator.templating import RenderError
@@ -45,6 +46,9 @@ class ModelDeploymentController:
         self.hpas_applied: set[Key] = set()
         self.netpols_applied: set[Key] = set()
         """NetworkPolicies applied (not watched: applied once per operator run, like HPAs)."""
+        self.routes_applied: dict[Key, dict[str, Any]] = {}
+        """HTTPRoutes applied (`spec.service.gateway`), as the API server answered: not watched, but compared with
+        what is rendered, so a new weight is applied."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
 
     def wanted(self, namespace: str | None, **_: Any) -> bool:
@@ -85,42 +89,93 @@ class ModelDeploymentController:
     async def _reconcile(self, key: Key, body: dict[str, Any]) -> None:
         async with self.writer.locks[key]:
             md = self.writer.view(key, body)
-            uid = md["metadata"].get("uid")
-            namespace_tjs = [t for k in self.trainingjobs if k[0] == key[0] for t in self.trainingjobs.get(k)]
-            resolution = resolve_followed(md, namespace_tjs)
-            render_error, render_reason = "", "InvalidSpec"
-            if resolution.model is not None:
-                base = self.settings.tenant_policy()
-                policy = await policycheck.effective(base, key[0])
-                violations = await policycheck.check("ModelDeployment", md, base, resolution.model.uri, resolution.model.sha256)
-                try:
-                    if violations:
-                        render_error, render_reason = describe(violations), POLICY_VIOLATION
-                    else:
-                        children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch)
-                except RenderError as exc:
-                    render_error = str(exc)
-                else:
-                    if not violations:
-                        await self.apply_children(key, md, children)
-            deployment = next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
-            server_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
-            derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
-                                       render_reason=render_reason)
+            derived, promoted = await self._pass(key, md)
+            if promoted:  # the canary Deployment is gone: render (route, Services) and derive the status without it
+                derived, _ = await self._pass(key, md)
             await self.writer.patch(key, derived.status, md)
             if derived.event:
                 await post_event(md, *derived.event)
 
+    def _owned(self, cache: Cache, key: Key, uid: str | None, name: str) -> dict[str, Any] | None:
+        return next((o for o in cache.get(key) if owned_by(o, uid) and o["metadata"]["name"] == name), None)
+
+    async def _pass(self, key: Key, md: dict[str, Any]) -> tuple[MDDerived, bool]:
+        """Render, apply and derive the status once; True when it ended a promotion's handoff (deleted the canary)."""
+        uid = md["metadata"].get("uid")
+        namespace_tjs = [t for k in self.trainingjobs if k[0] == key[0] for t in self.trainingjobs.get(k)]
+        resolution = resolve_followed(md, namespace_tjs)
+        cview = canary_view(md)
+        canary_res = resolve_followed(cview, namespace_tjs) if cview is not None else None
+        canary_dep = self._owned(self.deployments, key, uid, names.canary_deployment(key[1]))
+        handoff = self._handoff(key, uid, resolution, canary_dep) if cview is None else ""
+        render_error, render_reason = await self._render_and_apply(key, md, resolution, canary_res, canary_dep, handoff)
+        deployment = self._owned(self.deployments, key, uid, names.server_deployment(key[1]))
+        canary_dep = self._owned(self.deployments, key, uid, names.canary_deployment(key[1]))
+        live_pods = [p for p in self.pods.get(key) if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        canary_pods: list[dict[str, Any]] = []
+        server_pods: list[dict[str, Any]] = []
+        for pod in live_pods:
+            track = ((pod.get("metadata") or {}).get("labels") or {}).get(names.LABEL_TRACK)
+            (canary_pods if track == "canary" else server_pods).append(pod)
+        spec = ModelDeploymentSpec.from_dict(md.get("spec"))
+        state = CanaryState(canary_res, canary_dep, canary_pods, handoff if canary_dep is not None else "", routed(spec, self.settings))
+        derived = derive_md_status(md, resolution, deployment, server_pods, self.settings, render_error=render_error,
+                                   render_reason=render_reason, canary=state)
+        if state.handoff == "Promoting" and derived.stable_ready and canary_dep is not None and not render_error:
+            served = resolution.model.uri if resolution.model else ""
+            await self._delete(key, md, "Deployment", canary_dep, "Promoted",
+                               f"{names.server_deployment(key[1])} serves the promoted model {served}: deleted the canary Deployment")
+            return derived, True
+        return derived, False
+
+    def _handoff(self, key: Key, uid: str | None, resolution: Resolution, canary_dep: dict[str, Any] | None) -> str:
+        """Without `spec.canary`, whether its Deployment still serves: `Promoting` when its model is `spec.model`'s
+        (no pod of it restarts), `RollingBack` while the stable Deployment has no ready pod (a canary at 100 %);
+        "" when it is to be deleted at once (or there is none)."""
+        if canary_dep is None:
+            return ""
+        if resolution.model is not None and serves(canary_dep, resolution.model):
+            return "Promoting"
+        stable = self._owned(self.deployments, key, uid, names.server_deployment(key[1]))
+        return "RollingBack" if _ready(stable) == 0 and _ready(canary_dep) > 0 else ""
+
+    async def _render_and_apply(self, key: Key, md: dict[str, Any], resolution: Resolution, canary_res: Resolution | None,
+                                canary_dep: dict[str, Any] | None, handoff: str) -> tuple[str, str]:
+        """Apply what the ModelDeployment renders to and delete what it no longer does; (error, reason) when it cannot."""
+        if resolution.model is None:
+            return "", "InvalidSpec"
+        base = self.settings.tenant_policy()
+        policy = await policycheck.effective(base, key[0])
+        canary = canary_res.model if canary_res else None
+        violations = await policycheck.check("ModelDeployment", md, base, resolution.model.uri, resolution.model.sha256)
+        if canary is not None and not violations:
+            violations = await policycheck.check("ModelDeployment", md, base, canary.uri, canary.sha256)
+        if violations:
+            return describe(violations), POLICY_VIOLATION
+        live_canary = _ready(canary_dep)
+        stable_dep = self._owned(self.deployments, key, md["metadata"].get("uid"), names.server_deployment(key[1]))
+        try:
+            children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch, canary=canary,
+                                             handoff=(_ready(stable_dep), live_canary) if handoff else None,
+                                             canary_serving=live_canary > 0)
+        except RenderError as exc:
+            return str(exc), "InvalidSpec"
+        await self.apply_children(key, md, children)
+        await self.prune(key, md, children, keep_canary=bool(handoff))
+        return "", "InvalidSpec"
+
     def _live(self, key: Key, child: dict[str, Any], uid: str | None) -> dict[str, Any] | None:
-        """The live copy of a child from the watch caches (an applied HPA counts as itself: it is not watched)."""
-        kind = child["kind"]
+        """The live copy of a child from the watch caches (an applied HPA, NetworkPolicy or HTTPRoute counts as
+        itself: they are not watched)."""
+        kind, name = child["kind"], child["metadata"]["name"]
         if kind == "Deployment":
-            return next((d for d in self.deployments.get(key) if owned_by(d, uid)), None)
+            return self._owned(self.deployments, key, uid, name)
         if kind == "Service":
-            return next((s for s in self.services.get(key) if owned_by(s, uid)), None)
-        if kind == "NetworkPolicy":
-            return child if key in self.netpols_applied else None
-        return None if key not in self.hpas_applied else child
+            return self._owned(self.services, key, uid, name)
+        if kind == "HTTPRoute":
+            return self.routes_applied.get(key)
+        applied = self.netpols_applied if kind == "NetworkPolicy" else self.hpas_applied
+        return child if key in applied else None
 
     async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
         uid = md["metadata"].get("uid")
@@ -133,10 +188,35 @@ class ModelDeploymentController:
             await kube.api().delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
             self.hpas_applied.discard(key)
 
+    async def prune(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]], keep_canary: bool) -> None:
+        """Delete the canary's children Kiln no longer renders: its Deployment (rollback: at once, unless it is being
+        handed off: `keep_canary`), the per-track Services and the HTTPRoute (Gateway routing turned off)."""
+        uid, name = md["metadata"].get("uid"), key[1]
+        rendered = {(c["kind"], c["metadata"]["name"]) for c in children}
+        dep = self._owned(self.deployments, key, uid, names.canary_deployment(name))
+        if dep is not None and not keep_canary and ("Deployment", dep["metadata"]["name"]) not in rendered:
+            await self._delete(key, md, "Deployment", dep, "CanaryRemoved",
+                               f"spec.canary was removed: deleted Deployment {dep['metadata']['name']}")
+        for track in ("stable", "canary"):
+            svc = self._owned(self.services, key, uid, names.track_service(name, track))
+            if svc is not None and ("Service", svc["metadata"]["name"]) not in rendered and not (keep_canary and track == "canary"):
+                await self._delete(key, md, "Service", svc)
+        if key in self.routes_applied and not any(c["kind"] == "HTTPRoute" for c in children):
+            if self.settings.features.http_route:
+                await kube.api().delete(self.settings.features.http_route, "HTTPRoute", key[0], names.http_route(name))
+            self.routes_applied.pop(key, None)
+
+    async def _delete(self, key: Key, md: dict[str, Any], kind: str, child: dict[str, Any], reason: str = "", message: str = "") -> None:
+        """Delete a watched child (Deployment or Service) and drop it from its cache; an Event with `reason`."""
+        await kube.api().delete("apps/v1" if kind == "Deployment" else "v1", kind, key[0], child["metadata"]["name"])
+        (self.deployments if kind == "Deployment" else self.services).update("DELETED", key, child)
+        if reason:
+            await post_event(md, "Normal", reason, message)
+
     async def _apply(self, key: Key, md: dict[str, Any], child: dict[str, Any], live: dict[str, Any] | None) -> None:
         kind = child["kind"]
         try:
-            if live is None or kind in ("HorizontalPodAutoscaler", "NetworkPolicy"):
+            if live is None or kind in ("HorizontalPodAutoscaler", "NetworkPolicy", "HTTPRoute"):
                 result = await kube.api().apply(child, self.settings.field_manager)
             else:
                 # Put a hand edit back. Server-side apply would merge list entries it does not own
@@ -154,9 +234,11 @@ class ModelDeploymentController:
             self.services.update("MODIFIED", key, result)
         elif kind == "NetworkPolicy":
             self.netpols_applied.add(key)
+        elif kind == "HTTPRoute":
+            self.routes_applied[key] = result
         else:
             self.hpas_applied.add(key)
-        if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy"):
+        if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy", "HTTPRoute"):
             await post_event(md, "Normal", "Created", f"applied {kind} {child['metadata']['name']}")
         elif live is not None:
             log.info("put back %s %s/%s (it differed from what Kiln renders)", kind, key[0], child["metadata"]["name"])
@@ -169,6 +251,7 @@ class ModelDeploymentController:
             self.writer.forget(key)
             self.hpas_applied.discard(key)
             self.netpols_applied.discard(key)
+            self.routes_applied.pop(key, None)
             return
         self.mds.items[key] = {"": snapshot(body)}
         await self.safe_reconcile(key)
@@ -206,8 +289,13 @@ class ModelDeploymentController:
         tj = {"metadata": dict(body.get("metadata") or {})}
         for md_key in list(self.mds):
             md = next(iter(self.mds.get(md_key)), None)
-            if md_key[0] == namespace and md and follows(self.writer.view(md_key, md), tj):
+            view = self.writer.view(md_key, md) if md else None
+            if md_key[0] == namespace and view and (follows(view, tj) or follows(canary_view(view) or {}, tj)):
                 await self.safe_reconcile(md_key)
+
+
+def _ready(deployment: dict[str, Any] | None) -> int:
+    return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> ModelDeploymentController:

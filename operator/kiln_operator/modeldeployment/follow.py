@@ -74,3 +74,14 @@ def resolve_followed(md: dict[str, Any], trainingjobs: list[dict[str, Any]]) -> 
     name = model.get("trainingJob")
     tj = next((t for t in trainingjobs if (t.get("metadata") or {}).get("name") == name), None)
     return _previous(md, resolve_model(md, tj))
+
+
+def canary_view(md: dict[str, Any]) -> dict[str, Any] | None:
+    """`md` as the canary sees it: `spec.canary.model` as its model and `status.canary.model` as the one it
+    serves, so the canary is resolved (and follows TrainingJobs) exactly as `spec.model` is; None without one."""
+    spec = md.get("spec") or {}
+    if not spec.get("canary"):
+        return None
+    status = md.get("status") or {}
+    return {**md, "spec": {**spec, "model": spec["canary"].get("model") or {}},
+            "status": {**status, "model": (status.get("canary") or {}).get("model")}}

@@ -4,13 +4,14 @@ Deployment, Service and HPA for it (`build_modeldeployment`, also behind `kiln r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from kiln import GROUP
 from kiln.netguard import FetchPolicy
 from kiln.serverargs import serve_args
-from kiln.spec import ModelDeploymentSpec, NetworkPeer, ServingSpec, TrainingJobSpec
+from kiln.spec import ModelDeploymentSpec, ModelSource, NetworkPeer, ServingSpec, TrainingJobSpec
 from kiln_operator import names
 from kiln_operator.podspec import (
     CONTAINER_SECURITY_CONTEXT,
@@ -241,37 +242,73 @@ def _server_args(md: dict[str, Any], spec: ServingSpec, path: str, sha256: str) 
     return args
 
 
-def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
-                          fetch_policy: FetchPolicy | None = None) -> list[dict[str, Any]]:
-    """Deployment, Service, (when asked and served by the API) HPA, and (unless turned off) NetworkPolicy.
+def serves(deployment: dict[str, Any], model: ModelRef) -> bool:
+    """Whether a Deployment's pod template serves `model` (its URI and digest annotations)."""
+    annotations = (((deployment.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    return bool(annotations.get(ANNOTATION_URI) == model.uri and annotations.get(ANNOTATION_SHA) == (model.sha256 or "unknown"))
 
-    Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
-    model path shows as the TrainingJob's placeholder so the preview is still complete.
+
+def split_replicas(total: int, percent: int) -> tuple[int, int]:
+    """(stable, canary) replicas that give the canary `percent` of `total` by replica ratio.
+
+    The Service spreads connections evenly over ready pods, so the share moves in steps of 1/total:
+    round(total x percent / 100), at least 1 while percent > 0 and at most total - 1 below 100 (both
+    tracks keep a pod). With one replica, any percent between 1 and 99 runs one pod of each (50 %).
     """
-    spec = ModelDeploymentSpec.from_dict(md.get("spec"))
+    if percent <= 0 or total <= 0:
+        return total, 0
+    if percent >= 100:
+        return 0, total
+    if total == 1:
+        return 1, 1
+    canary = min(total - 1, max(1, (total * percent + 50) // 100))
+    return total - canary, canary
+
+
+def revision(model: ModelRef) -> str:
+    """The model's identity in the server's metrics (`--revision`): its digest's first 12 hex digits,
+    else those of its URI's sha256 (so two models behind one Service always differ)."""
+    return model.sha256[:12] if model.sha256 else "uri-" + hashlib.sha256(model.uri.encode()).hexdigest()[:12]
+
+
+def placeholder(source: ModelSource) -> ModelRef:
+    """The model `kiln render` shows for a source not resolved yet (a TrainingJob that has not succeeded)."""
+    tj = source.training_job or ""
+    uri = source.uri or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
+    return ModelRef(uri, source.sha256 or "", tj)
+
+
+def routed(spec: ServingSpec, settings: OperatorSettings) -> bool:
+    """Whether an HTTPRoute splits the traffic: `spec.service.gateway` is set and the API serves HTTPRoutes."""
+    return spec.service.gateway is not None and bool(settings.features.http_route)
+
+
+def _server_context(md: dict[str, Any], spec: ServingSpec, settings: OperatorSettings, model: ModelRef,
+                    fetch_policy: FetchPolicy, track: str) -> dict[str, Any]:
+    """The template values of one track's Deployment (and, for the stable track, its Service, HPA, NetworkPolicy).
+
+    The stable Deployment keeps the selector it always had (a Deployment's selector cannot change), which
+    the main Service and the NetworkPolicy use too, so they reach both tracks; the canary's adds its track.
+    """
     meta = md["metadata"]
     name, namespace = meta["name"], meta.get("namespace") or "default"
-    if model is None:
-        tj = spec.model.training_job or ""
-        uri = spec.model.uri or f"file:///resolved-when-trainingjob-{tj}-succeeds/model.onnx"
-        model = ModelRef(uri, spec.model.sha256 or "", tj)
-    path, fetch, volumes, mounts = _model_location(model, spec, fetch_policy or settings.policy.fetch)
+    path, fetch, volumes, mounts = _model_location(model, spec, fetch_policy)
     labels = {**names.standard_labels(name, "server", "kiln-server"), names.LABEL_MODELDEPLOYMENT: names.label_value(name)}
     selector = {names.LABEL_MODELDEPLOYMENT: names.label_value(name), "app.kubernetes.io/component": "server"}
-    args = _server_args(md, spec, path, model.sha256)
+    if track == "canary":
+        selector[names.LABEL_TRACK] = track
+    args = [*_server_args(md, spec, path, model.sha256), "--revision", revision(model)]
     auth_args, auth_volumes, auth_mounts = auth_parts(spec)
-    hpa = spec.autoscaling is not None and settings.features.hpa_v2
-    replicas: int | None = None if hpa else (spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas)
-    ctx = {
-        "deployment": names.server_deployment(name),
+    return {
+        "deployment": names.canary_deployment(name) if track == "canary" else names.server_deployment(name),
         "service": names.server_service(name),
         "namespace": namespace,
         "labels": labels,
+        "pod_labels": {**labels, names.LABEL_TRACK: track},
         "selector": selector,
         "annotations": {names.ANNOTATION_MODELDEPLOYMENT: name},
         "pod_annotations": {names.ANNOTATION_MODELDEPLOYMENT: name, ANNOTATION_URI: model.uri, ANNOTATION_SHA: model.sha256 or "unknown"},
         "owner_references": owner_references({**md, "kind": "ModelDeployment"}),
-        "replicas": replicas,
         "progress_deadline": spec.progress_deadline_seconds,
         "image": server_image(spec, settings),
         "image_pull_policy": spec.image_pull_policy or settings.image_pull_policy,
@@ -294,12 +331,69 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
         "service_port": spec.service.port,
         "autoscaling": spec.autoscaling,
     }
+
+
+def _route(ctx: dict[str, Any], spec: ServingSpec, settings: OperatorSettings,
+           weights: dict[str, int]) -> list[dict[str, Any]]:
+    """Per-track ClusterIP Services and the HTTPRoute that weighs them (`weights`: track -> weight)."""
+    gateway = spec.service.gateway
+    assert gateway is not None
+    name = ctx["annotations"][names.ANNOTATION_MODELDEPLOYMENT]
+    out: list[dict[str, Any]] = []
+    backends = []
+    for track, weight in weights.items():
+        service = names.track_service(name, track)
+        selector = {**ctx["selector"], names.LABEL_TRACK: track}
+        out += render_template("modeldeployment-service.yaml.j2", **{**ctx, "service": service, "selector": selector,
+                                                                     "service_type": "ClusterIP"})
+        backends.append({"name": service, "port": spec.service.port, "weight": weight})
+    parent: dict[str, Any] = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": gateway.name}
+    parent |= {k: v for k, v in (("namespace", gateway.namespace), ("sectionName", gateway.section_name)) if v}
+    return out + render_template("modeldeployment-httproute.yaml.j2", **ctx, route=names.http_route(name),
+                                 route_api=settings.features.http_route, parent_refs=[parent],
+                                 hostnames=gateway.hostnames or [], backends=backends)
+
+
+def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
+                          fetch_policy: FetchPolicy | None = None, canary: ModelRef | None = None,
+                          handoff: tuple[int, int] | None = None, canary_serving: bool = True) -> list[dict[str, Any]]:
+    """Deployment, Service, (when asked and served by the API) HPA, (unless turned off) NetworkPolicy, the
+    canary's Deployment for a resolved `canary` model, and with a routed Gateway the HTTPRoute and its Services.
+
+    Without a resolved model (`kiln render` of a ModelDeployment that waits for a TrainingJob), the
+    model path shows as the TrainingJob's placeholder so the preview is still complete. `handoff` is the
+    (stable, canary) ready replicas while a canary Deployment no longer in the spec is handed off (a
+    promotion, or a rollback waiting for a stable pod): it is left as it is (not rendered) and the route
+    weighs the two by those replicas until the controller deletes it. Until the canary is `canary_serving`
+    (some pod ready), the stable Deployment keeps all its replicas and the route gives the canary no weight
+    (a backend without endpoints fails requests).
+    """
+    spec = ModelDeploymentSpec.from_dict(md.get("spec"))
+    fetch = fetch_policy or settings.policy.fetch
+    ctx = _server_context(md, spec, settings, model or placeholder(spec.model), fetch, "stable")
+    hpa = spec.autoscaling is not None and settings.features.hpa_v2
+    total = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
+    percent = spec.canary.traffic_percent if spec.canary and canary else 0
+    stable_n, canary_n = split_replicas(total, percent)
+    ctx["replicas"] = None if hpa else (stable_n if canary_serving else total)
     out = render_template("modeldeployment-deployment.yaml.j2", **ctx)
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
     if hpa:
         out += render_template("modeldeployment-hpa.yaml.j2", **ctx)
     if settings.network_policies:
         out += render_template("modeldeployment-networkpolicy.yaml.j2", **ctx)
+    if canary is not None:
+        try:
+            cctx = _server_context(md, spec, settings, canary, fetch, "canary")
+        except RenderError as exc:
+            raise RenderError(exc.field.replace("spec.model", "spec.canary.model"), exc.detail) from None
+        out += render_template("modeldeployment-deployment.yaml.j2", **cctx, replicas=canary_n)
+    if routed(spec, settings):
+        share = percent if canary_serving else 0
+        weights = {"stable": 100 - share, "canary": share} if canary is not None else {"stable": 100}
+        if handoff is not None:
+            weights = dict(zip(("stable", "canary"), handoff, strict=True))  # by capacity, as the Service spreads them
+        out += _route(ctx, spec, settings, weights)
     return out
 
 
@@ -310,9 +404,13 @@ def build_modeldeployment_preview(md: dict[str, Any], settings: OperatorSettings
     A model from a TrainingJob in the same files is previewed at that job's output location (where
     the trainer writes model.onnx); any other TrainingJob's model is only known once it has succeeded.
     """
-    tj_name = ModelDeploymentSpec.from_dict(md.get("spec")).model.training_job
-    tj = (trainingjobs or {}).get(tj_name or "")
-    output = TrainingJobSpec.from_dict(tj.get("spec")).output.uri if tj else None
-    if tj_name and output:
-        return build_modeldeployment(md, settings, ModelRef(output.rstrip("/") + "/model.onnx", "", tj_name))
-    return build_modeldeployment(md, settings, model=None)
+    spec = ModelDeploymentSpec.from_dict(md.get("spec"))
+
+    def preview(source: ModelSource) -> ModelRef:
+        tj = (trainingjobs or {}).get(source.training_job or "")
+        output = TrainingJobSpec.from_dict(tj.get("spec")).output.uri if tj else None
+        if source.training_job and output:
+            return ModelRef(output.rstrip("/") + "/model.onnx", "", source.training_job)
+        return placeholder(source)
+
+    return build_modeldeployment(md, settings, preview(spec.model), canary=preview(spec.canary.model) if spec.canary else None)

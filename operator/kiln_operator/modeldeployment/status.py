@@ -23,6 +23,23 @@ Outcome = tuple[str, str, str]
 class MDDerived:
     status: dict[str, Any] = field(default_factory=dict)
     event: tuple[str, str, str] | None = None
+    stable_ready: bool = False
+    """The stable Deployment serves `spec.model`, fully rolled out (a promotion's handoff may end)."""
+
+
+@dataclass
+class CanaryState:
+    """What the status needs of `spec.canary`: its model resolution, Deployment and pods."""
+
+    resolution: Resolution | None
+    """None: no `spec.canary` (a promotion may still be handing off)."""
+    deployment: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    handoff: str = ""
+    """`spec.canary` is gone but its Deployment still serves: `Promoting` (its model is `spec.model` now, until the
+    stable Deployment has rolled it out) or `RollingBack` (until the stable Deployment has a ready pod)."""
+    routed: bool = False
+    """An HTTPRoute weighs the tracks (else the replica ratio does)."""
 
 
 def _deployment_condition(dep: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -89,8 +106,10 @@ def _autoscaler_condition(md: dict[str, Any], settings: OperatorSettings, conds:
                          f"running spec.autoscaling.minReplicas={autoscaling.min_replicas} replicas", now, gen)
 
 
-def _available(deployment: dict[str, Any] | None) -> tuple[str, str, str]:
-    """(status, reason, message) of `Available`: some replica serves requests, whichever model it has."""
+def _available(deployment: dict[str, Any] | None, canary: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """(status, reason, message) of `Available`: some replica serves requests, whichever model (or track) it has."""
+    if _ready_count(canary) > 0 and _available(deployment)[0] == "False":
+        return "True", "MinimumReplicasAvailable", f"{_ready_count(canary)} canary replica(s) serving"
     dep_status = (deployment or {}).get("status") or {}
     ready = int(dep_status.get("readyReplicas") or 0)
     cond = _deployment_condition(deployment or {}, "Available")
@@ -101,9 +120,53 @@ def _available(deployment: dict[str, Any] | None) -> tuple[str, str, str]:
     return "False", valid_reason((cond or {}).get("reason") or "", "NoReplicasReady"), (cond or {}).get("message") or "no replica is ready"
 
 
+def _ready_count(deployment: dict[str, Any] | None) -> int:
+    return int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+
+
+def _effective_percent(md: dict[str, Any], canary: CanaryState, stable: dict[str, Any] | None) -> int:
+    """The canary's share of the requests now: the route's weight, or its share of the ready pods."""
+    c_ready, s_ready = _ready_count(canary.deployment), _ready_count(stable)
+    spec = ModelDeploymentSpec.from_dict(md.get("spec"))
+    if canary.routed and not canary.handoff:
+        return spec.canary.traffic_percent if spec.canary and c_ready else 0
+    return round(100 * c_ready / (c_ready + s_ready)) if c_ready + s_ready else 0
+
+
+def _canary(md: dict[str, Any], canary: CanaryState | None, stable: dict[str, Any] | None,
+            ) -> tuple[tuple[str, str, str], dict[str, Any] | None, Outcome | None]:
+    """(CanaryReady (status, reason, message), `status.canary` (None removes it), the outcome it imposes on
+    the whole resource while the canary is not rolled out (None: none))."""
+    if canary is None or (canary.resolution is None and not canary.handoff):
+        return ("False", "NoCanary", "spec.canary is not set"), None, None
+    old = (md.get("status") or {}).get("canary") or {}
+    dep_status = (canary.deployment or {}).get("status") or {}
+    out = {"model": old.get("model"), "replicas": int(dep_status.get("replicas") or 0), "readyReplicas": _ready_count(canary.deployment),
+           "trafficPercent": _effective_percent(md, canary, stable), "routing": "HTTPRoute" if canary.routed else "ReplicaRatio"}
+    if canary.handoff or canary.resolution is None:
+        name = names.server_deployment(md["metadata"]["name"])
+        why = (f"the canary's model is spec.model now: the canary serves until Deployment {name} has rolled it out"
+               if canary.handoff == "Promoting" else f"spec.canary was removed: the canary serves until Deployment {name} has a ready pod")
+        return ("False", canary.handoff or "Promoting", f"{why}, then it is deleted"), out, None
+    res = canary.resolution
+    if res.model is None:
+        outcome = ("Failed" if res.failed else "Deploying", f"Canary{res.reason}", f"canary: {res.message}")
+        return ("False", res.reason, res.message), out, outcome
+    view = {**md, "status": {**(md.get("status") or {}), "model": old.get("model")}}
+    rolled: dict[str, Any] = {}
+    phase, reason, message = _rollout(view, res.model, canary.deployment, canary.pods, rolled)
+    out["model"] = rolled.get("model") or old.get("model")
+    if phase == "Ready":
+        want = int((canary.deployment or {}).get("spec", {}).get("replicas") or 0)
+        how = "the HTTPRoute's weights" if canary.routed else "replica ratio"
+        return (("True", "NoTraffic" if want == 0 else "CanaryAvailable",
+                 f"{message}; {out['trafficPercent']}% of the requests by {how}"), out, None)
+    return ("False", reason, message), out, (phase, valid_reason(f"Canary{reason}", "CanaryDeploying"), f"canary: {message}")
+
+
 def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dict[str, Any] | None,
                      pods: list[dict[str, Any]], settings: OperatorSettings, now: datetime | None = None,
-                     render_error: str = "", render_reason: str = "InvalidSpec") -> MDDerived:
+                     render_error: str = "", render_reason: str = "InvalidSpec", canary: CanaryState | None = None) -> MDDerived:
     """The status a ModelDeployment should have, from its model resolution and its Deployment.
 
     Every condition is present from the first write: Ready=False with a reason from creation on (so
@@ -130,11 +193,16 @@ def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dic
             message = f"{message}; {resolution.message}"
         conds = set_condition(conds, "PredictorReady", "True" if phase == "Ready" else "False", reason, message, now, gen)
         conds = _autoscaler_condition(md, settings, conds, now, gen)
+    stable_ready = model is not None and phase == "Ready"
+    canary_cond, new["canary"], imposed = _canary(md, canary, deployment)
+    if imposed and phase in ("Ready", "Deploying") and not (phase == "Deploying" and imposed[0] != "Failed"):
+        phase, reason, message = imposed
     if render_error:
         phase, reason, message = "Failed", render_reason, render_error
     ready = "True" if phase == "Ready" else "False"
     conds = set_all(conds, [
-        ("Available", *_available(deployment)),
+        ("CanaryReady", *canary_cond),
+        ("Available", *_available(deployment, (canary or CanaryState(None)).deployment)),
         ("Ready", ready, reason, message),
         ("Reconciling", "True" if phase in ("WaitingForModel", "Deploying") else "False", reason, message),
         ("Stalled", "True" if phase == "Failed" else "False", reason, message),
@@ -143,6 +211,6 @@ def derive_md_status(md: dict[str, Any], resolution: Resolution, deployment: dic
     changed = {k: v for k, v in new.items() if old.get(k) != v}
     event = None
     if (phase, reason) != (old.get("phase"), old.get("reason")):
-        kind = "Warning" if phase == "Failed" or reason in WARNING_REASONS else "Normal"
+        kind = "Warning" if phase == "Failed" or reason.removeprefix("Canary") in WARNING_REASONS else "Normal"
         event = (kind, reason or phase, f"{phase}: {message}")
-    return MDDerived(changed, event)
+    return MDDerived(changed, event, stable_ready)
