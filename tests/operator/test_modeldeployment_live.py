@@ -238,3 +238,20 @@ def test_gpus_without_a_gpu_server_image_are_refused(api: Any, operator: Any, na
     assert "asks for 1 GPU(s) but the operator has no GPU server image" in st["message"]
     assert {c["type"]: c["status"] for c in st["conditions"]}["Ready"] == "False"
     assert api.get("apps/v1", "Deployment", namespace, "gpu-server") is None
+
+
+def test_network_policy_follows_spec_edits(api: Any, operator: Any, namespace: str) -> None:
+    """An edit to spec.networkPolicy reaches the NetworkPolicy in the same operator run (it is not watched:
+    the operator compares what it renders with what it last applied)."""
+    api.call("POST", api.path(API, "ModelDeployment", namespace), {
+        "apiVersion": API, "kind": "ModelDeployment", "metadata": {"name": "netpol"},
+        "spec": {"model": {"uri": "pvc://models/m/model.onnx"}, "replicas": 1}})
+
+    def peers() -> list[dict[str, Any]] | None:
+        pol = api.get("networking.k8s.io/v1", "NetworkPolicy", namespace, "netpol-server")
+        return pol["spec"]["ingress"][0]["from"] if pol else None
+
+    assert eventually(peers, what="NetworkPolicy") == [{"podSelector": {}}]
+    api.patch(API, "ModelDeployment", namespace, "netpol",
+              {"spec": {"networkPolicy": {"from": [{"podSelector": {"app": "client"}}]}}})
+    eventually(lambda: peers() == [{"podSelector": {"matchLabels": {"app": "client"}}}], what="NetworkPolicy updated")

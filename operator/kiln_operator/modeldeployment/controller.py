@@ -43,9 +43,11 @@ class ModelDeploymentController:
         self.settings = settings
         self.writer = StatusWriter(API_VERSION, "ModelDeployment")
         self.mds, self.deployments, self.services, self.pods, self.trainingjobs = Cache(), Cache(), Cache(), Cache(), Cache()
-        self.hpas_applied: set[Key] = set()
-        self.netpols_applied: set[Key] = set()
-        """NetworkPolicies applied (not watched: applied once per operator run, like HPAs)."""
+        self.hpas_applied: dict[Key, dict[str, Any]] = {}
+        """HPAs applied, as the API server answered: not watched, but compared with what is rendered, so an edit
+        to `spec.autoscaling` is applied (and a hand edit put back at the next change or operator start)."""
+        self.netpols_applied: dict[Key, dict[str, Any]] = {}
+        """NetworkPolicies applied, kept and compared like the HPAs."""
         self.routes_applied: dict[Key, dict[str, Any]] = {}
         """HTTPRoutes applied (`spec.service.gateway`), as the API server answered: not watched, but compared with
         what is rendered, so a new weight is applied."""
@@ -175,7 +177,7 @@ class ModelDeploymentController:
         if kind == "HTTPRoute":
             return self.routes_applied.get(key)
         applied = self.netpols_applied if kind == "NetworkPolicy" else self.hpas_applied
-        return child if key in applied else None
+        return applied.get(key)
 
     async def apply_children(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]]) -> None:
         uid = md["metadata"].get("uid")
@@ -186,7 +188,7 @@ class ModelDeploymentController:
             await self._apply(key, md, child, live)
         if key in self.hpas_applied and not any(c["kind"] == "HorizontalPodAutoscaler" for c in children):
             await kube.api().delete("autoscaling/v2", "HorizontalPodAutoscaler", key[0], names.server_deployment(key[1]))
-            self.hpas_applied.discard(key)
+            self.hpas_applied.pop(key, None)
 
     async def prune(self, key: Key, md: dict[str, Any], children: list[dict[str, Any]], keep_canary: bool) -> None:
         """Delete the canary's children Kiln no longer renders: its Deployment (rollback: at once, unless it is being
@@ -233,11 +235,11 @@ class ModelDeploymentController:
         elif kind == "Service":
             self.services.update("MODIFIED", key, result)
         elif kind == "NetworkPolicy":
-            self.netpols_applied.add(key)
+            self.netpols_applied[key] = result
         elif kind == "HTTPRoute":
             self.routes_applied[key] = result
         else:
-            self.hpas_applied.add(key)
+            self.hpas_applied[key] = result
         if live is None and kind not in ("HorizontalPodAutoscaler", "NetworkPolicy", "HTTPRoute"):
             await post_event(md, "Normal", "Created", f"applied {kind} {child['metadata']['name']}")
         elif live is not None:
@@ -249,8 +251,8 @@ class ModelDeploymentController:
         if type == "DELETED":
             self.mds.items.pop(key, None)
             self.writer.forget(key)
-            self.hpas_applied.discard(key)
-            self.netpols_applied.discard(key)
+            self.hpas_applied.pop(key, None)
+            self.netpols_applied.pop(key, None)
             self.routes_applied.pop(key, None)
             return
         self.mds.items[key] = {"": snapshot(body)}
