@@ -103,7 +103,10 @@ def test_kubectl_wait_for_ready_modeldeployment(api: Any, operator: Any, namespa
     assert code == 0 and "condition met" in text, text
     assert time.monotonic() - seen < 5
     header, row = kubectl("get", "md", "m", "-o", "wide", namespace=namespace).stdout.splitlines()
-    assert header.split()[-2:] == ["URL", "AVAILABLE"] and row.split()[-1] == "True", (header, row)
+    # Wide columns: ... URL, AVAILABLE, CANARY (empty without a canary). Read AVAILABLE at its header's offset.
+    assert header.split()[-3:] == ["URL", "AVAILABLE", "CANARY"], header
+    at = header.index("AVAILABLE")
+    assert row[at:].split()[0] == "True", (header, row)
 
 
 def counter(samples: dict[Any, float], name: str, **labels: str) -> float:
