@@ -152,13 +152,10 @@ class Batcher:
             self._scheduled = True
             self._loop.call_soon(self._dispatch_soon)
 
-    def _run_inline(self, item: _Item) -> None:
+    def _run_inline(self, item: _Item, elements: int) -> None:
         """Run a lone short call on the loop and answer it at once (its deadline was checked just before)."""
         self.inline += 1
         self.inflight -= 1
-        elements = 0
-        for arr in item.feeds.values():
-            elements += arr.size
         t0 = time.perf_counter()
         try:
             result = self.model.run(item.feeds, item.outputs)
@@ -174,8 +171,8 @@ class Batcher:
         except Exception:
             log.exception("inference callback failed")
 
-    def _inline_candidate(self) -> _Item | None:
-        """The one queued request, when it may run on the loop: alone (nothing else queued or running),
+    def _inline_candidate(self) -> tuple[_Item, int] | None:
+        """The one queued request and its element count, when it may run on the loop: alone (nothing else queued or running),
         batching off, and estimated under `inline_max_s` from the recent calls."""
         if not self.inline_max_s or self.running or len(self.pending) != 1:
             return None
@@ -183,7 +180,7 @@ class Batcher:
         elements = 0
         for arr in item.feeds.values():
             elements += arr.size
-        return item if elements * self.per_element_s < self.inline_max_s else None
+        return (item, elements) if elements * self.per_element_s < self.inline_max_s else None
 
     def _measured(self, seconds: float, elements: int) -> None:
         """Fold one call's time into the seconds-per-element estimate (any thread: one float store).
@@ -210,9 +207,9 @@ class Batcher:
         """Form batches from the queue while threads are free; a partial batch may wait up to `max_latency`."""
         pending = self.pending
         lone = self._inline_candidate()
-        if lone is not None and not (lone.deadline and _expired(lone, time.monotonic())):
+        if lone is not None and not (lone[0].deadline and _expired(lone[0], time.monotonic())):
             pending.popleft()
-            self._run_inline(lone)
+            self._run_inline(*lone)
             return
         jobs: list[list[_Item]] = []
         late: list[_Item] = []
