@@ -3,6 +3,8 @@
 # registry at all, and hands them to the node's containerd:
 #
 #   localhost/kiln/python-base:bookworm  Debian bookworm + python3.11 (mmdebstrap); the base of the three below
+#   localhost/kiln/python-build:bookworm the same + gcc and Python's headers: the server's build stage only
+#                                        (--build-arg BUILD_IMAGE; not imported into containerd)
 #   localhost/kiln/operator:dev          images/operator/Dockerfile, --build-arg PYTHON_IMAGE=<python-base>
 #   localhost/kiln/server:dev            images/server/Dockerfile,   --build-arg PYTHON_IMAGE=<python-base>
 #   localhost/kiln/trainer:dev           images/trainer/Dockerfile,  --build-arg TF_IMAGE=<python-base>
@@ -64,11 +66,13 @@ IMAGES=(python-base pause operator server trainer)
 ref_of() {
   case "$1" in
     python-base) echo localhost/kiln/python-base:bookworm ;;
+    python-build) echo localhost/kiln/python-build:bookworm ;;
     pause) echo localhost/kiln/pause:3.4 ;;
     *) echo "localhost/kiln/$1:dev" ;;
   esac
 }
 BASE_REF="$(ref_of python-base)"
+BUILD_REF="$(ref_of python-build)"
 
 # ---------------------------------------------------------------------------------------- buildah setup
 # buildah reads its storage, registries, policy and engine settings from /etc/containers by default;
@@ -266,25 +270,26 @@ ROOTFS_SOURCES=("deb $DEBIAN_MIRROR bookworm main" "deb $DEBIAN_MIRROR bookworm-
 
 # The rootfs is not reproducible (timestamps), so its sha256 is taken once, when it is made, and kept in
 # rootfs.stamp with the hash of the mmdebstrap command that made it; a warm run never re-reads 130 MB.
-make_rootfs() {
-  local tar="$B/base/rootfs.tar" recipe t0
-  recipe="$(printf '%s\n' "${ROOTFS_ARGS[@]}" "${ROOTFS_SOURCES[@]}" | sha)"
-  if [[ ! -f "$tar" || "$(sed -n 's/^recipe=//p' "$B/base/rootfs.stamp" 2>/dev/null)" != "$recipe" ]]; then
-    note "making the Debian bookworm rootfs with mmdebstrap (log: $LOGS/mmdebstrap.log)"
+make_rootfs() {  # make_rootfs DIR [EXTRA_PACKAGES]: DIR/rootfs.tar, with EXTRA_PACKAGES (comma-separated) added
+  local dir=$1 extra=${2:-} tar="$1/rootfs.tar" recipe t0 args=("${ROOTFS_ARGS[@]}")
+  [[ -z "$extra" ]] || args+=(--include="$extra")
+  recipe="$(printf '%s\n' "${args[@]}" "${ROOTFS_SOURCES[@]}" | sha)"
+  if [[ ! -f "$tar" || "$(sed -n 's/^recipe=//p' "$dir/rootfs.stamp" 2>/dev/null)" != "$recipe" ]]; then
+    note "making the Debian bookworm rootfs in $dir with mmdebstrap (log: $LOGS/mmdebstrap-$(basename "$dir").log)"
     t0="$(now)"
-    rm -rf "$tar" "$tar.tmp.tar" "$B/base/rootfs.stamp"
+    rm -rf "$tar" "$tar.tmp.tar" "$dir/rootfs.stamp"
     # (mmdebstrap picks the output format from the file name: the temporary name must end in .tar)
-    run_logged "$LOGS/mmdebstrap.log" mmdebstrap "${ROOTFS_ARGS[@]}" bookworm "$tar.tmp.tar" "${ROOTFS_SOURCES[@]}"
+    run_logged "$LOGS/mmdebstrap-$(basename "$dir").log" mmdebstrap "${args[@]}" bookworm "$tar.tmp.tar" "${ROOTFS_SOURCES[@]}"
     mv -f "$tar.tmp.tar" "$tar"
-    printf 'recipe=%s\nsha256=%s\n' "$recipe" "$(sha <"$tar")" >"$B/base/rootfs.stamp"
+    printf 'recipe=%s\nsha256=%s\n' "$recipe" "$(sha <"$tar")" >"$dir/rootfs.stamp"
     STEP_DETAIL="mmdebstrap $(since "$t0") s, rootfs $(du -m "$tar" | cut -f1) MB"
   fi
 }
 
-build_python_base() {
-  STEP_T0="$(now)" STEP_DETAIL=""
-  cat >"$B/base/Dockerfile" <<'EOF'
-# localhost/kiln/python-base:bookworm (written by scripts/images.sh): Debian bookworm from mmdebstrap + python3.11
+# python_base_dockerfile REF: the Dockerfile of a base on DIR/rootfs.tar (a venv at /opt/python first on PATH).
+python_base_dockerfile() {
+  cat <<EOF
+# $1 (written by scripts/images.sh): Debian bookworm from mmdebstrap + python3.11
 FROM scratch
 ADD rootfs.tar /
 ENV LANG=C.UTF-8
@@ -292,10 +297,29 @@ RUN python3 -m venv /opt/python && /opt/python/bin/pip --version && rm -rf /root
 ENV VIRTUAL_ENV=/opt/python PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 CMD ["python3"]
 EOF
+}
+
+build_python_base() {
+  STEP_T0="$(now)" STEP_DETAIL=""
+  python_base_dockerfile "$BASE_REF" >"$B/base/Dockerfile"
   local hash
-  make_rootfs
+  make_rootfs "$B/base"
   hash="$( { echo "$RECIPE"; buildah --version; cat "$B/base/Dockerfile"; cat "$B/base/rootfs.stamp"; } | sha)"
   ensure python-base "$hash" - --network=none -f "$B/base/Dockerfile" "$B/base"
+}
+
+# python-build: the same Debian + python3.11 with a C compiler and Python's headers, for the server's build
+# stage (images/server/build_compiled.py compiles its request path with Cython). Only a build stage uses
+# it: no image that runs on the node contains a compiler. Not imported into containerd.
+BUILD_PACKAGES=gcc,libc6-dev,python3-dev
+build_python_build() {
+  STEP_T0="$(now)" STEP_DETAIL=""
+  mkdir -p "$B/build-base"
+  python_base_dockerfile "$BUILD_REF" >"$B/build-base/Dockerfile"
+  local hash
+  make_rootfs "$B/build-base" "$BUILD_PACKAGES"
+  hash="$( { echo "$RECIPE"; buildah --version; cat "$B/build-base/Dockerfile"; cat "$B/build-base/rootfs.stamp"; } | sha)"
+  ensure python-build "$hash" - --network=none -f "$B/build-base/Dockerfile" "$B/build-base"
 }
 
 # pause: Kubernetes 1.20's build/pause/linux/pause.c (copied out of the source tree by
@@ -327,10 +351,15 @@ build_app() {
   STEP_T0="$(now)" STEP_DETAIL=""
   case "$name" in
     trainer) args=(--build-arg "TF_IMAGE=$BASE_REF" --build-arg "EXTRAS=${KILN_TRAINER_EXTRAS-s3}") ;;
+    server) args=(--build-arg "PYTHON_IMAGE=$BASE_REF" --build-arg "BUILD_IMAGE=$BUILD_REF") ;;
     *) args=(--build-arg "PYTHON_IMAGE=$BASE_REF") ;;
   esac
   base_id="$(image_id "$BASE_REF")"
   [[ -n "$base_id" ]] || die "$BASE_REF is missing from buildah's storage"
+  if [[ "$name" == server ]]; then
+    base_id="$base_id build $(image_id "$BUILD_REF")"
+    [[ "$base_id" != *"build " ]] || die "$BUILD_REF is missing from buildah's storage"
+  fi
   stage_context "$name" "$df"
   hash="$( { echo "$RECIPE"; buildah --version; echo "${APP_FLAGS[*]}" "${args[*]}"; echo "base $base_id"
              sha <"$df"; echo "context $(tree_hash "$B/ctx/$name")"; } | sha)"
@@ -405,6 +434,7 @@ fi
 T0="$(now)"
 BUILT=()
 build_python_base
+build_python_build
 for app in operator server trainer; do build_app "$app"; done
 build_pause
 # Old builds' layers (untagged, nothing built on them) would pile up on every rebuild.

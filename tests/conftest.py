@@ -19,11 +19,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kubelet import eventually
-from support.cluster import KILN, OperatorProcess, make_namespace
-from support.kstatus import StatusRecorder
-from support.seaweed import SeaweedFS
-from testenv import ROOT, ControlPlane, ensure_tools
+# First: with KILN_TEST_COMPILED=1 the compiled build must be on sys.path before anything imports kiln_server.
+from support import compiled
+
+COMPILED_DIR = compiled.activate()
+
+from kubelet import eventually  # noqa: E402
+from support.cluster import KILN, OperatorProcess, make_namespace  # noqa: E402
+from support.kstatus import StatusRecorder  # noqa: E402
+from support.seaweed import SeaweedFS  # noqa: E402
+from testenv import ROOT, ControlPlane, ensure_tools  # noqa: E402
 
 
 @pytest.fixture(scope="session")

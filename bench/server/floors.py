@@ -5,7 +5,9 @@ Rows (bench/server/floor_server.py, all httptools + uvloop, one process):
 - `http`: HTTP only (fixed answer);
 - `parse`: + simdjson parse of the body into an FP32 array;
 - `infer`: + ONNX Runtime inline on the loop and the V2 JSON reply (the minimal inline server);
-- `kiln`: `kiln serve` with its defaults (batching off).
+- `kiln`: `kiln serve` with its defaults (batching off), from the sources;
+- `kiln-compiled` (`--compiled`): the same on the Cython build of the request path that the server
+  image ships (images/server/build_compiled.py, built into the run's temporary folder).
 Rounds alternate the servers' order; each server's number is its median round. Server pinned to
 CPU 0 and wrk to CPU 1 (taskset) when the machine has 2+ CPUs. The headline is Kiln's req/s as a
 share of the `infer` floor's in the same run.
@@ -37,6 +39,17 @@ import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 LEVELS = ("http", "parse", "infer")
 
 
+def _build_compiled() -> Any:
+    """images/server/build_compiled.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_compiled", HERE.parents[1] / "images" / "server" / "build_compiled.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -45,6 +58,8 @@ def main() -> int:
     ap.add_argument("--kiln-args", action="append", default=None,
                     help="extra `kiln serve` flags, space-separated; repeat for several Kiln rows in the same run")
     ap.add_argument("--levels", default=",".join(LEVELS), help="which floors to run (comma-separated; infer is required)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also run Kiln (defaults) on the compiled request path, as the server image ships it")
     ap.add_argument("--label", default="default", help="key of this run in bench/results/server_floors.json")
     ap.add_argument("--server-cpus", default="0", help="taskset CPU list of every server (2+ CPUs only)")
     ap.add_argument("--wrk-cpus", default="1", help="taskset CPU list of wrk (2+ CPUs only)")
@@ -67,6 +82,7 @@ def main() -> int:
     meta: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "seconds": args.seconds,
         "rounds": args.rounds, "pinned": pin, "connections": args.connections, "kiln_args": variants,
+        "compiled": args.compiled,
         "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
     servers: dict[str, run.Server] = {}
@@ -78,6 +94,11 @@ def main() -> int:
             name = "kiln" if k == 0 else f"kiln-{k + 1}"
             servers[name] = run.start_kiln(model, work, srv_cpus, *extra.split(), label=name)
             labels[name] = "**Kiln** (`kiln serve`" + (f" {extra}" if extra else "") + ")"
+        if args.compiled:
+            out = work / "compiled"
+            _build_compiled().build(out)
+            servers["kiln-compiled"] = run.start_kiln(model, work, srv_cpus, label="kiln-compiled", compiled=out)
+            labels["kiln-compiled"] = "**Kiln, compiled** (`kiln serve`, the server image's Cython build)"
         for name in servers:
             if name == "floor-infer" or name.startswith("kiln"):
                 run.check_answer(servers[name], body, expected)

@@ -254,10 +254,16 @@ def _env_python(env: str, exe: str = "python") -> Path:
     return path
 
 
-def start_kiln(model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp") -> Server:
+def start_kiln(
+    model: Path, work: Path, cpus: str | None, *extra: str, label: str = "kiln", name: str = "mlp",
+    compiled: Path | None = None,
+) -> Server:
+    """`python -m kiln_server`; with `compiled` (a build_compiled.py output folder) on its compiled request path."""
     port = free_port()
     cmd = [sys.executable, "-m", "kiln_server", "--model", str(model), "--name", name, "--port", str(port), *extra]
-    return _launch(label, cmd, port, work, cpus, "/v2/health/ready", f"/v2/models/{name}/infer", notes=" ".join(extra))
+    env = {"PYTHONPATH": str(compiled)} if compiled is not None else None
+    notes = " ".join(extra) + (" (compiled)" if compiled is not None else "")
+    return _launch(label, cmd, port, work, cpus, "/v2/health/ready", f"/v2/models/{name}/infer", env=env, notes=notes)
 
 
 def start_mlserver(model: Path, work: Path, cpus: str | None) -> Server:

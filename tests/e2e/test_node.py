@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from support import compiled
 from support.node import IMAGES, RELEASE_NS, ROOT, TOOLS, UID, Kube, Volumes, eventually
 
 from kiln.local import heldout_rows, infer
@@ -178,6 +179,11 @@ def test_quickstart_serves_through_the_service(kube: Kube, quickstart: Quickstar
     assert pods and all(c["status"] == "True" for p in pods for c in p["status"]["conditions"] if c["type"] == "Ready")
     for p in pods:
         restricted(p)
+        # The image runs its request path compiled (images/server/build_compiled.py): every module of it.
+        log = kube.run("logs", p["metadata"]["name"], "-c", "server", namespace=ns).stdout
+        listening = [d for d in map(json.loads, filter(lambda line: line.startswith("{"), log.splitlines()))
+                     if d.get("event") == "listening"]
+        assert listening and listening[0]["compiled"] == sorted(compiled.build_script().MODULES), log[-2000:]
     svc = kube.get("service", "digits", ns)
     assert svc is not None
     cluster_ip, port = svc["spec"]["clusterIP"], svc["spec"]["ports"][0]["port"]

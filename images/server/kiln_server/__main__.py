@@ -17,6 +17,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from kiln_server import compiled_modules
 from kiln_server import settings as settings_mod
 from kiln_server.auth import AuthError
 from kiln_server.auth import from_settings as auth_from_settings
@@ -225,7 +226,8 @@ async def serve(s: Settings) -> int:
     await server.start(s.host, s.port, reuse_port=svc.worker is not None)
     if svc.grpc is not None:
         await svc.grpc.start(s.host, s.grpc_port)
-    fields = {"event": "listening", "host": s.host, "port": server.port, "model_name": svc.name}
+    fields: dict[str, Any] = {"event": "listening", "host": s.host, "port": server.port, "model_name": svc.name,
+                              "compiled": compiled_modules()}
     if svc.grpc is not None:
         fields["grpc_port"] = svc.grpc.port
     if svc.worker is not None:
