@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +38,20 @@ import run  # noqa: E402  (model builder, wrk driver, process helpers of the mai
 import wrk  # noqa: E402  (the one wrk driver: bench/server/wrk.py)
 
 LEVELS = ("http", "parse", "infer")
+
+
+def paired_shares(points: list[wrk.Point], floor: str) -> dict[str, float]:
+    """Each server's median over rounds of its req/s over the floor's in the same round.
+
+    A round measures every server once, back to back, so the two numbers of a pair saw nearly the
+    same machine; on a host whose speed drifts between rounds this is steadier than the ratio of
+    the two medians.
+    """
+    by: dict[str, list[float]] = {}
+    for p in points:
+        by.setdefault(p.server, []).append(p.rps)
+    base = by[floor]
+    return {name: statistics.median(r / b for r, b in zip(rps, base, strict=True) if b) for name, rps in by.items()}
 
 
 def _build_compiled() -> Any:
@@ -117,13 +132,16 @@ def main() -> int:
         + (f"server on CPU {srv_cpus}, wrk on CPU {wrk_cpus}. " if pin else "no pinning. ")
         + f"Load average before/after: {meta['load_before']} / {meta['load_after']}.",
         "",
-        "| server | req/s (median) | rounds | server CPU per request (us) | p50 / p99 ms | share of the inline floor |",
-        "|---|---|---|---|---|---|",
+        "| server | req/s (median) | rounds | server CPU per request (us) | p50 / p99 ms | share of the inline floor "
+        "| same-round share (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    paired = paired_shares(points, "floor-infer")
     for name, p in med.items():
         rounds = ", ".join(f"{q.rps:,.0f}" for q in points if q.server == name)
         cpu_us = p.server_cpu_cores / p.rps * 1e6 if p.rps else 0.0
-        lines.append(f"| {labels[name]} | {p.rps:,.0f} | {rounds} | {cpu_us:.1f} | {p.p50_ms:.2f} / {p.p99_ms:.2f} | {p.rps / floor:.0%} |")
+        lines.append(f"| {labels[name]} | {p.rps:,.0f} | {rounds} | {cpu_us:.1f} | {p.p50_ms:.2f} / {p.p99_ms:.2f} "
+                     f"| {p.rps / floor:.0%} | {paired[name]:.0%} |")
     text = "\n".join(lines)
     print(text)
     out = run.RESULTS / "server_floors.json"
