@@ -246,16 +246,22 @@ class Load:
         self.thread.join(30)
 
 
+def train_variant(kube: Kube, quickstart: Quickstart, name: str, seed: int, epochs: int) -> dict[str, Any]:
+    """Train another model of the quickstart (its own seed, epochs and output) and return its Succeeded status."""
+    ns = quickstart.namespace
+    spec = json.loads(json.dumps(quickstart.tj["spec"]))
+    spec["training"].update(seed=seed, epochs=epochs)
+    spec["output"]["uri"] = f"pvc://kiln-models/{name}"
+    kube.apply(training(ns, name, spec))
+    status = wait_finished(kube, ns, name, 600)
+    assert status["phase"] == "Succeeded", status
+    return status
+
+
 def test_second_trainingjob_rolls_out_with_zero_failed_requests(kube: Kube, quickstart: Quickstart) -> None:
     ns = quickstart.namespace
     eventually(lambda: kube.status(MD, "digits", ns).get("phase") == "Ready", 300, "ModelDeployment digits Ready")
-    spec = json.loads(json.dumps(quickstart.tj["spec"]))
-    spec["training"].update(seed=2, epochs=15)
-    spec["output"]["uri"] = "pvc://kiln-models/digits-v2"
-    kube.apply(training(ns, "digits-v2", spec))
-    eventually(lambda: kube.status(TJ, "digits-v2", ns).get("phase") in ("Succeeded", "Failed"), 600, "digits-v2 to finish")
-    v2 = kube.status(TJ, "digits-v2", ns)
-    assert v2["phase"] == "Succeeded", v2
+    v2 = train_variant(kube, quickstart, "digits-v2", seed=2, epochs=15)
     old_pods = {p["metadata"]["name"] for p in kube.items("pods", ns, "kiln.dev/modeldeployment=digits")}
     svc = kube.get("service", "digits", ns)
     assert svc is not None
@@ -295,12 +301,7 @@ def _infer_counts(pod_ip: str) -> dict[str, float]:
 def test_canary_serves_two_models_behind_one_service_and_promotes_without_failures(kube: Kube, quickstart: Quickstart) -> None:
     ns = quickstart.namespace
     eventually(lambda: kube.status(MD, "digits", ns).get("phase") == "Ready", 300, "ModelDeployment digits Ready")
-    spec = json.loads(json.dumps(quickstart.tj["spec"]))
-    spec["training"].update(seed=3, epochs=10)
-    spec["output"]["uri"] = "pvc://kiln-models/digits-canary"
-    kube.apply(training(ns, "digits-canary", spec))
-    canary_tj = wait_finished(kube, ns, "digits-canary", 600)
-    assert canary_tj["phase"] == "Succeeded", canary_tj
+    canary_tj = train_variant(kube, quickstart, "digits-canary", seed=3, epochs=10)
     stable_sha = kube.status(MD, "digits", ns)["model"]["sha256"]
     canary_sha = canary_tj["result"]["onnxSha256"]
     assert stable_sha != canary_sha
