@@ -432,10 +432,16 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
                     stream.write(f"served model {s.name}: {score:.4f} is below --min-accuracy {min_score}\n")
                     code = 1
             return code
-        stream.write("press Ctrl-C to stop\n")
-        stream.flush()
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked before the prompt, so a signal sent as soon as the servers answer stays pending for sigwait:
+        # unblocked, one that arrived just before sigwait was taken by the handler and sigwait waited forever.
+        stops = {signal.SIGINT, signal.SIGTERM}
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            stream.write("press Ctrl-C to stop\n")
+            stream.flush()
+            signal.sigwait(stops)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
         return 0
     except KeyboardInterrupt:
         # Ctrl-C while the servers were still starting (or being tried): a stop like any other, no traceback.

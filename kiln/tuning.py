@@ -20,6 +20,9 @@ from typing import Any
 from kiln.spec import Tuning
 
 WHERE = "spec.tuning"
+# The most trials one search may have: the CRD's maximum of `trials`. A grid is counted before it is built,
+# so a tenant's 10 values x 8 parameters (10**8 combinations) is refused, not built in the operator's loop.
+MAX_TRIALS = 1000
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
 
 
@@ -72,11 +75,14 @@ def plan(tuning: Tuning, seed: int) -> list[dict[str, Any]]:
             if not isinstance(values, list) or not values:
                 raise TuningError("grid search needs a list of values per parameter ({min, max} is for random)",
                                   f"{WHERE}.parameters[{path}]")
-        combos = [dict(zip(params, c, strict=True)) for c in itertools.product(*params.values())]
-        if tuning.trials is not None and tuning.trials < len(combos):
-            raise TuningError(f"the grid has {len(combos)} combinations but trials is {tuning.trials}; "
+        size = math.prod(len(values) for values in params.values())
+        if tuning.trials is not None and tuning.trials < size:
+            raise TuningError(f"the grid has {size} combinations but trials is {tuning.trials}; "
                               "use algorithm: random to sample fewer", f"{WHERE}.trials")
-        return combos
+        if size > MAX_TRIALS:
+            raise TuningError(f"the grid has {size} combinations, more than the {MAX_TRIALS} trials a search may run; "
+                              "use algorithm: random to sample fewer", f"{WHERE}.parameters")
+        return [dict(zip(params, c, strict=True)) for c in itertools.product(*params.values())]
     rng = random.Random(seed)
     return [{path: _draw(rng, path, values) for path, values in params.items()} for _ in range(tuning.trials or 10)]
 
@@ -87,6 +93,8 @@ def _draw(rng: random.Random, path: str, values: Any) -> Any:
     if not isinstance(values, dict) or "min" not in values or "max" not in values:
         raise TuningError("a parameter is a list of values or {min, max, log}", f"{WHERE}.parameters[{path}]")
     lo, hi = values["min"], values["max"]
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in (lo, hi)):
+        raise TuningError(f"min and max must be numbers, got {lo!r} and {hi!r}", f"{WHERE}.parameters[{path}]")
     if not lo < hi or (values.get("log") and lo <= 0):
         raise TuningError(f"needs min < max{' and min > 0 with log' if values.get('log') else ''}",
                           f"{WHERE}.parameters[{path}]")

@@ -96,12 +96,14 @@ def test_canary_split_percent_change_and_rollback(api: Any, operator: Any, names
     assert st["canary"]["readyReplicas"] == 1 and st["canary"]["routing"] == "ReplicaRatio"
     assert "25%" in conds(obj)["CanaryReady"]["message"]
 
-    # 50 %: two of each; the canary's pods keep their template (only the replica count changes).
+    # 50 %: two of each; the canary's pods keep their template (only the replica count changes). The stable gives
+    # up its third replica only once the second canary pod is ready: the capacity never drops below 4 pods.
     template = copy.deepcopy(both["canary"]["spec"]["template"])
     api.patch(API, "ModelDeployment", namespace, "split", {"spec": {"canary": {"trafficPercent": 50}}})
-    both = replicas(api, namespace, "split", 2, 2)
+    both = replicas(api, namespace, "split", 3, 2)
     assert both["canary"]["spec"]["template"] == template
     run_pods(namespace, "split", V2, 2)
+    replicas(api, namespace, "split", 2, 2)
     canary_is(api, namespace, "split", "True", percent=50)
 
     # Rollback: spec.canary goes, spec.model stays: the canary Deployment is deleted at once.

@@ -110,7 +110,7 @@ def test_with_a_gateway_an_httproute_weighs_per_track_services() -> None:
 
 def test_the_route_gives_the_canary_no_weight_before_it_serves_and_capacity_weights_while_promoting() -> None:
     spec = {"replicas": 4, "service": {"gateway": {"name": "gw"}}}
-    not_yet = kinds(build_modeldeployment(md(40, **spec), ROUTED, STABLE, canary=CANARY, canary_serving=False))
+    not_yet = kinds(build_modeldeployment(md(40, **spec), ROUTED, STABLE, canary=CANARY, canary_ready=0))
     assert [b["weight"] for b in not_yet[("HTTPRoute", "srv")]["spec"]["rules"][0]["backendRefs"]] == [100, 0]
     assert not_yet[("Deployment", "srv-server")]["spec"]["replicas"] == 4, "the stable keeps every replica until the canary serves"
     assert not_yet[("Deployment", "srv-canary")]["spec"]["replicas"] == 2
@@ -209,3 +209,16 @@ def test_status_without_a_canary_and_while_promoting() -> None:
     failed = CanaryState(resolve_followed(canary_view(md(5)) or {}, [{"metadata": {"name": "v2"}, "status": {"phase": "Failed"}}]))
     st = derive_md_status(md(5), Resolution(STABLE), _dep("srv-server", 1, 1), [], NO_ROUTE, NOW, canary=failed).status
     assert st["phase"] == "Failed" and st["reason"] == "CanaryTrainingJobFailed" and _conds(st)["Stalled"][0] == "True"
+
+
+@pytest.mark.parametrize(("replicas", "percent", "ready", "stable"), [
+    (10, 50, 0, 10), (10, 50, 1, 9), (10, 50, 3, 7), (10, 50, 5, 5), (10, 50, 9, 5),
+    (4, 100, 1, 3), (4, 100, 4, 0), (1, 50, 1, 1), (1, 50, 0, 1),
+])
+def test_the_stable_gives_up_one_replica_per_ready_canary_pod(replicas: int, percent: int, ready: int, stable: int) -> None:
+    """Capacity never drops while canary pods start (or stay Pending): 10 replicas at 50 % with one canary pod
+    ready serve on 9 stable + 1 canary, not 5 + 1."""
+    objs = kinds(build_modeldeployment(md(percent, replicas=replicas), NO_ROUTE, STABLE, canary=CANARY, canary_ready=ready))
+    assert objs[("Deployment", "srv-server")]["spec"]["replicas"] == stable
+    want_canary = split_replicas(replicas, percent)[1]
+    assert objs[("Deployment", "srv-canary")]["spec"]["replicas"] == want_canary

@@ -241,3 +241,24 @@ def test_indexed_outcomes_come_from_completion_indexes() -> None:
     assert state.finished[0] is not None and (state.finished[0]["reason"], state.finished[0]["message"]) == \
         ("Error", "container trainer exited with code 1: Boom")
     assert state.finished[1] is not None and state.finished[1]["reason"] == "BackoffLimitExceeded"
+
+
+def test_a_huge_grid_is_refused_before_it_is_built() -> None:
+    # 10 values x 8 parameters = 10**8 combinations: counted, never built (the operator's loop would stall).
+    params = {f"model.layers[0].p{i}": list(range(10)) for i in range(8)}
+    with pytest.raises(tuning.TuningError, match=r"100000000 combinations, more than the 1000") as e:
+        tuning.plan(Tuning.from_dict({"algorithm": "grid", "metric": "val_loss", "parameters": params}), 0)
+    assert e.value.where == "spec.tuning.parameters"
+    with pytest.raises(RenderError, match="more than the 1000 trials"):
+        trial_plan(tj({**GRID, "parameters": params}))
+    ok = {f"model.layers[0].p{i}": list(range(10)) for i in range(3)}  # exactly 1000: allowed
+    assert len(tuning.plan(Tuning.from_dict({"algorithm": "grid", "metric": "val_loss", "parameters": ok}), 0)) == 1000
+
+
+@pytest.mark.parametrize("bounds", [{"min": "a", "max": "b"}, {"min": 1, "max": "2"}, {"min": True, "max": 3},
+                                    {"min": None, "max": 1.0}, {"min": 0.0, "max": float("inf")}])
+def test_random_bounds_that_are_not_numbers_are_a_tuning_error(bounds: dict[str, Any]) -> None:
+    spec = {"algorithm": "random", "trials": 2, "metric": "val_loss", "parameters": {"training.optimizer.learningRate": bounds}}
+    with pytest.raises(tuning.TuningError, match="min and max must be numbers") as e:
+        tuning.plan(Tuning.from_dict(spec), 0)
+    assert e.value.where == "spec.tuning.parameters[training.optimizer.learningRate]"

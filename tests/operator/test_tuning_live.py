@@ -210,3 +210,28 @@ def test_a_killed_operator_resumes_the_search_without_a_second_job(api: Any, sol
     assert len([j for j in jobs(api, ns) if j["metadata"]["name"] == "resume-train"]) == 1
     said = [e["message"].split()[1] for e in events(api, ns, "resume") if e["reason"] == "TrialSucceeded"]
     assert len(said) == len(set(said)) and {"1", "2"} <= set(said), f"each trial's event at most once: {said}"
+
+
+def test_an_edit_during_the_search_is_flagged_and_starts_no_training_job(api: Any, operator: Any, namespace: str) -> None:
+    """Turning the search off mid-way (parallelism 1, or no tuning) must not start `<name>-train` from the edited
+    spec next to the running trials: the search goes on with the spec it started with, and the edit is flagged."""
+    create(api, namespace, manifest("edited", tuning=GRID, training={"seed": 4}))
+    eventually(lambda: len(trial_jobs(api, namespace)) == 2, 60, what="two trial Jobs")
+    api.call("PATCH", api.path("kiln.dev/v1alpha1", "TrainingJob", namespace, "edited"),
+             {"spec": {"tuning": {"parallelism": 1}}}, content_type="application/merge-patch+json")
+
+    def flagged() -> dict[str, Any] | None:
+        conds = {c["type"]: c for c in tj(api, namespace, "edited")["status"].get("conditions") or []}
+        return conds.get("SpecChangeIgnored")
+
+    cond = eventually(flagged, 60, what="SpecChangeIgnored")
+    assert cond["status"] == "True" and "spec.tuning.parallelism changed after Job edited-trial-0 was created" in cond["message"], cond
+    assert not [j for j in jobs(api, namespace) if j["metadata"]["name"] == "edited-train"]
+    # The search carries on with its recorded spec: finishing the two running trials starts the next two.
+    plan = tuning.plan(Tuning.from_dict(GRID), 4)
+    for pod in kubelet.wait_pods(namespace, f"kiln.dev/trainingjob=edited,{TRIAL}", count=2):
+        index = int(pod["metadata"]["labels"][TRIAL])
+        kubelet.run(pod)
+        kubelet.succeed(pod, report(index, plan[index], "val_loss", 0.5 - 0.1 * index))
+    eventually(lambda: len(trial_jobs(api, namespace)) == 4, 60, what="the next two trials of the recorded spec")
+    assert not [j for j in jobs(api, namespace) if j["metadata"]["name"] == "edited-train"]

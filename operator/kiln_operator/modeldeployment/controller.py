@@ -159,7 +159,7 @@ class ModelDeploymentController:
         try:
             children = build_modeldeployment(md, self.settings, resolution.model, policy.fetch, canary=canary,
                                              handoff=(_ready(stable_dep), live_canary) if handoff else None,
-                                             canary_serving=live_canary > 0)
+                                             canary_ready=live_canary)
         except RenderError as exc:
             return str(exc), "InvalidSpec"
         await self.apply_children(key, md, children)

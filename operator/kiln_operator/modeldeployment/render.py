@@ -356,7 +356,7 @@ def _route(ctx: dict[str, Any], spec: ServingSpec, settings: OperatorSettings,
 
 def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model: ModelRef | None,
                           fetch_policy: FetchPolicy | None = None, canary: ModelRef | None = None,
-                          handoff: tuple[int, int] | None = None, canary_serving: bool = True) -> list[dict[str, Any]]:
+                          handoff: tuple[int, int] | None = None, canary_ready: int | None = None) -> list[dict[str, Any]]:
     """Deployment, Service, (when asked and served by the API) HPA, (unless turned off) NetworkPolicy, the
     canary's Deployment for a resolved `canary` model, and with a routed Gateway the HTTPRoute and its Services.
 
@@ -364,9 +364,11 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     model path shows as the TrainingJob's placeholder so the preview is still complete. `handoff` is the
     (stable, canary) ready replicas while a canary Deployment no longer in the spec is handed off (a
     promotion, or a rollback waiting for a stable pod): it is left as it is (not rendered) and the route
-    weighs the two by those replicas until the controller deletes it. Until the canary is `canary_serving`
-    (some pod ready), the stable Deployment keeps all its replicas and the route gives the canary no weight
-    (a backend without endpoints fails requests).
+    weighs the two by those replicas until the controller deletes it. `canary_ready` is the canary's ready
+    pods (None: as many as it asks for, as a preview assumes): the stable Deployment gives up one replica per
+    ready canary pod, never more than the split asks, so the serving capacity never drops while canary
+    pods are still starting (or cannot be scheduled); until one is ready the route gives the canary no
+    weight (a backend without endpoints fails requests).
     """
     spec = ModelDeploymentSpec.from_dict(md.get("spec"))
     fetch = fetch_policy or settings.policy.fetch
@@ -375,7 +377,8 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
     total = spec.autoscaling.min_replicas if spec.autoscaling else spec.replicas
     percent = spec.canary.traffic_percent if spec.canary and canary else 0
     stable_n, canary_n = split_replicas(total, percent)
-    ctx["replicas"] = None if hpa else (stable_n if canary_serving else total)
+    ready = canary_n if canary_ready is None else min(canary_n, canary_ready)
+    ctx["replicas"] = None if hpa else max(stable_n, total - ready)
     out = render_template("modeldeployment-deployment.yaml.j2", **ctx)
     out += render_template("modeldeployment-service.yaml.j2", **ctx)
     if hpa:
@@ -389,7 +392,7 @@ def build_modeldeployment(md: dict[str, Any], settings: OperatorSettings, model:
             raise RenderError(exc.field.replace("spec.model", "spec.canary.model"), exc.detail) from None
         out += render_template("modeldeployment-deployment.yaml.j2", **cctx, replicas=canary_n)
     if routed(spec, settings):
-        share = percent if canary_serving else 0
+        share = percent if ready > 0 else 0
         weights = {"stable": 100 - share, "canary": share} if canary is not None else {"stable": 100}
         if handoff is not None:
             weights = dict(zip(("stable", "canary"), handoff, strict=True))  # by capacity, as the Service spreads them

@@ -177,7 +177,10 @@ class TrainingJobController:
             job = next((j for j in self.jobs.get(key) if owned_by(j, uid) and not trials.is_trial(j)), None)
             job_name = status.get("jobName")
             if status.get("phase") not in TERMINAL and job is None:
-                if not job_name and trials.parallel(TrainingJobSpec.from_dict(tj.get("spec"))):
+                # A search that has started stays with the tuner, whatever the spec says now: the tuner runs it
+                # with the spec recorded on its first trial Job and flags the edit (SpecChangeIgnored).
+                searching = any(owned_by(j, uid) and trials.is_trial(j) for j in self.jobs.get(key))
+                if not job_name and (searching or trials.parallel(TrainingJobSpec.from_dict(tj.get("spec")))):
                     await self.tuner.reconcile(key, tj)
                     return
                 if not job_name:
@@ -360,7 +363,9 @@ class TrainingJobController:
                                                      "the spec is back to what the Job runs with", now_utc(), generation)
             await self.writer.patch(key, update, tj)
             return
-        message = (f"{', '.join(fields)} changed after Job {status.get('jobName')} was created; the change is not "
+        # During a parallel search there is no training Job yet: the Job the spec was recorded on is a trial's.
+        job_name = status.get("jobName") or (job or {}).get("metadata", {}).get("name")
+        message = (f"{', '.join(fields)} changed after Job {job_name} was created; the change is not "
                    "applied to the running job. Delete and re-create the TrainingJob to train with it.")
         update["conditions"] = set_condition(conditions, "SpecChangeIgnored", "True", "SpecChangeIgnored",
                                              message, now_utc(), generation)

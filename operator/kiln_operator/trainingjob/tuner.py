@@ -48,7 +48,8 @@ class Tuner:
         source = {**tj, "spec": recorded} if recorded is not None else tj
         generation, observed = tj["metadata"].get("generation"), tj["status"].get("observedGeneration")
         if jobs and generation and observed and generation != observed:
-            await c.spec_changed(key, tj, jobs[0], apply_suspend=False)
+            first = min(jobs, key=lambda j: str(j["metadata"].get("name")))  # the one _recorded reads the spec from
+            await c.spec_changed(key, tj, first, apply_suspend=False)
             tj = {**tj, "status": {**tj["status"], **c.writer.written.get(key, {})}}
         spec = TrainingJobSpec.from_dict(source.get("spec"))
         assert spec.tuning is not None
