@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -432,16 +433,19 @@ def run(path: str, *, once: bool, port: int | None, output: str | None, stream: 
                     stream.write(f"served model {s.name}: {score:.4f} is below --min-accuracy {min_score}\n")
                     code = 1
             return code
-        # Blocked before the prompt, so a signal sent as soon as the servers answer stays pending for sigwait:
-        # unblocked, one that arrived just before sigwait was taken by the handler and sigwait waited forever.
-        stops = {signal.SIGINT, signal.SIGTERM}
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        # Handlers that set an Event, not sigwait: a signal delivered in the instant before sigwait (the C handler
+        # takes it, the Python one has not run yet) was lost and kiln run waited forever (seen in CI). Python runs
+        # a pending handler at its next check, and it is ours once installed, so no stop can be lost.
+        stop = threading.Event()
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             stream.write("press Ctrl-C to stop\n")
             stream.flush()
-            signal.sigwait(stops)
+            while not stop.wait(0.5):  # the timeout lets the main thread run a pending handler promptly
+                pass
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
         return 0
     except KeyboardInterrupt:
         # Ctrl-C while the servers were still starting (or being tried): a stop like any other, no traceback.
