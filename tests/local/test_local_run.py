@@ -179,27 +179,3 @@ def test_a_model_uri_is_served_with_its_sha256_and_limits(tmp_path: Path, model_
     assert proc2.returncode == 2 and "Traceback" not in proc2.stderr
     assert "the model server for mlp exited with 1" in proc2.stderr and "sha256" in proc2.stderr
 
-
-def test_a_stop_sent_as_soon_as_it_serves_ends_kiln_run(tmp_path: Path, model_over_http: tuple[str, str]) -> None:
-    """SIGINT right after the `serving` line stops kiln run, three times in a row.
-
-    The hang this guards against (seen once in CI, under load): a signal landing in the instant before kiln
-    run's sigwait was taken by the handler and sigwait waited forever. That instant is too short to hit on
-    purpose, so this does not reproduce it every time; the stops are now blocked before the prompt."""
-    url, sha = model_over_http
-    md = {"apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "mlp"},
-          "spec": {"model": {"uri": url, "sha256": sha}}}
-    f = tmp_path / "md.yaml"
-    f.write_text(yaml.safe_dump(md))
-    for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "run", str(f)], cwd=tmp_path, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **LOOPBACK_FETCH})
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError(f"kiln run did not stop on SIGINT sent after: {line!r}") from None
-        assert line.startswith("serving mlp at ") and proc.returncode == 0 and "Traceback" not in err, (line, err)
