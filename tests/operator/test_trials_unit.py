@@ -190,6 +190,21 @@ def test_a_finished_trial_whose_job_is_gone_stays_finished() -> None:
     assert trials.progress(plan, "val_loss", spec, jobs, []).finished[0] is None, "without the record: not started"
 
 
+def test_a_recorded_trial_whose_finished_job_lost_its_pod_stays_finished() -> None:
+    """The pod of trial 0's Complete Job was deleted after its entry was recorded: it is neither run
+    again nor counted as running (it used to hold a slot for good, and the search never ended)."""
+    doc = tj()
+    spec = TrainingJobSpec.from_dict(doc["spec"])
+    plan, _ = trial_plan(doc)
+    before = [{**report(0, plan, 0.4), "phase": "Succeeded"}]
+    jobs = [job("demo-trial-0", "j0", "0", "Complete")]
+    state = trials.progress(plan, "val_loss", spec, jobs, [], before)
+    assert state.finished[0] == before[0] and state.running == 0 and state.started == {0}
+    assert trials.to_start(state, len(plan), 2) == [1, 2]
+    unfinished = trials.progress(plan, "val_loss", spec, [job("demo-trial-0", "j0", "0")], [], before)
+    assert unfinished.finished[0] is None and unfinished.running == 1, "a Job still running is not finished"
+
+
 def test_the_metric_decides_and_failed_reports_never_win() -> None:
     plan = [{"x": i} for i in range(4)]
     entries = [{**report(0, plan, 0.5), "phase": "Succeeded"}, {**report(1, plan, 0.2), "phase": "Succeeded"},

@@ -141,7 +141,8 @@ def progress(plan: list[dict[str, Any]], metric: str, spec: TrainingJobSpec, job
     succeeded, or its Job failed for good (the Indexed Job: every trial without a success).
 
     `recorded` (status.tuning.trials as written before) keeps a finished trial finished once its Job is
-    gone (spec.runPolicy.ttlSecondsAfterFinished, or deleted by hand): it is never run again."""
+    gone (spec.runPolicy.ttlSecondsAfterFinished, or deleted by hand), or once the pod of its finished
+    Job is deleted: it is never run again, nor counted as running."""
     known = {int(t["trial"]): t for t in recorded or [] if isinstance(t.get("trial"), int) and 0 <= t["trial"] < len(plan)}
     by_trial: dict[int, list[dict[str, Any]]] = {}
     for pod in pods:
@@ -161,8 +162,9 @@ def progress(plan: list[dict[str, Any]], metric: str, spec: TrainingJobSpec, job
         trial_job = job_of.get(i)
         if ok is not None:
             finished.append(_entry(i, params, metric, ok))
-        elif i in known and (trial_job is None or not _label(trial_job).isdigit()):
-            finished.append(known[i])  # its Job (or, Indexed, its pods) went after it finished
+        elif i in known and (trial_job is None or not _label(trial_job).isdigit() or job_finished(trial_job)):
+            # its Job (or, Indexed, its pods) went after it finished, or its finished Job lost its pod
+            finished.append(known[i])
         elif trial_job is not None and job_finished(trial_job) and _job_failed(trial_job):
             finished.append(_failed_entry(i, params, mine, spec, trial_job))
         else:
