@@ -277,3 +277,54 @@ def test_random_bounds_that_are_not_numbers_are_a_tuning_error(bounds: dict[str,
     with pytest.raises(tuning.TuningError, match="min and max must be numbers") as e:
         tuning.plan(Tuning.from_dict(spec), 0)
     assert e.value.where == "spec.tuning.parameters[training.optimizer.learningRate]"
+
+
+# ------------------------------------------------------------------ the end of a search, announced once
+
+class _Writer:
+    def __init__(self) -> None:
+        self.written: dict[Any, dict[str, Any]] = {}
+
+    async def patch(self, key: Any, status: dict[str, Any], obj: dict[str, Any] | None = None) -> None:
+        self.written.setdefault(key, {}).update(status)
+
+
+class _Controller:
+    """What Tuner._finish uses of the TrainingJob controller: its status writer and ensure_children."""
+
+    def __init__(self) -> None:
+        self.writer = _Writer()
+        self.children: list[int] = []
+
+    async def ensure_children(self, key: Any, tj: dict[str, Any], source: dict[str, Any], tuning_best: int) -> None:
+        self.children.append(tuning_best)
+
+
+def test_tuning_finished_is_announced_once_across_reconciles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the training Job is held back (suspend) or runs, each reconcile finishes the search again:
+    TuningFinished is posted the first time only (it used to be posted on every reconcile)."""
+    import asyncio
+
+    from kiln_operator.trainingjob import tuner as tuner_module
+
+    events: list[str] = []
+
+    async def post_event(obj: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        events.append(reason)
+
+    monkeypatch.setattr(tuner_module, "post_event", post_event)
+    doc = tj()
+    spec = TrainingJobSpec.from_dict(doc["spec"])
+    plan, seed = trial_plan(doc)
+    jobs = [job(f"demo-trial-{i}", f"j{i}", str(i), "Complete") for i in range(len(plan))]
+    pods = [pod(f"p{i}", f"j{i}", "Succeeded", label=str(i), message=report(i, plan, 0.5 - i / 10)) for i in range(len(plan))]
+    summary = trials.status(spec.tuning, JOB_PER_TRIAL, seed, trials.progress(plan, "val_loss", spec, jobs, pods))  # type: ignore[arg-type]
+    controller = _Controller()
+    tuner = tuner_module.Tuner(controller)  # type: ignore[arg-type]
+    key = ("default", "demo")
+    doc["status"] = {"tuning": {**summary, "running": 1}}
+    for _ in range(3):
+        asyncio.run(tuner._finish(key, doc, doc, summary, []))
+        doc["status"] = {**doc["status"], **controller.writer.written[key]}
+    assert events == ["TuningFinished"], events
+    assert controller.children == [len(plan) - 1] * 3, "the training Job of the best trial is ensured each time"

@@ -139,14 +139,18 @@ class Tuner:
                       news: list[tuple[str, str, str]]) -> None:
         """Every trial is done: fail if none succeeded, else create the training Job of the best one."""
         summary = {**summary, "running": 0}
+        # Every reconcile after the search comes here (the training Job may be held back by suspend, or
+        # run for long): the outcome is announced once, when status.tuning first holds it.
+        first = (tj["status"].get("tuning") or {}) != summary
         await self.c.writer.patch(key, {"tuning": summary})
         await _announce(tj, news)
         if "best" not in summary:
             await self.c.fail(key, tj, "TuningFailed", trials.failure(summary))
             return
-        await post_event(tj, "Normal", "TuningFinished",
-                         f"best trial {summary['best']} {summary['bestParameters']} {summary['metric']}={summary['bestScore']:.4g} "
-                         f"of {summary['total']} ({summary['failed']} failed); training it for export")
+        if first:
+            await post_event(tj, "Normal", "TuningFinished",
+                             f"best trial {summary['best']} {summary['bestParameters']} {summary['metric']}="
+                             f"{summary['bestScore']:.4g} of {summary['total']} ({summary['failed']} failed); training it for export")
         view = {**tj, "status": {**tj["status"], **self.c.writer.written.get(key, {})}}
         await self.c.ensure_children(key, view, source=source, tuning_best=int(summary["best"]))
 
