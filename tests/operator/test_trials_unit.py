@@ -328,3 +328,23 @@ def test_tuning_finished_is_announced_once_across_reconciles(monkeypatch: pytest
         doc["status"] = {**doc["status"], **controller.writer.written[key]}
     assert events == ["TuningFinished"], events
     assert controller.children == [len(plan) - 1] * 3, "the training Job of the best trial is ensured each time"
+
+
+@pytest.mark.parametrize(("mode", "says"), [(JOB_PER_TRIAL, "no new trials start"),
+                                            (INDEXED_TRIALS, "the Indexed Job of the trials already exists and runs on")])
+def test_the_suspend_note_says_what_each_form_does(mode: str, says: str) -> None:
+    """Suspended mid-search: one Job per trial starts no new trial; the Indexed Job already made runs on
+    (the message used to say "no new trials start" for both)."""
+    import asyncio
+
+    from kiln_operator.trainingjob import tuner as tuner_module
+
+    doc = tj()
+    spec = TrainingJobSpec.from_dict(doc["spec"])
+    plan, seed = trial_plan(doc)
+    summary = trials.status(spec.tuning, mode, seed, trials.progress(plan, "val_loss", spec, [], []))  # type: ignore[arg-type]
+    controller = _Controller()
+    doc["status"] = {}
+    asyncio.run(tuner_module.Tuner(controller)._write(("default", "demo"), doc, summary, 2, True, mode))  # type: ignore[arg-type]
+    message = controller.writer.written[("default", "demo")]["message"]
+    assert message.endswith(f"; spec.runPolicy.suspend: {says}"), message

@@ -81,7 +81,7 @@ class Tuner:
             return
         if mode == JOB_PER_TRIAL:
             summary["running"] += len(start)
-        await self._write(key, tj, summary, spec.tuning.parallelism, held)
+        await self._write(key, tj, summary, spec.tuning.parallelism, held, mode)
         await _announce(tj, news)
 
     async def _pods(self, key: Key, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,8 +124,9 @@ class Tuner:
                              f"as {form} ({mode}: {trials.mode_reason(mode, self.c.settings)})")
         return True
 
-    async def _write(self, key: Key, tj: dict[str, Any], summary: dict[str, Any], parallelism: int, held: bool) -> None:
-        message = trials.message(summary, parallelism) + ("; spec.runPolicy.suspend: no new trials start" if held else "")
+    async def _write(self, key: Key, tj: dict[str, Any], summary: dict[str, Any], parallelism: int, held: bool,
+                     mode: str) -> None:
+        message = trials.message(summary, parallelism) + (_held_note(mode) if held else "")
         now, generation = now_utc(), tj["metadata"].get("generation")
         update: dict[str, Any] = {"phase": "Running", "reason": "Tuning", "message": message, "tuning": summary,
                                   "observedGeneration": generation,
@@ -181,6 +182,14 @@ def _news(tj: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str, s
             out.append(("Normal", "TrialSucceeded",
                         f"trial {entry['trial']} {entry['parameters']}: {summary['metric']}={entry['score']:.4g}"))
     return out
+
+
+def _held_note(mode: str) -> str:
+    """What spec.runPolicy.suspend does mid-search: one Job per trial starts no new trial, while the one
+    Indexed Job already made runs on (its pods are the Job controller's, not the operator's, to start)."""
+    if mode == INDEXED_TRIALS:
+        return "; spec.runPolicy.suspend: the Indexed Job of the trials already exists and runs on"
+    return "; spec.runPolicy.suspend: no new trials start"
 
 
 async def _announce(tj: dict[str, Any], news: list[tuple[str, str, str]]) -> None:
