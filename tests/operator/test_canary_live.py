@@ -273,3 +273,19 @@ def test_a_gateway_route_weighs_per_track_services(api: Any, gateway_api: str) -
     api.patch(API, "ModelDeployment", ns, "gw", {"spec": {"service": {"gateway": None}}})
     eventually(lambda: route(api, ns, "gw") is None and api.get("v1", "Service", ns, "gw-stable") is None, what="route removed")
     assert api.get("v1", "Service", ns, "gw") is not None
+
+
+def test_a_route_left_while_the_operator_was_down_is_removed_when_it_starts(api: Any, gateway_api: str,
+                                                                           solo_operator: Any) -> None:
+    """spec.service.gateway removed while the operator was stopped: the new operator, which never applied
+    that route, still deletes it (it used to key the delete on what it had applied since its start)."""
+    op, ns = solo_operator
+    create_md(api, ns, "gwr", service={"gateway": {"name": "public"}})
+    r = eventually(lambda: route(api, ns, "gwr"), what="HTTPRoute gwr")
+    assert r["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+    op.stop()
+    api.patch(API, "ModelDeployment", ns, "gwr", {"spec": {"service": {"gateway": None}}})
+    assert route(api, ns, "gwr") is not None, "nothing deletes it while the operator is down"
+    op.start()
+    eventually(lambda: route(api, ns, "gwr") is None, what="the leftover HTTPRoute deleted after the restart")
+    assert api.get("v1", "Service", ns, "gwr") is not None

@@ -49,6 +49,8 @@ class ModelDeploymentController:
         self.netpols_applied: dict[Key, dict[str, Any]] = {}
         """NetworkPolicies applied, kept and compared like the HPAs."""
         self.routes_applied: dict[Key, dict[str, Any]] = {}
+        self.routes_checked: set[Key] = set()
+        """ModelDeployments whose leftover HTTPRoute was looked for since this operator started (prune)."""
         """HTTPRoutes applied (`spec.service.gateway`), as the API server answered: not watched, but compared with
         what is rendered, so a new weight is applied."""
         self.ticker = Ticker(settings.reconcile_interval, self.reconcile_all)
@@ -203,10 +205,24 @@ class ModelDeploymentController:
             svc = self._owned(self.services, key, uid, names.track_service(name, track))
             if svc is not None and ("Service", svc["metadata"]["name"]) not in rendered and not (keep_canary and track == "canary"):
                 await self._delete(key, md, "Service", svc)
-        if key in self.routes_applied and not any(c["kind"] == "HTTPRoute" for c in children):
-            if self.settings.features.http_route:
-                await kube.api().delete(self.settings.features.http_route, "HTTPRoute", key[0], names.http_route(name))
-            self.routes_applied.pop(key, None)
+        if not any(c["kind"] == "HTTPRoute" for c in children) and (key in self.routes_applied or key not in self.routes_checked):
+            await self._drop_route(key, uid, name)
+
+    async def _drop_route(self, key: Key, uid: str | None, name: str) -> None:
+        """Delete the HTTPRoute Kiln no longer renders. The one applied since start is known; once after a
+        start, one left by an earlier operator (spec.service.gateway removed while it was down) is read back
+        and deleted if this ModelDeployment owns it."""
+        self.routes_checked.add(key)
+        api_version = self.settings.features.http_route
+        if api_version:
+            if key in self.routes_applied:
+                await kube.api().delete(api_version, "HTTPRoute", key[0], names.http_route(name))
+            else:
+                live = await kube.api().get(api_version, "HTTPRoute", key[0], names.http_route(name))
+                if live is not None and uid and owned_by(live, uid):
+                    await kube.api().delete(api_version, "HTTPRoute", key[0], names.http_route(name))
+                    log.info("deleted HTTPRoute %s/%s: spec.service.gateway is gone", key[0], names.http_route(name))
+        self.routes_applied.pop(key, None)
 
     async def _delete(self, key: Key, md: dict[str, Any], kind: str, child: dict[str, Any], reason: str = "", message: str = "") -> None:
         """Delete a watched child (Deployment or Service) and drop it from its cache; an Event with `reason`."""
@@ -254,6 +270,7 @@ class ModelDeploymentController:
             self.hpas_applied.pop(key, None)
             self.netpols_applied.pop(key, None)
             self.routes_applied.pop(key, None)
+            self.routes_checked.discard(key)
             return
         self.mds.items[key] = {"": snapshot(body)}
         await self.safe_reconcile(key)
